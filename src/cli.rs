@@ -1,0 +1,336 @@
+//! Command-line interface: clap definitions, and for each command a thin call into the layers.
+//!
+//! No logic lives here beyond turning arguments into calls and results into output and an exit
+//! code ([`crate::exit_code`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::exit_code;
+use crate::slurm::JobEnv;
+use crate::status;
+use crate::storage::retention::{Best, Mode, Periodic, RetentionPolicy};
+use crate::storage::run_dir::{holder, verify_all, RunDir};
+use crate::storage::verify::verify_checkpoint;
+use crate::storage::{CommitMeta, Snapshot, StorageError, Store};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hpc-ckpt",
+    version,
+    about = "Preemption-proof deep-learning training on Slurm: complete, crash-safe checkpoints",
+    long_about = "Preemption-proof deep-learning training on Slurm.\n\n\
+        Every checkpoint is committed with write-to-temp + fsync + rename and a manifest of \
+        checksums, so whatever instant a job is killed, `last_checkpoint` names a complete \
+        checkpoint that verifies.\n\n\
+        Logs go to stderr; set HPC_CKPT_LOG (e.g. `debug`, `hpc_ckpt=trace`) to change the level.",
+    after_help = "Exit codes: 0 ok, 1 error, 2 usage, 3 corrupt checkpoint found, 4 run dir locked \
+        by another writer, 5 not enough disk space, 6 invalid input. See the README."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Commit the files of SRC_DIR as checkpoint STEP of a run dir, with the full protocol.
+    ///
+    /// Copies every regular file of SRC_DIR into a fresh temp dir under RUN_DIR/checkpoints,
+    /// checksumming as it writes, fsyncs each file, writes MANIFEST.json last, renames the dir to
+    /// step-NNNNNNNNNNNN and points RUN_DIR/last_checkpoint at it atomically; then applies the
+    /// retention flags. This is the primitive of the `wrap` child protocol, and imports
+    /// checkpoints made by other tools. SRC_DIR is left untouched.
+    Commit(CommitArgs),
+    /// Verify one checkpoint directory, or every checkpoint of a run dir.
+    ///
+    /// Checks the manifest, each file's size and xxh3-128 checksum, that no file is missing,
+    /// extra or a symlink, and every safetensors header. Prints one line per fault naming the
+    /// file and the reason; exits 3 if anything fails.
+    Verify(VerifyArgs),
+    /// Show a run: resume point, checkpoints, disk use, temp dirs, recent events, warnings.
+    ///
+    /// Read-only (takes no lock). Verifies the checkpoint a resume would use; --verify checks all.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The run directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: PathBuf,
+    /// Global step: the state after this many optimizer steps.
+    #[arg(long)]
+    pub step: u64,
+    /// Epoch, recorded in the manifest.
+    #[arg(long)]
+    pub epoch: Option<u64>,
+    /// A metric to record, as NAME=VALUE (repeatable); used by --keep-best.
+    #[arg(long = "metric", value_name = "NAME=VALUE", value_parser = parse_metric)]
+    pub metrics: Vec<(String, f64)>,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// Print the commit report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Directory whose regular files become the checkpoint.
+    #[arg(value_name = "SRC_DIR")]
+    pub src_dir: PathBuf,
+}
+
+/// Retention flags. Without --keep-last nothing is ever deleted.
+#[derive(Debug, Args, Default)]
+pub struct RetentionArgs {
+    /// Keep the newest N checkpoints (and those kept by the other rules); delete the rest.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    /// Also keep the best checkpoint by a metric, e.g. `val_loss:min` or `acc:max`.
+    #[arg(long, value_name = "METRIC:min|max", value_parser = parse_best)]
+    pub keep_best: Option<Best>,
+    /// Also keep checkpoints whose step is a multiple of N; `N:K` keeps only the newest K of them.
+    #[arg(long, value_name = "N[:K]", value_parser = parse_periodic)]
+    pub keep_every: Option<Periodic>,
+    /// Keep the checkpoint of this step forever (repeatable).
+    #[arg(long = "milestone", value_name = "STEP")]
+    pub milestones: Vec<u64>,
+}
+
+impl RetentionArgs {
+    pub fn policy(&self) -> RetentionPolicy {
+        RetentionPolicy {
+            keep_last: self.keep_last,
+            keep_best: self.keep_best.clone(),
+            periodic: self.keep_every.clone(),
+            milestones: self.milestones.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A checkpoint directory (step-NNNNNNNNNNNN) or a run dir.
+    pub path: PathBuf,
+    /// Print results as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The run directory.
+    #[arg(default_value = ".")]
+    pub run_dir: PathBuf,
+    /// Print the report as JSON (schema hpc-ckpt-status/1, see the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Verify every checkpoint (checksums of every file), not only the resume point.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+fn parse_metric(s: &str) -> std::result::Result<(String, f64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    if k.is_empty() {
+        return Err("metric name is empty".into());
+    }
+    let v: f64 = v
+        .parse()
+        .map_err(|_| format!("metric {k}: {v:?} is not a number"))?;
+    if !v.is_finite() {
+        return Err(format!("metric {k}: {v} is not finite"));
+    }
+    Ok((k.to_string(), v))
+}
+
+fn parse_best(s: &str) -> std::result::Result<Best, String> {
+    let (k, m) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not METRIC:min or METRIC:max"))?;
+    let mode = match m {
+        "min" => Mode::Min,
+        "max" => Mode::Max,
+        _ => return Err(format!("mode {m:?} is not min or max")),
+    };
+    if k.is_empty() {
+        return Err("metric name is empty".into());
+    }
+    Ok(Best {
+        monitor: k.into(),
+        mode,
+        keep: 1,
+    })
+}
+
+fn parse_periodic(s: &str) -> std::result::Result<Periodic, String> {
+    let (n, k) = match s.split_once(':') {
+        Some((n, k)) => (n, k.parse().map_err(|_| format!("{k:?} is not a count"))?),
+        None => (s, 0),
+    };
+    let every: u64 = n
+        .parse()
+        .map_err(|_| format!("{n:?} is not a step count"))?;
+    if every == 0 {
+        return Err("N must be at least 1".into());
+    }
+    Ok(Periodic { every, keep: k })
+}
+
+/// Run a parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Commit(a) => commit(a),
+        Command::Verify(a) => verify(a),
+        Command::Status(a) => status_cmd(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            classify(&e)
+        }
+    }
+}
+
+/// Map an error to its documented exit code.
+pub fn classify(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if let Some(s) = cause.downcast_ref::<StorageError>() {
+            return match s {
+                StorageError::Locked { .. } => exit_code::LOCKED,
+                _ if s.is_out_of_space() => exit_code::NO_SPACE,
+                StorageError::Invalid(_) => exit_code::BAD_INPUT,
+                StorageError::Corrupt { .. } | StorageError::NothingValid { .. } => {
+                    exit_code::CORRUPT
+                }
+                _ => exit_code::FAILURE,
+            };
+        }
+    }
+    exit_code::FAILURE
+}
+
+fn commit(a: CommitArgs) -> Result<i32> {
+    let job = JobEnv::from_env();
+    let me = holder(job.as_ref().map(|j| j.job_id.clone()));
+    let snapshot = Snapshot::from_dir(&a.src_dir)
+        .with_context(|| format!("cannot commit {}", a.src_dir.display()))?;
+    let mut store = Store::open(&a.run_dir, &me, a.retention.policy())
+        .with_context(|| format!("cannot open run dir {}", a.run_dir.display()))?;
+    let meta = CommitMeta {
+        step: a.step,
+        epoch: a.epoch,
+        metrics: a.metrics.iter().cloned().collect::<BTreeMap<_, _>>(),
+        job: job.map(|j| j.job_info()),
+        ..Default::default()
+    };
+    let report = store
+        .commit(&snapshot, &meta)
+        .with_context(|| format!("checkpoint step {} was not committed", a.step))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"checkpoint": report.name, "step": report.step, "bytes": report.bytes,
+                "seconds": report.seconds, "replaced": report.replaced, "deleted": report.deleted})
+        );
+    } else {
+        println!(
+            "committed {} ({}, {:.3} s){}",
+            report.name,
+            status::human_bytes(report.bytes),
+            report.seconds,
+            if report.deleted.is_empty() {
+                String::new()
+            } else {
+                format!("; retention deleted {}", report.deleted.join(", "))
+            }
+        );
+    }
+    Ok(exit_code::SUCCESS)
+}
+
+fn verify(a: VerifyArgs) -> Result<i32> {
+    let path = &a.path;
+    anyhow::ensure!(path.is_dir(), "{} is not a directory", path.display());
+    let results = if is_checkpoint_dir(path) {
+        vec![(
+            path.file_name().unwrap().to_string_lossy().into_owned(),
+            verify_checkpoint(path),
+        )]
+    } else {
+        let dir = RunDir::new(path);
+        anyhow::ensure!(
+            dir.checkpoints_dir().is_dir(),
+            "{} is neither a checkpoint (step-NNNNNNNNNNNN with a MANIFEST.json) nor a run dir \
+             (no checkpoints/ inside)",
+            path.display()
+        );
+        verify_all(&dir)
+    };
+    let bad = results.iter().filter(|(_, r)| r.is_err()).count();
+    if a.json {
+        let items: Vec<_> = results
+            .iter()
+            .map(|(n, r)| match r {
+                Ok(m) => serde_json::json!({"checkpoint": n, "ok": true, "step": m.step, "bytes": m.total_bytes()}),
+                Err(f) => serde_json::json!({"checkpoint": n, "ok": false,
+                    "faults": f.iter().map(|x| serde_json::json!({"file": x.file, "reason": x.reason})).collect::<Vec<_>>()}),
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"ok": bad == 0, "checkpoints": items})
+        );
+    } else {
+        for (n, r) in &results {
+            match r {
+                Ok(m) => println!(
+                    "ok      {n} ({} files, {})",
+                    m.files.len(),
+                    status::human_bytes(m.total_bytes())
+                ),
+                Err(faults) => {
+                    for f in faults {
+                        println!("FAULT   {f}");
+                    }
+                }
+            }
+        }
+        if results.is_empty() {
+            println!("no checkpoints in {}", path.display());
+        } else {
+            println!("{} checked, {} failed", results.len(), bad);
+        }
+    }
+    Ok(if bad == 0 {
+        exit_code::SUCCESS
+    } else {
+        exit_code::CORRUPT
+    })
+}
+
+fn is_checkpoint_dir(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(crate::storage::manifest::parse_checkpoint_name)
+        .is_some()
+}
+
+fn status_cmd(a: StatusArgs) -> Result<i32> {
+    let report = status::inspect(&a.run_dir, a.verify)
+        .with_context(|| format!("cannot read run dir {}", a.run_dir.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", status::render_text(&report));
+    }
+    Ok(if a.verify && report.has_faults() {
+        exit_code::CORRUPT
+    } else {
+        exit_code::SUCCESS
+    })
+}

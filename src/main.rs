@@ -1,0 +1,15 @@
+//! The `hpc-ckpt` binary: logging set-up, then [`hpc_ckpt::cli`].
+
+use clap::Parser;
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HPC_CKPT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = hpc_ckpt::cli::Cli::parse();
+    std::process::exit(hpc_ckpt::cli::run(cli));
+}

@@ -1,0 +1,117 @@
+//! `journal.jsonl`: the run's append-only history, one JSON object a line, fsynced per event.
+//!
+//! Every commit, fallback, deletion and error is recorded, and the supervisor adds allocations,
+//! signals and requeue decisions. Each line has `ts` (RFC 3339) and `event`; the other fields
+//! depend on the event. Readers skip a torn last line (a crash mid-append) instead of failing.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::error::{IoContext, Result};
+
+pub const JOURNAL_FILE: &str = "journal.jsonl";
+
+/// An open journal for appending.
+#[derive(Debug)]
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+}
+
+/// Current time as RFC 3339 UTC with millisecond precision.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+impl Journal {
+    pub fn open(run_dir: &Path) -> Result<Journal> {
+        let path = run_dir.join(JOURNAL_FILE);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .ctx(|| format!("open {}", path.display()))?;
+        // A crash mid-append leaves a torn last line: end it so the next event stands alone.
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len > 0 {
+            let mut last = [0u8; 1];
+            let torn = file
+                .seek(SeekFrom::Start(len - 1))
+                .and_then(|_| file.read_exact(&mut last))
+                .map(|_| last[0] != b'\n')
+                .unwrap_or(false);
+            if torn {
+                file.write_all(b"\n")
+                    .ctx(|| format!("repair torn line of {}", path.display()))?;
+            }
+        }
+        Ok(Journal { file, path })
+    }
+
+    /// Append one event durably. `fields` must be a JSON object (or null).
+    pub fn record(&mut self, event: &str, fields: Value) -> Result<()> {
+        let mut obj = Map::new();
+        obj.insert("ts".into(), Value::String(now_rfc3339()));
+        obj.insert("event".into(), Value::String(event.into()));
+        if let Value::Object(m) = fields {
+            obj.extend(m);
+        }
+        let mut line = serde_json::to_vec(&Value::Object(obj)).expect("json serializes");
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .and_then(|_| self.file.sync_data())
+            .ctx(|| format!("append to {}", self.path.display()))
+    }
+}
+
+/// Read every well-formed event of a run's journal (missing journal: none). Lines that do not
+/// parse (a torn last line) are skipped and counted.
+pub fn read_all(run_dir: &Path) -> (Vec<Value>, usize) {
+    let Ok(f) = File::open(run_dir.join(JOURNAL_FILE)) else {
+        return (Vec::new(), 0);
+    };
+    let mut events = Vec::new();
+    let mut bad = 0;
+    for line in BufReader::new(f).split(b'\n').map_while(|l| l.ok()) {
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        match serde_json::from_slice::<Value>(&line) {
+            Ok(v @ Value::Object(_)) => events.push(v),
+            _ => bad += 1,
+        }
+    }
+    (events, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_and_read_skipping_torn_line() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        j.record("commit", serde_json::json!({"step": 3})).unwrap();
+        j.record("error", Value::Null).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.path().join(JOURNAL_FILE))
+            .unwrap()
+            .write_all(b"{\"ts\":\"x\",\"ev")
+            .unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        j.record("after_crash", Value::Null).unwrap();
+        let (ev, bad) = read_all(d.path());
+        assert_eq!(ev.len(), 3);
+        assert_eq!(ev[2]["event"], "after_crash");
+        assert_eq!(bad, 1);
+        assert_eq!(ev[0]["step"], 3);
+        assert_eq!(ev[1]["event"], "error");
+    }
+}

@@ -1,0 +1,306 @@
+//! Writing a checkpoint's files into a fresh directory: what a snapshot is, and the staging half
+//! of the commit protocol (the other half, rename + pointer + retention, is in [`super::run_dir`]).
+//!
+//! A [`Snapshot`] is a list of named files. Tensor files are real safetensors, laid out in the
+//! order given; their bytes are [`Cow`]s, so a caller can lend its buffers for a synchronous save
+//! or hand over owned host copies (`Snapshot<'static>`, which is `Send`) for a background persist.
+//! Every byte is checksummed on its way to disk (no second read), every file is fsynced, and the
+//! manifest is written last.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::checksum::{self, Checksum};
+use super::error::{IoContext, Result, StorageError};
+use super::fsutil::{create_new, fsync_dir, open_regular_nofollow};
+use super::manifest::{check_file_name, FileEntry, JobInfo, Manifest, MANIFEST_FILE};
+use super::safetensors::{byte_len, encode_header, Dtype};
+
+/// One tensor to write: its bytes are little-endian, row-major, `dtype` × `shape` long.
+#[derive(Debug, Clone)]
+pub struct TensorData<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+/// Where a checkpoint file's content comes from.
+#[derive(Debug, Clone)]
+pub enum FileSource<'a> {
+    /// A safetensors file of these tensors (in this order) and string metadata.
+    Tensors {
+        tensors: Vec<TensorData<'a>>,
+        metadata: BTreeMap<String, String>,
+    },
+    /// Raw bytes (JSON state, anything).
+    Bytes(Cow<'a, [u8]>),
+    /// Copy of an existing regular file (used by `hpc-ckpt commit`).
+    CopyOf(PathBuf),
+}
+
+/// The files of one checkpoint, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot<'a> {
+    pub files: Vec<(String, FileSource<'a>)>,
+}
+
+/// What the caller says about the checkpoint besides its files.
+#[derive(Debug, Clone, Default)]
+pub struct CommitMeta {
+    pub step: u64,
+    pub epoch: Option<u64>,
+    pub metrics: BTreeMap<String, f64>,
+    pub job: Option<JobInfo>,
+    /// Added to the manifest's versions (hpc_ckpt's own is always recorded).
+    pub versions: BTreeMap<String, String>,
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a successful commit did.
+#[derive(Debug, Clone)]
+pub struct CommitReport {
+    pub name: String,
+    pub step: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// True when a checkpoint of the same step existed and was replaced atomically.
+    pub replaced: bool,
+    /// Checkpoints retention deleted after this commit was durable.
+    pub deleted: Vec<String>,
+}
+
+impl<'a> Snapshot<'a> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, name: impl Into<String>, source: FileSource<'a>) -> &mut Self {
+        self.files.push((name.into(), source));
+        self
+    }
+
+    /// A snapshot of every regular file directly inside `dir` (for `hpc-ckpt commit`). Refuses
+    /// symlinks, subdirectories, other file types, names that are not plain, and `MANIFEST.json`.
+    pub fn from_dir(dir: &Path) -> Result<Snapshot<'static>> {
+        let rd = fs::read_dir(dir).ctx(|| format!("read source dir {}", dir.display()))?;
+        let mut files = Vec::new();
+        for e in rd {
+            let e = e.ctx(|| format!("read source dir {}", dir.display()))?;
+            let os_name = e.file_name();
+            let name = os_name.to_str().ok_or_else(|| {
+                StorageError::Invalid(format!(
+                    "{}: file name {:?} is not UTF-8",
+                    dir.display(),
+                    os_name
+                ))
+            })?;
+            check_file_name(name)
+                .map_err(|r| StorageError::Invalid(format!("{}: {r}", e.path().display())))?;
+            if name == MANIFEST_FILE {
+                return Err(StorageError::Invalid(format!(
+                    "{}: {MANIFEST_FILE} is written by hpc-ckpt; remove it from the source dir",
+                    e.path().display()
+                )));
+            }
+            let ft = e
+                .file_type()
+                .ctx(|| format!("stat {}", e.path().display()))?;
+            if !ft.is_file() {
+                let what = if ft.is_symlink() {
+                    "a symbolic link"
+                } else if ft.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                };
+                return Err(StorageError::Invalid(format!(
+                    "{} is {what}; a checkpoint holds regular files only",
+                    e.path().display()
+                )));
+            }
+            files.push((name.to_string(), FileSource::CopyOf(e.path())));
+        }
+        if files.is_empty() {
+            return Err(StorageError::Invalid(format!(
+                "{} holds no files to commit",
+                dir.display()
+            )));
+        }
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Snapshot { files })
+    }
+
+    /// Check names and tensor sizes before anything touches the disk.
+    pub fn validate(&self) -> Result<()> {
+        let mut seen = BTreeSet::new();
+        for (name, src) in &self.files {
+            check_file_name(name)
+                .map_err(|r| StorageError::Invalid(format!("file {name:?}: {r}")))?;
+            if name == MANIFEST_FILE {
+                return Err(StorageError::Invalid(format!(
+                    "{MANIFEST_FILE} is reserved"
+                )));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(StorageError::Invalid(format!("file {name:?} given twice")));
+            }
+            if let FileSource::Tensors { tensors, .. } = src {
+                for t in tensors {
+                    let want = byte_len(t.dtype, &t.shape);
+                    if want != Some(t.bytes.len() as u64) {
+                        return Err(StorageError::Invalid(format!(
+                            "{name}: tensor {:?} is {}{:?} ({want:?} bytes) but has {} bytes",
+                            t.name,
+                            t.dtype.name(),
+                            t.shape,
+                            t.bytes.len()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the checkpoint will take on disk (manifest excluded).
+    pub fn estimated_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .map(|(_, src)| match src {
+                FileSource::Tensors { tensors, .. } => {
+                    tensors
+                        .iter()
+                        .map(|t| t.bytes.len() as u64 + 128 + t.name.len() as u64)
+                        .sum::<u64>()
+                        + 64
+                }
+                FileSource::Bytes(b) => b.len() as u64,
+                FileSource::CopyOf(p) => fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            })
+            .sum()
+    }
+}
+
+/// Small writes are gathered in a buffer; large slices go to the file directly (no copy).
+const GATHER: usize = 4 << 20;
+
+struct HashingFile {
+    file: File,
+    path: PathBuf,
+    sum: Checksum,
+    buf: Vec<u8>,
+    written: u64,
+}
+
+impl HashingFile {
+    fn create(path: PathBuf) -> Result<Self> {
+        Ok(HashingFile {
+            file: create_new(&path)?,
+            path,
+            sum: Checksum::new(),
+            buf: Vec::new(),
+            written: 0,
+        })
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.sum.update(bytes);
+        self.written += bytes.len() as u64;
+        if bytes.len() >= GATHER {
+            self.flush_buf()?;
+            self.file
+                .write_all(bytes)
+                .ctx(|| format!("write {}", self.path.display()))
+        } else {
+            if self.buf.len() + bytes.len() > GATHER {
+                self.flush_buf()?;
+            }
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(GATHER);
+            }
+            self.buf.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    fn flush_buf(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            self.file
+                .write_all(&self.buf)
+                .ctx(|| format!("write {}", self.path.display()))?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Flush, fsync, and return (size, checksum).
+    fn finish(mut self) -> Result<(u64, String)> {
+        self.flush_buf()?;
+        self.file
+            .sync_all()
+            .ctx(|| format!("fsync {}", self.path.display()))?;
+        Ok((self.written, self.sum.hex()))
+    }
+}
+
+fn write_one(dir: &Path, name: &str, src: &FileSource<'_>) -> Result<FileEntry> {
+    let mut out = HashingFile::create(dir.join(name))?;
+    match src {
+        FileSource::Tensors { tensors, metadata } => {
+            let layout: Vec<(&str, Dtype, &[usize])> = tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t.dtype, t.shape.as_slice()))
+                .collect();
+            let header = encode_header(&layout, metadata)
+                .map_err(|r| StorageError::Invalid(format!("{name}: {r}")))?;
+            out.put(&header)?;
+            for t in tensors {
+                out.put(&t.bytes)?;
+            }
+        }
+        FileSource::Bytes(b) => out.put(b)?,
+        FileSource::CopyOf(path) => {
+            let (mut f, _) = open_regular_nofollow(path)
+                .map_err(|r| StorageError::Invalid(format!("{}: {r}", path.display())))?;
+            let mut buf = vec![0u8; GATHER];
+            loop {
+                let n = match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(StorageError::io(format!("read {}", path.display()), e)),
+                };
+                out.put(&buf[..n])?;
+            }
+        }
+    }
+    let (size, checksum) = out.finish()?;
+    Ok(FileEntry {
+        name: name.to_string(),
+        size,
+        checksum,
+    })
+}
+
+/// Write every file of `snapshot` and then the manifest into `dir` (an empty directory this
+/// process created exclusively), fsync each, then fsync `dir`. Returns the manifest written.
+pub fn stage(dir: &Path, snapshot: &Snapshot<'_>, manifest_base: Manifest) -> Result<Manifest> {
+    let mut manifest = manifest_base;
+    manifest.files.clear();
+    for (name, src) in &snapshot.files {
+        tracing::debug!(phase = "write", file = %name, "writing");
+        manifest.files.push(write_one(dir, name, src)?);
+    }
+    manifest.checksum_algorithm = checksum::ALGORITHM.to_string();
+    tracing::debug!(phase = "manifest", "writing manifest");
+    let mut mf = create_new(&dir.join(MANIFEST_FILE))?;
+    mf.write_all(&manifest.to_json())
+        .and_then(|_| mf.sync_all())
+        .ctx(|| format!("write {}", dir.join(MANIFEST_FILE).display()))?;
+    fsync_dir(dir)?;
+    Ok(manifest)
+}
