@@ -1,5 +1,7 @@
 //! The `hpc-ckpt` binary: logging set-up, then [`hpc_ckpt::cli`].
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 fn main() {
@@ -8,6 +10,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
     let cli = hpc_ckpt::cli::Cli::parse();

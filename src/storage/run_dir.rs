@@ -222,6 +222,7 @@ impl Store {
         fs::create_dir_all(root.join(CHECKPOINTS_DIR))
             .ctx(|| format!("create run dir {}", root.display()))?;
         let lock = RunLock::acquire(root, me)?;
+        tracing::debug!(phase = "open", run_dir = %root.display(), "lock taken");
         let mut journal = Journal::open(root)?;
         let dir = RunDir::new(root);
         let stale = dir.temp_entries();
@@ -401,6 +402,7 @@ impl Store {
                 return Err(e);
             }
         };
+        tracing::debug!(phase = "fsync-parent", "fsync checkpoints/");
         fsync_dir(&ckpts)?;
         tracing::debug!(phase = "pointer", checkpoint = %name, "swapping last_checkpoint");
         pointer::write(self.dir.root(), &name)?;
@@ -410,6 +412,7 @@ impl Store {
         }
         let bytes = manifest.total_bytes();
         let seconds = started.elapsed().as_secs_f64();
+        tracing::debug!(phase = "journal", "recording commit");
         self.journal.record(
             "checkpoint_committed",
             json!({"checkpoint": name, "step": meta.step, "epoch": meta.epoch, "bytes": bytes,

@@ -240,6 +240,7 @@ impl HashingFile {
     /// Flush, fsync, and return (size, checksum).
     fn finish(mut self) -> Result<(u64, String)> {
         self.flush_buf()?;
+        tracing::debug!(phase = "fsync", file = %self.path.display(), "fsync");
         self.file
             .sync_all()
             .ctx(|| format!("fsync {}", self.path.display()))?;
