@@ -56,6 +56,8 @@ pub struct CheckpointStatus {
     pub created_at: Option<String>,
     pub age_seconds: Option<u64>,
     pub metrics: BTreeMap<String, f64>,
+    /// The batch job that wrote it (scheduler, id, restart count), when there was one.
+    pub job: Option<crate::storage::manifest::JobInfo>,
     pub roles: Vec<Role>,
     /// `true`/`false` when verified in this call, `null` when only the manifest was read.
     pub verified: Option<bool>,
@@ -240,6 +242,7 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
             created_at: created,
             age_seconds: age,
             metrics: m.map(|m| m.metrics.clone()).unwrap_or_default(),
+            job: m.and_then(|m| m.job.clone()),
             roles: roles.get(&l.name).cloned().unwrap_or_default(),
             verified,
             faults,
@@ -399,8 +402,8 @@ pub fn render_text(r: &StatusReport) -> String {
     if !r.checkpoints.is_empty() {
         let _ = writeln!(
             o,
-            "  {:<18} {:>6} {:>10} {:>7}  {:<22} {:<22} STATE",
-            "NAME", "EPOCH", "SIZE", "AGE", "METRICS", "KEPT AS"
+            "  {:<18} {:>6} {:>10} {:>7} {:>11}  {:<22} {:<20} STATE",
+            "NAME", "EPOCH", "SIZE", "AGE", "JOB.RESTART", "METRICS", "KEPT AS"
         );
     }
     for c in &r.checkpoints {
@@ -428,11 +431,15 @@ pub fn render_text(r: &StatusReport) -> String {
         };
         let _ = writeln!(
             o,
-            "  {:<18} {:>6} {:>10} {:>7}  {:<22} {:<22} {state}",
+            "  {:<18} {:>6} {:>10} {:>7} {:>11}  {:<22} {:<20} {state}",
             c.name,
             c.epoch.map(|e| e.to_string()).unwrap_or("-".into()),
             human_bytes(c.bytes),
             c.age_seconds.map(human_age).unwrap_or("?".into()),
+            c.job
+                .as_ref()
+                .map(|j| format!("{}.{}", j.id, j.restart_count))
+                .unwrap_or("-".into()),
             if metrics.is_empty() {
                 "-".into()
             } else {

@@ -53,7 +53,7 @@ impl RunLock {
             .truncate(false)
             .open(&path)
             .ctx(|| format!("open {}", path.display()))?;
-        if file.try_lock_exclusive().is_err() {
+        if FileExt::try_lock_exclusive(&file).is_err() {
             let holder = read_holder(&mut file)
                 .map(|h| h.to_string())
                 .unwrap_or_else(|| "holder unknown".into());
@@ -93,7 +93,7 @@ fn read_holder(file: &mut File) -> Option<Holder> {
 /// Whether the run dir's lock is held right now, and by whom (for `status`).
 pub fn probe(run_dir: &Path) -> Option<Holder> {
     let mut file = File::open(run_dir.join(LOCK_FILE)).ok()?;
-    if file.try_lock_shared().is_ok() {
+    if FileExt::try_lock_shared(&file).is_ok() {
         let _ = FileExt::unlock(&file);
         return None;
     }

@@ -157,26 +157,15 @@ impl RunDir {
                 break;
             }
             match verify::verify_checkpoint(&l.path) {
-                Ok(m) => {
-                    if chosen.is_some() {
-                        newer.push(l.name.clone());
-                    } else if newer_than_target && target.is_some() {
-                        // Newer than a pointer that failed: still a fallback, recorded as such.
-                        chosen = Some((l.clone(), m));
-                    } else {
-                        chosen = Some((l.clone(), m));
-                    }
-                }
-                Err(f) => {
-                    if chosen.is_none() {
-                        refused.push((l.name.clone(), f));
-                    }
-                }
+                Ok(_) if chosen.is_some() => newer.push(l.name.clone()),
+                Ok(m) => chosen = Some((l.clone(), m)),
+                Err(f) if chosen.is_none() => refused.push((l.name.clone(), f)),
+                Err(_) => {}
             }
         }
         // Without a pointer, a verified checkpoint is adopted, not a fallback.
-        if matches!(ptr, Ok(Pointer::Absent)) && chosen.is_some() {
-            newer = vec![chosen.as_ref().unwrap().0.name.clone()];
+        if let (Ok(Pointer::Absent), Some((l, _))) = (&ptr, &chosen) {
+            newer = vec![l.name.clone()];
         }
         Resolution {
             pointer: ptr,
@@ -265,23 +254,31 @@ impl Store {
         &self.policy
     }
 
+    /// Checkpoint dirs newer than the pointer's target (or any, without a valid pointer) are
+    /// complete by construction (renamed only after fsync); adopt the newest that verifies. The
+    /// pointer's own target is not re-verified here: loading does that.
     fn adopt_unpointed(&mut self) -> Result<()> {
-        let res = self.dir.resolve();
-        if let Some(newest) = res
-            .newer_than_pointer
-            .iter()
-            .max_by_key(|n| parse_checkpoint_name(n))
-        {
-            let newest = newest.clone();
-            pointer::write(self.dir.root(), &newest)?;
+        let pointed = match pointer::read(self.dir.root()) {
+            Ok(Pointer::Names(n)) => parse_checkpoint_name(&n),
+            _ => None,
+        };
+        let newer = self
+            .dir
+            .list()
+            .into_iter()
+            .rev()
+            .filter(|l| pointed.is_none_or(|p| l.step > p))
+            .find(|l| verify::verify_checkpoint(&l.path).is_ok());
+        if let Some(l) = newer {
+            pointer::write(self.dir.root(), &l.name)?;
             tracing::warn!(
-                checkpoint = %newest,
+                checkpoint = %l.name,
                 "last_checkpoint did not name the newest durable checkpoint (interrupted between \
-                 rename and pointer swap); pointer moved to it"
+                 rename and pointer swap, or pointer lost); pointer moved to it"
             );
             self.journal.record(
                 "pointer_adopted",
-                json!({"checkpoint": newest, "reason": "committed checkpoint newer than last_checkpoint verifies"}),
+                json!({"checkpoint": l.name, "reason": "a committed checkpoint newer than last_checkpoint verifies"}),
             )?;
         }
         Ok(())

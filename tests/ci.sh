@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included (the README's test command; .ci/run calls it):
+# formatting, clippy (default and --no-default-features), the local Slurm cluster's self-test,
+# then every unit and integration test (the storage suites run the real binary).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+step() { printf '\n==> %s\n' "$*"; }
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+
+step "set-up"
+tests/setup.sh --slurm
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (default features, then --no-default-features)"
+cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --no-default-features -- -D warnings
+
+step "local Slurm cluster: start, self-test, stop"
+cleanup() { sbatch/local-cluster.sh stop >/dev/null 2>&1 || true; rm -f "$LOG"; }
+trap cleanup EXIT
+sbatch/local-cluster.sh start
+sbatch/selftest-cluster.sh
+sbatch/local-cluster.sh stop
+
+step "Python-side checker self-test"
+.venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
+
+step "cargo test --no-default-features (the login-node build: no libtorch)"
+cargo test --no-default-features --all-targets 2>&1 | tee -a "$LOG"
+
+step "cargo test (default features)"
+cargo test --all-targets 2>&1 | tee -a "$LOG"
+
+# One closing line over every runner above (cargo's per-binary lines end on empty harnesses).
+awk '/^test result:/ { p += $4; f += $6 } /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
+     END { printf "\nci: %d passed, %d failed\n", p, f; exit (f > 0) }' "$LOG"

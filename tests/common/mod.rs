@@ -1,0 +1,112 @@
+//! Shared helpers of the integration tests: the real binary, a seeded RNG, source dirs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `hpc-ckpt` binary cargo built for these tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hpc-ckpt"))
+}
+
+/// `hpc-ckpt ARGS…`, logs at warn so stderr stays small.
+pub fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args).env("HPC_CKPT_LOG", "warn");
+    c
+}
+
+pub fn run(args: &[&str]) -> Output {
+    cmd(args).output().expect("run hpc-ckpt")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// splitmix64: small, seeded, reproducible.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// Create `dir` with files of the given names and sizes (seeded content).
+pub fn make_src(dir: &Path, files: &[(&str, usize)], seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = Rng(seed);
+    for (name, size) in files {
+        std::fs::write(dir.join(name), rng.bytes(*size)).unwrap();
+    }
+}
+
+/// The checkpoint name of a step.
+pub fn ckpt(step: u64) -> String {
+    format!("step-{step:012}")
+}
+
+/// Commit `src` as `step` into `run`, asserting success.
+pub fn commit_ok(run: &Path, step: u64, src: &Path, extra: &[&str]) {
+    let step_s = step.to_string();
+    let mut args = vec![
+        "commit",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--step",
+        &step_s,
+    ];
+    args.extend_from_slice(extra);
+    args.push(src.to_str().unwrap());
+    let o = run_args(&args);
+    assert!(o.status.success(), "commit failed: {}", text(&o));
+}
+
+fn run_args(args: &[&str]) -> Output {
+    run(args)
+}
+
+/// Copy a directory tree (regular files and dirs only).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let t = e.file_type().unwrap();
+        let dest = to.join(e.file_name());
+        if t.is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else if t.is_file() {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// The repository root (for scripts and the venv).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
