@@ -55,6 +55,49 @@ pub enum Command {
     ///
     /// Read-only (takes no lock). Verifies the checkpoint a resume would use; --verify checks all.
     Status(StatusArgs),
+    /// Run a program under the supervisor: signals, grace period, commits, requeue.
+    ///
+    /// The program (after `--`) gets HPC_CKPT_RUN_DIR, HPC_CKPT_RESUME_FROM (the checkpoint to
+    /// resume from; unset on a fresh start), HPC_CKPT_STAGING (an empty dir to write a checkpoint
+    /// into), HPC_CKPT_COMMIT_REQUEST (write {"step": N, ...} there to have the staged files
+    /// committed) and HPC_CKPT_SIGNAL (the signal it gets when it must checkpoint and exit). On
+    /// the warning signal (USR1 by default) the program is asked to checkpoint; what it staged is
+    /// committed; the job is requeued when work is left. See the README's "Child protocol".
+    Wrap(WrapCliArgs),
+    /// Write the self-resubmitting sbatch script for a job config.
+    ///
+    /// Renders templates/auto_resume.sbatch from the config's `slurm:` section: the #SBATCH
+    /// allocation, --requeue, --open-mode=append, --signal=B:<signals.warn>@<slurm.signal_lead>,
+    /// the setup lines, and `exec hpc-ckpt wrap --config FILE`. Values are validated and quoted;
+    /// the run dir is created (Slurm does not create the output file's directory). Then run
+    /// `sbatch FILE`.
+    Sbatch(SbatchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SbatchArgs {
+    /// The job config.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Where to write the script (default: stdout).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The hpc-ckpt the job runs (default: this binary's absolute path).
+    #[arg(long, value_name = "PATH")]
+    pub hpc_ckpt: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WrapCliArgs {
+    /// The job config (run dir, checkpoint retention, requeue limits, signals).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The run directory (overrides the config's `run_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// The program and its arguments (default: the config's `command`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +229,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::Commit(a) => commit(a),
         Command::Verify(a) => verify(a),
         Command::Status(a) => status_cmd(a),
+        Command::Wrap(a) => wrap(a),
+        Command::Sbatch(a) => sbatch(a),
     };
     match result {
         Ok(code) => code,
@@ -199,6 +244,9 @@ pub fn run(cli: Cli) -> i32 {
 /// Map an error to its documented exit code.
 pub fn classify(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
+        if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
+            return exit_code::CONFIG;
+        }
         if let Some(s) = cause.downcast_ref::<StorageError>() {
             return match s {
                 StorageError::Locked { .. } => exit_code::LOCKED,
@@ -333,4 +381,80 @@ fn status_cmd(a: StatusArgs) -> Result<i32> {
     } else {
         exit_code::SUCCESS
     })
+}
+
+fn wrap(a: WrapCliArgs) -> Result<i32> {
+    let config = match &a.config {
+        Some(p) => crate::config::JobConfig::load(p)?,
+        None => {
+            let Some(dir) = &a.run_dir else {
+                anyhow::bail!("give --config FILE or --run-dir DIR");
+            };
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "run".into());
+            let name: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            crate::config::JobConfig::parse(&format!("name: {name}\n"))
+                .map_err(anyhow::Error::msg)?
+        }
+    };
+    let run_dir = a.run_dir.clone().unwrap_or_else(|| config.run_dir());
+    let command = if a.command.is_empty() {
+        config
+            .command
+            .clone()
+            .unwrap_or_else(|| vec!["train".into()])
+    } else {
+        a.command.clone()
+    };
+    crate::supervision::wrap::run(crate::supervision::wrap::WrapArgs {
+        config,
+        run_dir,
+        command,
+    })
+}
+
+fn sbatch(a: SbatchArgs) -> Result<i32> {
+    let cfg = crate::config::JobConfig::load(&a.config)?;
+    let workdir = std::env::current_dir().context("current directory")?;
+    let exe = match &a.hpc_ckpt {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locate this binary")?,
+    };
+    let script = crate::slurm::template::render(&cfg, &a.config, &exe, &workdir).map_err(|e| {
+        crate::config::ConfigError {
+            file: a.config.display().to_string(),
+            message: e.to_string(),
+        }
+    })?;
+    let run_dir = workdir.join(cfg.run_dir());
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("create run dir {}", run_dir.display()))?;
+    match &a.output {
+        None => print!("{script}"),
+        Some(out) => {
+            crate::storage::fsutil::replace_file_durable(out, script.as_bytes())
+                .with_context(|| format!("write {}", out.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))?;
+            eprintln!(
+                "wrote {} (run dir {}); submit it with: sbatch {}",
+                out.display(),
+                run_dir.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(exit_code::SUCCESS)
 }

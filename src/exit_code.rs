@@ -16,3 +16,15 @@ pub const LOCKED: i32 = 4;
 pub const NO_SPACE: i32 = 5;
 /// Invalid input: a source directory, a metric, a job config.
 pub const BAD_INPUT: i32 = 6;
+/// The job config is invalid (the message names the file and the key).
+pub const CONFIG: i32 = 7;
+/// `wrap`: work is left and the job was requeued (or Slurm requeues it itself).
+pub const REQUEUED: i32 = 10;
+/// `wrap`: work is left but no requeue was possible here (outside Slurm, no `scontrol`): run the
+/// same command again to resume.
+pub const REQUEUE_NEEDED: i32 = 11;
+/// `wrap`: stopped by policy (user cancel, `max_restarts`, a failed save with
+/// `on_save_error: stop`): not requeued.
+pub const STOPPED: i32 = 12;
+/// `wrap`: a crash loop — `max_no_progress` allocations in a row without a new checkpoint.
+pub const CRASH_LOOP: i32 = 13;

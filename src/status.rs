@@ -36,7 +36,147 @@ pub struct StatusReport {
     /// The writer holding `run.lock` now, if any.
     pub writer: Option<Holder>,
     pub journal: JournalSummary,
+    /// The job chain, from the journal.
+    pub run: RunChain,
     pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunChain {
+    /// `fresh` (never ran), `running` (a writer holds the lock), `done`, `pending` (requeued,
+    /// waiting for the next allocation), `stopped` (by policy; see reason), `interrupted` (the
+    /// last allocation ended without a word: killed, node lost).
+    pub state: &'static str,
+    pub reason: Option<String>,
+    pub allocations: Vec<AllocationStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AllocationStatus {
+    pub job_id: Option<String>,
+    pub restart_count: u64,
+    pub host: Option<String>,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    /// `completed`, `warning_signal`, `terminated`, `failed`, or null when it never said.
+    pub ending: Option<String>,
+    pub decision: Option<String>,
+    pub reason: Option<String>,
+    pub action: Option<String>,
+    pub exit_code: Option<i64>,
+    pub resume_step: Option<u64>,
+    pub new_checkpoints: u64,
+    /// The stop signal received, and seconds from it to the next committed checkpoint.
+    pub signal: Option<String>,
+    pub signal_to_checkpoint_seconds: Option<f64>,
+    /// Steps committed before this allocation but redone by it (it resumed from an older one).
+    pub steps_redone: u64,
+}
+
+/// Rebuild the job chain from journal events.
+pub fn chain_of(events: &[Value], writer_running: bool) -> RunChain {
+    let mut allocs: Vec<AllocationStatus> = Vec::new();
+    let mut max_step: Option<u64> = None;
+    let mut done = false;
+    let mut signal_at: Option<std::time::SystemTime> = None;
+    let ts = |e: &Value| {
+        e["ts"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+    };
+    for e in events {
+        match e["event"].as_str().unwrap_or("") {
+            "allocation_start" => {
+                done = false;
+                signal_at = None;
+                allocs.push(AllocationStatus {
+                    job_id: e["job_id"].as_str().map(String::from),
+                    restart_count: e["restart_count"].as_u64().unwrap_or(0),
+                    host: e["host"].as_str().map(String::from),
+                    started_at: e["ts"].as_str().map(String::from),
+                    ended_at: None,
+                    ending: None,
+                    decision: None,
+                    reason: None,
+                    action: None,
+                    exit_code: None,
+                    resume_step: None,
+                    new_checkpoints: 0,
+                    signal: None,
+                    signal_to_checkpoint_seconds: None,
+                    steps_redone: 0,
+                });
+            }
+            "child_started" => {
+                if let Some(a) = allocs.last_mut() {
+                    a.resume_step = e["resume_step"].as_u64();
+                    let from = a.resume_step.unwrap_or(0);
+                    a.steps_redone = max_step.map(|m| m.saturating_sub(from)).unwrap_or(0);
+                }
+            }
+            "signal_received" if e["repeat"] != true => {
+                if let Some(a) = allocs.last_mut() {
+                    a.signal = e["signal"].as_str().map(String::from);
+                    signal_at = ts(e);
+                }
+            }
+            "checkpoint_committed" => {
+                let step = e["step"].as_u64().unwrap_or(0);
+                max_step = Some(max_step.map_or(step, |m| m.max(step)));
+                if let Some(a) = allocs.last_mut() {
+                    a.new_checkpoints += 1;
+                    if let (Some(s), Some(t), None) =
+                        (signal_at, ts(e), a.signal_to_checkpoint_seconds)
+                    {
+                        a.signal_to_checkpoint_seconds =
+                            t.duration_since(s).ok().map(|d| d.as_secs_f64());
+                    }
+                }
+            }
+            "run_done" => done = true,
+            "allocation_end" => {
+                if let Some(a) = allocs.last_mut() {
+                    a.ended_at = e["ts"].as_str().map(String::from);
+                    a.ending = e["ending"].as_str().map(String::from);
+                    a.decision = e["decision"].as_str().map(String::from);
+                    a.reason = e["reason"].as_str().map(String::from);
+                    a.action = e["action"].as_str().map(String::from);
+                    a.exit_code = e["exit_code"].as_i64();
+                }
+            }
+            _ => {}
+        }
+    }
+    let (state, reason) = match allocs.last() {
+        _ if writer_running => ("running", None),
+        None => ("fresh", None),
+        Some(_) if done => ("done", Some("training complete".to_string())),
+        Some(a) => match a.decision.as_deref() {
+            Some("requeue") | Some("slurm_requeues") => (
+                "pending",
+                Some(format!(
+                    "{} ({})",
+                    a.reason.clone().unwrap_or_default(),
+                    a.action.clone().unwrap_or_default()
+                )),
+            ),
+            Some("stop") => ("stopped", a.reason.clone()),
+            Some("done") => ("done", Some("training complete".to_string())),
+            _ => (
+                "interrupted",
+                Some(
+                    "the last allocation ended without a word (killed, or its node was lost): \
+                      Slurm may requeue it; else resubmit to resume"
+                        .to_string(),
+                ),
+            ),
+        },
+    };
+    RunChain {
+        state,
+        reason,
+        allocations: allocs,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -308,6 +448,14 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
         .rev()
         .cloned()
         .collect();
+    let run = chain_of(&events, writer.is_some());
+    let redone: u64 = run.allocations.iter().map(|a| a.steps_redone).sum();
+    if redone > 0 {
+        warnings.push(format!(
+            "{redone} step(s) of work were redone after restarts (an allocation resumed from an \
+             older checkpoint than the newest ever committed)"
+        ));
+    }
 
     Ok(StatusReport {
         schema: SCHEMA,
@@ -324,6 +472,7 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
             unreadable_lines: unreadable,
             last,
         },
+        run,
         warnings,
     })
 }
@@ -366,6 +515,16 @@ pub fn render_text(r: &StatusReport) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let _ = writeln!(o, "Run dir:      {}", r.run_dir);
+    let _ = writeln!(
+        o,
+        "Run:          {}{}",
+        r.run.state.to_uppercase(),
+        r.run
+            .reason
+            .as_ref()
+            .map(|x| format!(" — {x}"))
+            .unwrap_or_default()
+    );
     let resume = match (&r.resume_from, r.fell_back) {
         (Some(n), false) => format!("{n} (verified)"),
         (Some(n), true) => format!("{n} (verified; FALLBACK — the pointer's target is unusable)"),
@@ -447,6 +606,41 @@ pub fn render_text(r: &StatusReport) -> String {
             },
             if roles.is_empty() { "-".into() } else { roles },
         );
+    }
+    if !r.run.allocations.is_empty() {
+        let _ = writeln!(o, "\nAllocations ({}):", r.run.allocations.len());
+        let _ = writeln!(
+            o,
+            "  {:>3} {:>12} {:<10} {:<20} {:<15} {:>10} {:>7}  {:<14} WHY",
+            "#", "JOB.RESTART", "HOST", "STARTED", "ENDING", "SIG→CKPT", "REDONE", "DECISION"
+        );
+        for (i, a) in r.run.allocations.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  {:>3} {:>12} {:<10} {:<20} {:<15} {:>10} {:>7}  {:<14} {}",
+                i + 1,
+                format!("{}.{}", a.job_id.as_deref().unwrap_or("-"), a.restart_count),
+                a.host
+                    .as_deref()
+                    .unwrap_or("?")
+                    .chars()
+                    .take(10)
+                    .collect::<String>(),
+                a.started_at
+                    .as_deref()
+                    .unwrap_or("?")
+                    .chars()
+                    .take(19)
+                    .collect::<String>(),
+                a.ending.as_deref().unwrap_or("(no word)"),
+                a.signal_to_checkpoint_seconds
+                    .map(|s| format!("{s:.1}s"))
+                    .unwrap_or("-".into()),
+                a.steps_redone,
+                a.decision.as_deref().unwrap_or("-"),
+                a.reason.as_deref().unwrap_or("")
+            );
+        }
     }
     if !r.temp_entries.is_empty() {
         let _ = writeln!(o, "\nTemp entries (in-progress or abandoned writes):");

@@ -11,7 +11,7 @@ LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 
 step "set-up"
-tests/setup.sh --slurm
+tests/setup.sh --slurm --torch
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

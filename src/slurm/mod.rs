@@ -5,6 +5,8 @@
 
 use crate::storage::manifest::JobInfo;
 
+pub mod template;
+
 /// The Slurm job this process runs in, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEnv {
@@ -59,5 +61,140 @@ mod tests {
         let j = JobEnv::from_vars(env(&[("SLURM_JOB_ID", "42"), ("SLURM_RESTART_COUNT", "3")]))
             .unwrap();
         assert_eq!(j.job_info().restart_count, 3);
+    }
+}
+
+/// What `scontrol show job` says of a job (the fields the supervisor needs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobState {
+    /// `JobState`, e.g. RUNNING, CANCELLED, TIMEOUT, PREEMPTED, REQUEUED, PENDING.
+    pub state: String,
+    /// `Requeue=1`: the job may be requeued with `scontrol requeue`.
+    pub requeueable: bool,
+    /// `Command=`: the batch script's path (for resubmission).
+    pub command: Option<String>,
+    /// `Restarts=`.
+    pub restarts: u32,
+}
+
+/// Parse one-line `scontrol show job -o` output.
+pub fn parse_show_job(text: &str) -> Option<JobState> {
+    let mut st = JobState::default();
+    let mut seen = false;
+    for tok in text.split_whitespace() {
+        let Some((k, v)) = tok.split_once('=') else {
+            continue;
+        };
+        match k {
+            "JobState" => {
+                st.state = v.to_string();
+                seen = true;
+            }
+            "Requeue" => st.requeueable = v == "1",
+            "Command" => st.command = Some(v.to_string()).filter(|c| c != "(null)"),
+            "Restarts" => st.restarts = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    seen.then_some(st)
+}
+
+/// `scontrol show job -o JOB`; None when scontrol is missing or says nothing usable.
+pub fn show_job(job_id: &str) -> Option<JobState> {
+    let out = std::process::Command::new("scontrol")
+        .args(["show", "job", "-o", job_id])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_show_job(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// How a job was put back in the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeued {
+    /// `scontrol requeue JOB`: same job id, back to PENDING.
+    Scontrol,
+    /// `sbatch --dependency=afterany:JOB SCRIPT`: a new job id.
+    Resubmitted { new_job_id: String },
+}
+
+/// Put the job back in the queue: `scontrol requeue` when the job is requeueable, else
+/// resubmit its batch script with an `afterany` dependency. The error says what to do by hand.
+pub fn requeue(job_id: &str) -> Result<Requeued, String> {
+    if which("scontrol").is_none() {
+        return Err(
+            "scontrol is not on PATH (inside a container?): resubmit the job by hand, or \
+                    bind Slurm's commands into the container"
+                .into(),
+        );
+    }
+    let state = show_job(job_id);
+    if state.as_ref().is_some_and(|s| s.requeueable) {
+        let out = std::process::Command::new("scontrol")
+            .args(["requeue", job_id])
+            .output()
+            .map_err(|e| format!("scontrol requeue {job_id}: {e}"))?;
+        if out.status.success() {
+            return Ok(Requeued::Scontrol);
+        }
+        tracing::warn!(
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+            "scontrol requeue failed; resubmitting with sbatch instead"
+        );
+    }
+    let script = state.and_then(|s| s.command).ok_or_else(|| {
+        format!("job {job_id} is not requeueable and its batch script is unknown")
+    })?;
+    let out = std::process::Command::new("sbatch")
+        .args([
+            "--parsable",
+            &format!("--dependency=afterany:{job_id}"),
+            &script,
+        ])
+        .output()
+        .map_err(|e| format!("sbatch {script}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "sbatch --dependency=afterany:{job_id} {script} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let id = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    Ok(Requeued::Resubmitted { new_job_id: id })
+}
+
+fn which(prog: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(prog))
+            .find(|c| c.is_file())
+    })
+}
+
+#[cfg(test)]
+mod scontrol_tests {
+    use super::*;
+
+    #[test]
+    fn parses_show_job() {
+        let s =
+            "JobId=15 JobName=x UserId=root(0) JobState=RUNNING Reason=None Requeue=1 Restarts=2 \
+                 BatchFlag=1 Command=/tmp/a.sbatch WorkDir=/tmp";
+        let j = parse_show_job(s).unwrap();
+        assert_eq!(j.state, "RUNNING");
+        assert!(j.requeueable);
+        assert_eq!(j.restarts, 2);
+        assert_eq!(j.command.as_deref(), Some("/tmp/a.sbatch"));
+        assert_eq!(
+            parse_show_job("slurm_load_jobs error: Invalid job id"),
+            None
+        );
     }
 }

@@ -284,10 +284,10 @@ impl Store {
         Ok(())
     }
 
-    /// Load the checkpoint a resume should use: the pointer's target if it verifies, else the
+    /// Choose the checkpoint a resume should use: the pointer's target if it verifies, else the
     /// newest that verifies (loudly: log and journal name the refused files and reasons).
     /// `Ok(None)` means a fresh run (nothing was ever committed).
-    pub fn load_latest(&mut self) -> Result<Option<Loaded>> {
+    pub fn resume_point(&mut self) -> Result<Option<(Listed, Manifest)>> {
         let res = self.dir.resolve();
         for (name, faults) in &res.refused {
             for f in faults {
@@ -298,7 +298,7 @@ impl Store {
                 json!({"checkpoint": name, "faults": faults.iter().map(|f| json!({"file": f.file, "reason": f.reason})).collect::<Vec<_>>()}),
             )?;
         }
-        let Some((listed, _)) = res.chosen.clone() else {
+        let Some((listed, manifest)) = res.chosen.clone() else {
             if res.refused.is_empty() {
                 return Ok(None);
             }
@@ -323,12 +323,6 @@ impl Store {
                 detail,
             });
         };
-        // Read again, verifying while reading, so what we return is exactly what was verified.
-        let loaded =
-            verify::load_checkpoint(&listed.path).map_err(|faults| StorageError::Corrupt {
-                dir: listed.path.clone(),
-                faults,
-            })?;
         if res.fell_back() {
             tracing::warn!(checkpoint = %listed.name, "FELL BACK to an older checkpoint: the newest could not be used (see errors above)");
             self.journal.record(
@@ -336,6 +330,20 @@ impl Store {
                 json!({"checkpoint": listed.name, "step": listed.step}),
             )?;
         }
+        Ok(Some((listed, manifest)))
+    }
+
+    /// [`Store::resume_point`], then read it into memory, verifying while reading so that what
+    /// is returned is exactly what was verified.
+    pub fn load_latest(&mut self) -> Result<Option<Loaded>> {
+        let Some((listed, _)) = self.resume_point()? else {
+            return Ok(None);
+        };
+        let loaded =
+            verify::load_checkpoint(&listed.path).map_err(|faults| StorageError::Corrupt {
+                dir: listed.path.clone(),
+                faults,
+            })?;
         self.journal.record(
             "checkpoint_loaded",
             json!({"checkpoint": listed.name, "step": listed.step}),

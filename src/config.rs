@@ -1,0 +1,450 @@
+//! The job config (`job.yaml`): one file describes a training job for every command — what to
+//! run, where its run dir is, how often to checkpoint and what to keep, when to requeue, and the
+//! Slurm allocation to ask for.
+//!
+//! Parsing is strict: an unknown key, a wrong type or an impossible value is refused with the
+//! key path (`checkpoint.keep_last`), what was found, and what is accepted. The trainer's own
+//! sections (`model`, `data`, `optimizer`, `scheduler`, `eval`, …) are validated by the trainer.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::retention::{Best, Periodic, RetentionPolicy};
+
+/// A config error: the file, the key path, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Job name: letters, digits, `.`, `_`, `-` (used for the run dir and the Slurm job name).
+    pub name: String,
+    /// Run directory; default `runs/<name>` (relative paths are relative to the working dir).
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
+    /// The program `wrap` supervises when none is given after `--` (`["train"]` is the built-in
+    /// trainer). Default: the built-in trainer.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub requeue: RequeueConfig,
+    #[serde(default)]
+    pub signals: SignalConfig,
+    #[serde(default)]
+    pub slurm: SlurmConfig,
+
+    // The built-in trainer's keys (validated by the trainer, feature `torch`).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub threads: Option<u32>,
+    #[serde(default)]
+    pub deterministic: Option<bool>,
+    #[serde(default)]
+    pub model: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub data: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub batch_size: Option<u64>,
+    #[serde(default)]
+    pub epochs: Option<u64>,
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    #[serde(default)]
+    pub grad_accum: Option<u64>,
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    #[serde(default)]
+    pub optimizer: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub scheduler: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pub eval: Option<serde_yaml::Value>,
+}
+
+/// What to do when a save fails (disk full, I/O error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSaveError {
+    /// Log, journal, keep training; the previous checkpoint stays the resume point.
+    #[default]
+    Continue,
+    /// Stop the job (exit code 5) without requeueing.
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Checkpoint every N optimizer steps (trainer) — a child decides its own cadence.
+    #[serde(default)]
+    pub every_steps: Option<u64>,
+    /// Or every N seconds of training.
+    #[serde(default)]
+    pub every_seconds: Option<u64>,
+    /// Keep the newest N checkpoints (≥ 1); omitted keeps everything.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: Option<usize>,
+    #[serde(default)]
+    pub keep_best: Option<Best>,
+    #[serde(default)]
+    pub periodic: Option<Periodic>,
+    #[serde(default)]
+    pub milestones: Vec<u64>,
+    #[serde(default)]
+    pub on_save_error: OnSaveError,
+}
+
+fn default_keep_last() -> Option<usize> {
+    Some(3)
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every_steps: None,
+            every_seconds: None,
+            keep_last: default_keep_last(),
+            keep_best: None,
+            periodic: None,
+            milestones: Vec::new(),
+            on_save_error: OnSaveError::Continue,
+        }
+    }
+}
+
+impl CheckpointConfig {
+    pub fn retention(&self) -> RetentionPolicy {
+        RetentionPolicy {
+            keep_last: self.keep_last,
+            keep_best: self.keep_best.clone(),
+            periodic: self.periodic.clone(),
+            milestones: self.milestones.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequeueConfig {
+    /// Stop requeueing after this many restarts of the job chain.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// Stop after this many allocations in a row ended without a new checkpoint (crash loop).
+    #[serde(default = "default_max_no_progress")]
+    pub max_no_progress: u32,
+}
+
+fn default_max_restarts() -> u32 {
+    50
+}
+fn default_max_no_progress() -> u32 {
+    3
+}
+
+impl Default for RequeueConfig {
+    fn default() -> Self {
+        RequeueConfig {
+            max_restarts: default_max_restarts(),
+            max_no_progress: default_max_no_progress(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalConfig {
+    /// The early warning Slurm sends (`--signal=B:<warn>@<lead>`): checkpoint, requeue, exit.
+    #[serde(default = "default_warn")]
+    pub warn: String,
+    /// What `wrap` sends the child to ask for a checkpoint and exit.
+    #[serde(default = "default_warn")]
+    pub child: String,
+    /// Seconds the child gets after the signal before TERM, then KILL.
+    #[serde(default = "default_grace")]
+    pub grace_seconds: u64,
+}
+
+fn default_warn() -> String {
+    "USR1".into()
+}
+fn default_grace() -> u64 {
+    60
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        SignalConfig {
+            warn: default_warn(),
+            child: default_warn(),
+            grace_seconds: default_grace(),
+        }
+    }
+}
+
+/// The `slurm:` section: the allocation `hpc-ckpt sbatch` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    #[serde(default)]
+    pub job_name: Option<String>,
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// Wall time as Slurm takes it: `MM`, `HH:MM:SS`, `D-HH:MM`, ….
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub nodes: Option<u32>,
+    #[serde(default)]
+    pub ntasks: Option<u32>,
+    #[serde(default)]
+    pub cpus_per_task: Option<u32>,
+    /// Memory per node, e.g. `16G`, `4000M`.
+    #[serde(default)]
+    pub mem: Option<String>,
+    /// GPUs per node, e.g. `1` or `a100:2`.
+    #[serde(default)]
+    pub gpus: Option<String>,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub qos: Option<String>,
+    /// Seconds before the end at which Slurm sends the warning signal (`--signal=B:SIG@LEAD`).
+    #[serde(default = "default_lead")]
+    pub signal_lead: u32,
+    /// The job's output file (Slurm patterns allowed); default `<run_dir>/slurm-%j.out`.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Extra `#SBATCH` options, e.g. `--constraint=a100` (each must start with `--`).
+    #[serde(default)]
+    pub extra: Vec<String>,
+    /// Shell lines run before the supervisor, e.g. `module load cuda/12`.
+    #[serde(default)]
+    pub setup: Vec<String>,
+}
+
+fn default_lead() -> u32 {
+    120
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("empty slurm section parses")
+    }
+}
+
+/// Signal names accepted in `signals:`.
+pub const SIGNALS: [&str; 5] = ["USR1", "USR2", "TERM", "INT", "HUP"];
+
+impl JobConfig {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        Self::parse(&text).map_err(err)
+    }
+
+    /// Parse and validate YAML text; the error names the key path.
+    pub fn parse(text: &str) -> Result<JobConfig, String> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if path == "." || path.is_empty() {
+                inner
+            } else {
+                format!("{path}: {inner}")
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        check_word("name", &self.name)?;
+        if let Some(c) = &self.command {
+            if c.is_empty() || c[0].is_empty() {
+                return Err("command: must name a program, e.g. [python, train.py]".into());
+            }
+        }
+        let ck = &self.checkpoint;
+        if ck.every_steps == Some(0) {
+            return Err("checkpoint.every_steps: must be at least 1".into());
+        }
+        if ck.every_seconds == Some(0) {
+            return Err("checkpoint.every_seconds: must be at least 1".into());
+        }
+        ck.retention()
+            .validate()
+            .map_err(|e| format!("checkpoint: {e}"))?;
+        for (key, v) in [
+            ("signals.warn", &self.signals.warn),
+            ("signals.child", &self.signals.child),
+        ] {
+            if !SIGNALS.contains(&v.as_str()) {
+                return Err(format!("{key}: {v:?} is not one of {}", SIGNALS.join(", ")));
+            }
+        }
+        if self.requeue.max_no_progress == 0 {
+            return Err("requeue.max_no_progress: must be at least 1".into());
+        }
+        self.slurm.validate()
+    }
+
+    /// The run directory (config's, else `runs/<name>`).
+    pub fn run_dir(&self) -> PathBuf {
+        self.run_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+}
+
+/// A plain word: letters, digits, `.`, `_`, `-` (no shell metacharacters, no spaces).
+fn check_word(key: &str, v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > 200 {
+        return Err(format!("{key}: must be 1 to 200 characters"));
+    }
+    if let Some(c) = v
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{key}: {v:?} contains {c:?}; allowed are letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Characters allowed in a value that goes on an `#SBATCH` line.
+fn check_sbatch_value(key: &str, v: &str, extra: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Err(format!("{key}: must not be empty"));
+    }
+    if let Some(c) = v
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c) || extra.contains(*c)))
+    {
+        return Err(format!(
+            "{key}: {v:?} contains {c:?}, which Slurm does not accept there (refused rather than \
+             quoted: it would end up in a shell script)"
+        ));
+    }
+    Ok(())
+}
+
+impl SlurmConfig {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(v) = &self.job_name {
+            check_word("slurm.job_name", v)?;
+        }
+        if let Some(v) = &self.partition {
+            check_sbatch_value("slurm.partition", v, ",")?;
+        }
+        if let Some(v) = &self.time {
+            check_sbatch_value("slurm.time", v, ":")?;
+            if !v.chars().next().is_some_and(|c| c.is_ascii_digit())
+                || v.chars().any(|c| c.is_ascii_alphabetic())
+            {
+                return Err(format!(
+                    "slurm.time: {v:?} is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)"
+                ));
+            }
+        }
+        if let Some(v) = &self.mem {
+            check_sbatch_value("slurm.mem", v, "")?;
+            let digits = v.trim_end_matches(['K', 'M', 'G', 'T']);
+            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                return Err(format!("slurm.mem: {v:?} is not a size like 4000M or 16G"));
+            }
+        }
+        if let Some(v) = &self.gpus {
+            check_sbatch_value("slurm.gpus", v, ":")?;
+        }
+        if let Some(v) = &self.account {
+            check_sbatch_value("slurm.account", v, "")?;
+        }
+        if let Some(v) = &self.qos {
+            check_sbatch_value("slurm.qos", v, "")?;
+        }
+        if let Some(v) = &self.output {
+            check_sbatch_value("slurm.output", v, "/%")?;
+        }
+        for (n, k) in [
+            ("slurm.nodes", self.nodes),
+            ("slurm.ntasks", self.ntasks),
+            ("slurm.cpus_per_task", self.cpus_per_task),
+        ] {
+            if k == Some(0) {
+                return Err(format!("{n}: must be at least 1"));
+            }
+        }
+        for (i, e) in self.extra.iter().enumerate() {
+            let key = format!("slurm.extra[{i}]");
+            if !e.starts_with("--") {
+                return Err(format!(
+                    "{key}: {e:?} must be a long option such as --constraint=a100"
+                ));
+            }
+            check_sbatch_value(&key, &e[2..], "=:,/%")?;
+        }
+        for (i, s) in self.setup.iter().enumerate() {
+            if s.contains('\n') || s.contains('\r') || s.contains('\0') {
+                return Err(format!(
+                    "slurm.setup[{i}]: one shell line per entry (no newlines)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_and_defaults() {
+        let c = JobConfig::parse("name: demo\n").unwrap();
+        assert_eq!(c.run_dir(), PathBuf::from("runs/demo"));
+        assert_eq!(c.checkpoint.keep_last, Some(3));
+        assert_eq!(c.requeue.max_no_progress, 3);
+        assert_eq!(c.signals.warn, "USR1");
+        assert_eq!(c.slurm.signal_lead, 120);
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        let e = JobConfig::parse("name: x\ncheckpoint:\n  keep_lst: 3\n").unwrap_err();
+        assert!(e.contains("checkpoint") && e.contains("keep_lst"), "{e}");
+        let e = JobConfig::parse("name: x\nrequeue:\n  max_restarts: lots\n").unwrap_err();
+        assert!(e.contains("requeue.max_restarts"), "{e}");
+        let e = JobConfig::parse("name: x\nslurm:\n  partition: 'x; rm -rf ~'\n").unwrap_err();
+        assert!(
+            e.contains("slurm.partition") && e.contains("refused"),
+            "{e}"
+        );
+        let e = JobConfig::parse("name: 'a b'\n").unwrap_err();
+        assert!(e.starts_with("name:"), "{e}");
+        let e = JobConfig::parse("name: x\nsignals:\n  warn: KILL\n").unwrap_err();
+        assert!(e.contains("signals.warn"), "{e}");
+        let e = JobConfig::parse("name: x\ncheckpoint:\n  keep_last: 0\n").unwrap_err();
+        assert!(e.contains("keep_last"), "{e}");
+        let e = JobConfig::parse("name: x\nslurm:\n  extra: ['--x=$(reboot)']\n").unwrap_err();
+        assert!(e.contains("slurm.extra[0]"), "{e}");
+        let e = JobConfig::parse("name: x\nslurm:\n  time: 'soon'\n").unwrap_err();
+        assert!(e.contains("slurm.time"), "{e}");
+    }
+}

@@ -1,0 +1,235 @@
+//! The requeue decision: a pure function from how this allocation ended and what the journal
+//! says about earlier ones to one of done / requeue / Slurm requeues it / stop — with the reason
+//! in words, which goes to the log and the journal.
+//!
+//! Guarantees: a completed run is never requeued; a run its user cancelled (TERM with no
+//! preceding warning and Slurm state CANCELLED) is never requeued; the chain stops after
+//! `max_restarts`, and after `max_no_progress` allocations in a row without a new checkpoint.
+
+use crate::config::RequeueConfig;
+
+/// How the allocation's work ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The program finished its training (exit 0 with no stop signal, or it said `done`).
+    Completed,
+    /// A stop signal arrived; `warned` is true when it was the early warning (checkpoint and
+    /// requeue), false for a bare TERM/INT/HUP.
+    Stopped { signal: String, warned: bool },
+    /// The program failed on its own (non-zero exit, killed) with no stop signal.
+    Failed { how: String },
+}
+
+/// What the journal says about earlier allocations of this run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// Allocations before this one.
+    pub previous_allocations: u32,
+    /// How many of the latest previous allocations, in a row, ended with no new checkpoint.
+    pub no_progress_streak: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Training is complete: no requeue.
+    Done,
+    /// Work is left and we must requeue (or resubmit) the job ourselves.
+    Requeue { reason: String },
+    /// Work is left and Slurm requeues the job itself (preemption with REQUEUE, `scontrol
+    /// requeue`): nothing to do.
+    SlurmRequeues { reason: String },
+    /// Stop the chain, for this reason.
+    Stop { reason: String, crash_loop: bool },
+}
+
+/// Decide. `restart_count` is the larger of Slurm's `SLURM_RESTART_COUNT` and the journal's
+/// allocation count; `slurm_state` is `scontrol`'s JobState when known.
+pub fn decide(
+    ending: &Ending,
+    new_checkpoints: u32,
+    history: &History,
+    restart_count: u32,
+    slurm_state: Option<&str>,
+    cfg: &RequeueConfig,
+) -> Decision {
+    if *ending == Ending::Completed {
+        return Decision::Done;
+    }
+    if let Ending::Stopped {
+        signal,
+        warned: false,
+    } = ending
+    {
+        match slurm_state {
+            Some("CANCELLED") => {
+                return Decision::Stop {
+                    reason: format!(
+                        "{signal} with no warning and Slurm says CANCELLED: cancelled by its user"
+                    ),
+                    crash_loop: false,
+                }
+            }
+            Some(s @ ("PREEMPTED" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "PENDING")) => {
+                return Decision::SlurmRequeues {
+                    reason: format!("{signal} and Slurm state {s}: Slurm requeues the job itself"),
+                }
+            }
+            Some("TIMEOUT") | Some("DEADLINE") => {}
+            Some(other) if other != "RUNNING" && other != "COMPLETING" => {
+                return Decision::Stop {
+                    reason: format!(
+                        "{signal} with no warning, Slurm state {other}: not requeueing"
+                    ),
+                    crash_loop: false,
+                }
+            }
+            Some(_) => {}
+            None => {
+                return Decision::Stop {
+                    reason: format!(
+                    "{signal} with no warning outside a known Slurm state (a user's interrupt or \
+                         kill): not requeueing; run again to resume"
+                ),
+                    crash_loop: false,
+                }
+            }
+        }
+    }
+    if restart_count >= cfg.max_restarts {
+        return Decision::Stop {
+            reason: format!(
+                "max_restarts reached ({restart_count} of {}); work is left: resubmit to continue",
+                cfg.max_restarts
+            ),
+            crash_loop: false,
+        };
+    }
+    if new_checkpoints == 0 {
+        let streak = history.no_progress_streak + 1;
+        if streak >= cfg.max_no_progress {
+            return Decision::Stop {
+                reason: format!(
+                    "{streak} allocation(s) in a row ended without a new checkpoint (max_no_progress \
+                     = {}): a crash loop, not requeueing",
+                    cfg.max_no_progress
+                ),
+                crash_loop: true,
+            };
+        }
+    }
+    let reason = match ending {
+        Ending::Stopped {
+            signal,
+            warned: true,
+        } => format!("warning signal {signal}: work is left"),
+        Ending::Stopped { signal, .. } => format!("{signal} at the time limit: work is left"),
+        Ending::Failed { how } => {
+            format!("the program failed ({how}); retrying from the last checkpoint")
+        }
+        Ending::Completed => unreachable!(),
+    };
+    Decision::Requeue { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RequeueConfig {
+        RequeueConfig {
+            max_restarts: 5,
+            max_no_progress: 2,
+        }
+    }
+    fn h(streak: u32) -> History {
+        History {
+            previous_allocations: 1,
+            no_progress_streak: streak,
+        }
+    }
+    fn warned() -> Ending {
+        Ending::Stopped {
+            signal: "USR1".into(),
+            warned: true,
+        }
+    }
+    fn term() -> Ending {
+        Ending::Stopped {
+            signal: "TERM".into(),
+            warned: false,
+        }
+    }
+
+    #[test]
+    fn completed_is_never_requeued() {
+        assert_eq!(
+            decide(&Ending::Completed, 0, &h(9), 99, Some("CANCELLED"), &cfg()),
+            Decision::Done
+        );
+    }
+
+    #[test]
+    fn warning_requeues_until_limits() {
+        assert!(matches!(
+            decide(&warned(), 1, &h(0), 0, Some("RUNNING"), &cfg()),
+            Decision::Requeue { .. }
+        ));
+        assert!(matches!(
+            decide(&warned(), 1, &h(0), 5, Some("RUNNING"), &cfg()),
+            Decision::Stop {
+                crash_loop: false,
+                ..
+            }
+        ));
+        // No checkpoint this time, one before without: crash loop at 2.
+        assert!(matches!(
+            decide(&warned(), 0, &h(1), 1, None, &cfg()),
+            Decision::Stop {
+                crash_loop: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&warned(), 0, &h(0), 1, None, &cfg()),
+            Decision::Requeue { .. }
+        ));
+    }
+
+    #[test]
+    fn bare_term_follows_slurm_state() {
+        assert!(matches!(
+            decide(&term(), 1, &h(0), 0, Some("CANCELLED"), &cfg()),
+            Decision::Stop { .. }
+        ));
+        assert!(matches!(
+            decide(&term(), 1, &h(0), 0, Some("PREEMPTED"), &cfg()),
+            Decision::SlurmRequeues { .. }
+        ));
+        assert!(matches!(
+            decide(&term(), 1, &h(0), 0, Some("TIMEOUT"), &cfg()),
+            Decision::Requeue { .. }
+        ));
+        assert!(matches!(
+            decide(&term(), 1, &h(0), 0, None, &cfg()),
+            Decision::Stop { .. }
+        ));
+    }
+
+    #[test]
+    fn failures_retry_then_stop() {
+        let f = Ending::Failed {
+            how: "exit code 1".into(),
+        };
+        assert!(matches!(
+            decide(&f, 0, &h(0), 0, Some("RUNNING"), &cfg()),
+            Decision::Requeue { .. }
+        ));
+        assert!(matches!(
+            decide(&f, 0, &h(1), 1, Some("RUNNING"), &cfg()),
+            Decision::Stop {
+                crash_loop: true,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,513 @@
+//! `hpc-ckpt wrap -- CMD`: run a program under the supervisor.
+//!
+//! The child gets `HPC_CKPT_RUN_DIR`, `HPC_CKPT_RESUME_FROM` (unset on a fresh start),
+//! `HPC_CKPT_STAGING`, `HPC_CKPT_COMMIT_REQUEST` and `HPC_CKPT_SIGNAL` (README, "Child
+//! protocol"). The child stages files and writes a request; the supervisor commits them with the
+//! store's full protocol, answers in `<request>.result`, empties the staging dir and removes the
+//! request (the acknowledgement). On a stop signal it forwards the configured signal to the
+//! child's process group, waits the grace period, then TERM, then KILL; commits what the child
+//! staged; decides (see [`super::policy`]) whether to requeue; and journals every step.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::child::ChildGroup;
+use super::policy::{self, Decision, Ending, History};
+use super::signals::{self, Sig};
+use crate::config::{JobConfig, OnSaveError};
+use crate::exit_code;
+use crate::slurm::{self, JobEnv, Requeued};
+use crate::storage::fsutil::replace_file_durable;
+use crate::storage::journal;
+use crate::storage::run_dir::holder;
+use crate::storage::{CommitMeta, Snapshot, Store};
+
+pub const STAGING_DIR: &str = "staging";
+pub const REQUEST_FILE: &str = "staging.request";
+pub const CONFIG_FILE: &str = "config.yaml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Seconds between TERM and KILL when the grace period is over.
+const KILL_AFTER: Duration = Duration::from_secs(10);
+/// Bare TERM (preemption, time limit, scancel) leaves only Slurm's KillWait: cap the grace.
+const TERM_GRACE_CAP: Duration = Duration::from_secs(20);
+const TICK: Duration = Duration::from_millis(50);
+
+/// What the child writes to ask for a commit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    step: u64,
+    #[serde(default)]
+    epoch: Option<u64>,
+    #[serde(default)]
+    metrics: BTreeMap<String, f64>,
+    /// The child says this is its final checkpoint: training is complete.
+    #[serde(default)]
+    done: bool,
+}
+
+pub struct WrapArgs {
+    pub config: JobConfig,
+    pub run_dir: PathBuf,
+    pub command: Vec<String>,
+}
+
+struct Stop {
+    signal: Sig,
+    warned: bool,
+    at: Instant,
+    term_sent: bool,
+    kill_sent: bool,
+    grace: Duration,
+}
+
+/// Run the wrapper; returns the process exit code (see [`crate::exit_code`]).
+pub fn run(args: WrapArgs) -> Result<i32> {
+    let cfg = &args.config;
+    if args.command.is_empty() {
+        bail!("no command to run: give one after `--`, or `command:` in the config");
+    }
+    if args.command == ["train"] {
+        bail!(
+            "`wrap -- train` runs the built-in trainer, which is not part of this build yet; \
+             wrap a program instead (e.g. `-- python train.py`)"
+        );
+    }
+    // Install handlers first: a warning that arrives during start-up must not kill us.
+    let signals = signals::install().context("install signal handlers")?;
+    let warn_sig = Sig::from_name(&cfg.signals.warn).expect("validated");
+    let child_sig = Sig::from_name(&cfg.signals.child).expect("validated");
+    let job = JobEnv::from_env();
+    let run_dir = std::path::absolute(&args.run_dir)
+        .with_context(|| format!("run dir {}", args.run_dir.display()))?;
+    let mut store = Store::open(
+        &run_dir,
+        &holder(job.as_ref().map(|j| j.job_id.clone())),
+        cfg.checkpoint.retention(),
+    )
+    .with_context(|| format!("cannot open run dir {}", run_dir.display()))?;
+    freeze_config(&mut store, &run_dir, cfg)?;
+
+    let (events, _) = journal::read_all(&run_dir);
+    let history = history_of(&events);
+    let restart_count = job
+        .as_ref()
+        .map(|j| j.restart_count)
+        .unwrap_or(0)
+        .max(history.previous_allocations);
+    let host = crate::storage::run_dir::hostname();
+    store.journal().record(
+        "allocation_start",
+        json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count, "host": host,
+               "pid": std::process::id(), "command": args.command}),
+    )?;
+    tracing::info!(run_dir = %run_dir.display(), job = ?job.as_ref().map(|j| &j.job_id), restart_count, "allocation started");
+
+    let resume = store.resume_point()?;
+    let staging = run_dir.join(STAGING_DIR);
+    let request = run_dir.join(REQUEST_FILE);
+    reset_staging(&staging, &request)?;
+
+    let mut cmd = Command::new(&args.command[0]);
+    cmd.args(&args.command[1..])
+        .env("HPC_CKPT_RUN_DIR", &run_dir)
+        .env("HPC_CKPT_STAGING", &staging)
+        .env("HPC_CKPT_COMMIT_REQUEST", &request)
+        .env("HPC_CKPT_SIGNAL", child_sig.name())
+        .env_remove("HPC_CKPT_RESUME_FROM");
+    if let Some((l, _)) = &resume {
+        cmd.env("HPC_CKPT_RESUME_FROM", &l.path);
+        tracing::info!(checkpoint = %l.name, "resuming");
+    } else {
+        tracing::info!("fresh start: no checkpoint to resume from");
+    }
+    let resume_step = resume.as_ref().map(|(l, _)| l.step);
+    let mut child =
+        ChildGroup::spawn(cmd).with_context(|| format!("cannot start {:?}", args.command))?;
+    store.journal().record(
+        "child_started",
+        json!({"pid": child.pid(), "resume_from": resume.as_ref().map(|(l, _)| &l.name), "resume_step": resume_step}),
+    )?;
+
+    let mut stop: Option<Stop> = None;
+    let mut new_checkpoints = 0u32;
+    let mut done_flag = false;
+    let mut save_failed_stop = false;
+    let exit = loop {
+        if let Ok(sig) = signals.recv_timeout(TICK) {
+            match &mut stop {
+                None => {
+                    let warned = sig == warn_sig;
+                    let (fwd, grace) = if warned {
+                        (child_sig, Duration::from_secs(cfg.signals.grace_seconds))
+                    } else {
+                        (
+                            Sig::Term,
+                            Duration::from_secs(cfg.signals.grace_seconds).min(TERM_GRACE_CAP),
+                        )
+                    };
+                    tracing::warn!(
+                        signal = sig.name(),
+                        forwarded = fwd.name(),
+                        grace_s = grace.as_secs(),
+                        "stop signal: asking the program to checkpoint and exit"
+                    );
+                    store.journal().record(
+                        "signal_received",
+                        json!({"signal": sig.name(), "warning": warned, "forwarded": fwd.name(), "grace_seconds": grace.as_secs()}),
+                    )?;
+                    child.signal(fwd.to_nix());
+                    stop = Some(Stop {
+                        signal: sig,
+                        warned,
+                        at: Instant::now(),
+                        term_sent: fwd == Sig::Term,
+                        kill_sent: false,
+                        grace,
+                    });
+                }
+                Some(s) => {
+                    // A second signal means hurry, never corrupt: pass TERM on; commits stay atomic.
+                    tracing::warn!(
+                        signal = sig.name(),
+                        "another stop signal: hurrying the program"
+                    );
+                    store.journal().record(
+                        "signal_received",
+                        json!({"signal": sig.name(), "repeat": true}),
+                    )?;
+                    if sig == Sig::Term {
+                        s.warned = false;
+                        s.signal = Sig::Term;
+                        child.signal(Signal::SIGTERM);
+                        s.term_sent = true;
+                        s.grace = s.grace.min(s.at.elapsed() + TERM_GRACE_CAP);
+                    }
+                }
+            }
+        }
+        if request.exists() {
+            match commit_request(&mut store, &staging, &request, job.as_ref(), &run_dir) {
+                Ok(done) => {
+                    new_checkpoints += 1;
+                    done_flag |= done;
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "commit of the staged checkpoint failed");
+                    if cfg.checkpoint.on_save_error == OnSaveError::Stop && stop.is_none() {
+                        save_failed_stop = true;
+                        child.signal(child_sig.to_nix());
+                        stop = Some(Stop {
+                            signal: child_sig,
+                            warned: false,
+                            at: Instant::now(),
+                            term_sent: false,
+                            kill_sent: false,
+                            grace: Duration::from_secs(cfg.signals.grace_seconds),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(e) = child.poll()? {
+            break e;
+        }
+        if let Some(s) = &mut stop {
+            let waited = s.at.elapsed();
+            if !s.term_sent && waited >= s.grace {
+                tracing::warn!("grace period over: sending TERM to the program");
+                store
+                    .journal()
+                    .record("child_escalated", json!({"signal": "TERM"}))?;
+                child.signal(Signal::SIGTERM);
+                s.term_sent = true;
+            }
+            if !s.kill_sent && waited >= s.grace + KILL_AFTER {
+                tracing::error!("the program ignored TERM: sending KILL (its staged files, if complete, are still committed)");
+                store
+                    .journal()
+                    .record("child_escalated", json!({"signal": "KILL"}))?;
+                child.signal(Signal::SIGKILL);
+                s.kill_sent = true;
+            }
+        }
+    };
+    let ran = child.started.elapsed().as_secs_f64();
+    store.journal().record(
+        "child_exited",
+        json!({"how": exit.describe(), "seconds": ran}),
+    )?;
+    tracing::info!(how = %exit.describe(), seconds = format!("{ran:.1}"), "program exited");
+    // The final checkpoint, staged as the child stopped.
+    if request.exists() {
+        match commit_request(&mut store, &staging, &request, job.as_ref(), &run_dir) {
+            Ok(done) => {
+                new_checkpoints += 1;
+                done_flag |= done;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "final commit failed; the previous checkpoint is the resume point")
+            }
+        }
+    }
+    if let Some(s) = &stop {
+        let secs = s.at.elapsed().as_secs_f64();
+        store.journal().record("stop_completed", json!({"signal": s.signal.name(), "seconds_since_signal": secs, "new_checkpoints": new_checkpoints}))?;
+    }
+    let _ = fs::remove_dir_all(&staging);
+
+    let ending = if done_flag || (stop.is_none() && exit.success()) {
+        Ending::Completed
+    } else if let Some(s) = &stop {
+        Ending::Stopped {
+            signal: s.signal.name().to_string(),
+            warned: s.warned,
+        }
+    } else {
+        Ending::Failed {
+            how: exit.describe(),
+        }
+    };
+    let slurm_state = match (&ending, &job) {
+        (Ending::Stopped { warned: false, .. }, Some(j)) => {
+            slurm::show_job(&j.job_id).map(|s| s.state)
+        }
+        _ => None,
+    };
+    let mut decision = policy::decide(
+        &ending,
+        new_checkpoints,
+        &history,
+        restart_count,
+        slurm_state.as_deref(),
+        &cfg.requeue,
+    );
+    if save_failed_stop && !matches!(decision, Decision::Done) {
+        decision = Decision::Stop {
+            reason: "a checkpoint save failed and on_save_error is stop".into(),
+            crash_loop: false,
+        };
+    }
+    let (code, action) = act(&decision, job.as_ref());
+    let reason = match &decision {
+        Decision::Done => "training complete".to_string(),
+        Decision::Requeue { reason }
+        | Decision::SlurmRequeues { reason }
+        | Decision::Stop { reason, .. } => reason.clone(),
+    };
+    match code {
+        exit_code::SUCCESS | exit_code::REQUEUED => {
+            tracing::info!(%reason, %action, "allocation ends")
+        }
+        _ => tracing::warn!(%reason, %action, "allocation ends"),
+    }
+    if decision == Decision::Done {
+        store
+            .journal()
+            .record("run_done", json!({"new_checkpoints": new_checkpoints}))?;
+    }
+    store.journal().record(
+        "allocation_end",
+        json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count,
+               "ending": ending_name(&ending), "child": exit.describe(), "new_checkpoints": new_checkpoints,
+               "decision": decision_name(&decision), "reason": reason, "action": action, "exit_code": code}),
+    )?;
+    Ok(code)
+}
+
+fn ending_name(e: &Ending) -> &'static str {
+    match e {
+        Ending::Completed => "completed",
+        Ending::Stopped { warned: true, .. } => "warning_signal",
+        Ending::Stopped { .. } => "terminated",
+        Ending::Failed { .. } => "failed",
+    }
+}
+
+fn decision_name(d: &Decision) -> &'static str {
+    match d {
+        Decision::Done => "done",
+        Decision::Requeue { .. } => "requeue",
+        Decision::SlurmRequeues { .. } => "slurm_requeues",
+        Decision::Stop { .. } => "stop",
+    }
+}
+
+/// Carry out a decision; returns (exit code, what was done).
+fn act(decision: &Decision, job: Option<&JobEnv>) -> (i32, String) {
+    match decision {
+        Decision::Done => (exit_code::SUCCESS, "none".into()),
+        Decision::SlurmRequeues { .. } => (exit_code::REQUEUED, "left to Slurm".into()),
+        Decision::Stop {
+            crash_loop: true, ..
+        } => (exit_code::CRASH_LOOP, "not requeued".into()),
+        Decision::Stop { .. } => (exit_code::STOPPED, "not requeued".into()),
+        Decision::Requeue { .. } => match job {
+            None => (
+                exit_code::REQUEUE_NEEDED,
+                "not in a Slurm job: run the same command again to resume".into(),
+            ),
+            Some(j) => match slurm::requeue(&j.job_id) {
+                Ok(Requeued::Scontrol) => (
+                    exit_code::REQUEUED,
+                    format!("scontrol requeue {}", j.job_id),
+                ),
+                Ok(Requeued::Resubmitted { new_job_id }) => (
+                    exit_code::REQUEUED,
+                    format!("resubmitted as job {new_job_id} (afterany:{})", j.job_id),
+                ),
+                Err(e) => (exit_code::REQUEUE_NEEDED, format!("requeue failed: {e}")),
+            },
+        },
+    }
+}
+
+/// Allocations so far, and how many of the latest ended, in a row, without a new checkpoint.
+fn history_of(events: &[serde_json::Value]) -> History {
+    let previous_allocations = events
+        .iter()
+        .filter(|e| e["event"] == "allocation_start")
+        .count() as u32;
+    let ends: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "allocation_end")
+        .map(|e| e["new_checkpoints"].as_u64().unwrap_or(0))
+        .collect();
+    // An allocation that never wrote its end (killed) counts as no progress only if it also
+    // committed nothing; count its commits from the journal.
+    let mut streak = 0;
+    let mut commits_since_start = 0u64;
+    let mut open = false;
+    let mut per_alloc = Vec::new();
+    for e in events {
+        match e["event"].as_str() {
+            Some("allocation_start") => {
+                if open {
+                    per_alloc.push(commits_since_start);
+                }
+                open = true;
+                commits_since_start = 0;
+            }
+            Some("checkpoint_committed") => commits_since_start += 1,
+            Some("allocation_end") => {
+                if open {
+                    per_alloc.push(commits_since_start);
+                }
+                open = false;
+            }
+            _ => {}
+        }
+    }
+    if open {
+        per_alloc.push(commits_since_start);
+    }
+    let _ = ends;
+    for n in per_alloc.iter().rev() {
+        if *n == 0 {
+            streak += 1;
+        } else {
+            break;
+        }
+    }
+    History {
+        previous_allocations,
+        no_progress_streak: streak,
+    }
+}
+
+fn reset_staging(staging: &Path, request: &Path) -> Result<()> {
+    if staging.exists() {
+        fs::remove_dir_all(staging).with_context(|| format!("clear {}", staging.display()))?;
+    }
+    fs::create_dir_all(staging).with_context(|| format!("create {}", staging.display()))?;
+    for p in [
+        request.to_path_buf(),
+        result_path(request),
+        request.with_extension("request.tmp"),
+    ] {
+        let _ = fs::remove_file(p);
+    }
+    Ok(())
+}
+
+fn result_path(request: &Path) -> PathBuf {
+    let mut s = request.as_os_str().to_owned();
+    s.push(".result");
+    PathBuf::from(s)
+}
+
+/// Commit what the child staged. Always answers the child (result file, emptied staging dir,
+/// request removed), success or not. Returns whether the child said training is done.
+fn commit_request(
+    store: &mut Store,
+    staging: &Path,
+    request: &Path,
+    job: Option<&JobEnv>,
+    run_dir: &Path,
+) -> Result<bool> {
+    let outcome = (|| -> Result<(String, bool)> {
+        let bytes = crate::storage::fsutil::read_bounded(request, 1 << 20)
+            .map_err(|r| anyhow::anyhow!("{}: {r}", request.display()))?;
+        let req: Request = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a valid commit request (expected {{\"step\": N, \"epoch\"?: E, \"metrics\"?: {{..}}, \"done\"?: bool}})", request.display()))?;
+        let snapshot = Snapshot::from_dir(staging)?;
+        let meta = CommitMeta {
+            step: req.step,
+            epoch: req.epoch,
+            metrics: req.metrics.clone(),
+            job: job.map(|j| j.job_info()),
+            ..Default::default()
+        };
+        let report = store.commit(&snapshot, &meta)?;
+        let line = json!({"ts": journal::now_rfc3339(), "step": req.step, "epoch": req.epoch, "metrics": req.metrics});
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join(METRICS_FILE))?;
+        writeln!(f, "{line}")?;
+        Ok((report.name, req.done))
+    })();
+    let result = match &outcome {
+        Ok((name, _)) => json!({"ok": true, "checkpoint": name}),
+        Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+    };
+    replace_file_durable(&result_path(request), result.to_string().as_bytes())?;
+    for e in fs::read_dir(staging).into_iter().flatten().flatten() {
+        let p = e.path();
+        let _ = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+    }
+    fs::remove_file(request).with_context(|| format!("remove {}", request.display()))?;
+    outcome.map(|(_, done)| done)
+}
+
+/// Keep a frozen copy of the job config in the run dir; a later allocation with a different
+/// config is journaled and logged (the trainer refuses unsafe changes).
+fn freeze_config(store: &mut Store, run_dir: &Path, cfg: &JobConfig) -> Result<()> {
+    let path = run_dir.join(CONFIG_FILE);
+    let text = serde_yaml::to_string(cfg)?;
+    if !path.exists() {
+        replace_file_durable(&path, text.as_bytes())?;
+        return Ok(());
+    }
+    let frozen = fs::read_to_string(&path).unwrap_or_default();
+    if frozen != text {
+        tracing::warn!(file = %path.display(), "the job config differs from the run's frozen copy; continuing with the new one");
+        store
+            .journal()
+            .record("config_changed", json!({"frozen": CONFIG_FILE}))?;
+    }
+    Ok(())
+}
