@@ -75,7 +75,19 @@ pub fn decide(
                 }
             }
             Some("TIMEOUT") | Some("DEADLINE") => {}
-            Some(other) if other != "RUNNING" && other != "COMPLETING" => {
+            // What Slurm shows while it kills a job, whether its user ran `scancel` or it was
+            // preempted without a warning signal (measured: both read COMPLETING): never requeue
+            // ourselves — a preempted job is requeued by Slurm, a cancelled one must stay dead.
+            Some(s @ ("RUNNING" | "COMPLETING")) => {
+                return Decision::Stop {
+                    reason: format!(
+                        "{signal} with no warning (Slurm state {s}): cancelled by its user, or \
+                         preempted (then Slurm requeues it itself); not requeueing"
+                    ),
+                    crash_loop: false,
+                }
+            }
+            Some(other) => {
                 return Decision::Stop {
                     reason: format!(
                         "{signal} with no warning, Slurm state {other}: not requeueing"
@@ -83,7 +95,6 @@ pub fn decide(
                     crash_loop: false,
                 }
             }
-            Some(_) => {}
             None => {
                 return Decision::Stop {
                     reason: format!(

@@ -110,3 +110,32 @@ pub fn copy_tree(from: &Path, to: &Path) {
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Start the project's local Slurm cluster (idempotent; left running for other tests, CI stops
+/// it) and return its SLURM_CONF.
+pub fn cluster() -> String {
+    let o = Command::new(repo().join("sbatch/local-cluster.sh"))
+        .arg("start")
+        .output()
+        .expect("run sbatch/local-cluster.sh start");
+    assert!(
+        o.status.success(),
+        "local-cluster.sh start failed:\n{}",
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("export SLURM_CONF="))
+        .expect("local-cluster.sh start prints the SLURM_CONF export line")
+        .trim_matches(['\'', '"'])
+        .to_string()
+}
+
+/// Run a Slurm client command against the local cluster.
+pub fn slurm(conf: &str, program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .env("SLURM_CONF", conf)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}

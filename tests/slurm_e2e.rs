@@ -1,0 +1,326 @@
+//! End to end on a real local Slurm cluster (slurmctld + slurmd + munge, started by
+//! `sbatch/local-cluster.sh`): `hpc-ckpt sbatch` → `sbatch`, with a real PyTorch child under
+//! `wrap`. The tests share one node and run one at a time.
+//!
+//! - three interruptions by three mechanisms (`scancel --signal=USR1 --batch`, preemption by a
+//!   job in the `high` partition, `scontrol requeue`) at seeded moments: the chain completes on
+//!   its own and the final weights are byte-identical to a straight run;
+//! - a program that always crashes: the chain stops after `max_no_progress`, saying why;
+//! - `scancel` by the user: checkpoint, no requeue.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+static NODE: Mutex<()> = Mutex::new(());
+
+fn python() -> PathBuf {
+    let p = repo().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} missing: run tests/setup.sh --torch",
+        p.display()
+    );
+    p
+}
+
+fn job_state(conf: &str, job: &str) -> String {
+    let o = slurm(conf, "scontrol", &["show", "job", "-o", job]);
+    hpc_ckpt::slurm::parse_show_job(&String::from_utf8_lossy(&o.stdout))
+        .map(|s| s.state)
+        .unwrap_or_else(|| "GONE".into())
+}
+
+fn events(run: &Path) -> Vec<serde_json::Value> {
+    hpc_ckpt::storage::journal::read_all(run).0
+}
+
+fn count(run: &Path, event: &str) -> usize {
+    events(run).iter().filter(|e| e["event"] == event).count()
+}
+
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Write a config and its sbatch script (through the real `hpc-ckpt sbatch`); submit it.
+fn submit(
+    conf: &str,
+    dir: &Path,
+    name: &str,
+    command: &[String],
+    extra_yaml: &str,
+) -> (String, PathBuf) {
+    let run = dir.join("run");
+    let cfg = dir.join("job.yaml");
+    let cmd_yaml: Vec<String> = command.iter().map(|c| format!("{c:?}")).collect();
+    std::fs::write(
+        &cfg,
+        format!(
+            "name: {name}\nrun_dir: {}\ncommand: [{}]\nslurm:\n  partition: low\n  signal_lead: 30\n  \
+             extra: ['--exclusive']\n{extra_yaml}",
+            run.display(),
+            cmd_yaml.join(", ")
+        ),
+    )
+    .unwrap();
+    let script = dir.join("job.sbatch");
+    let o = common::run(&[
+        "sbatch",
+        "--config",
+        cfg.to_str().unwrap(),
+        "-o",
+        script.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = slurm(conf, "sbatch", &["--parsable", script.to_str().unwrap()]);
+    assert!(o.status.success(), "sbatch: {}", text(&o));
+    let job = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    (job, run)
+}
+
+fn train_args(steps: u32) -> Vec<String> {
+    vec![
+        python().display().to_string(),
+        repo()
+            .join("examples/python/train.py")
+            .display()
+            .to_string(),
+        "--steps".into(),
+        steps.to_string(),
+        "--checkpoint-every".into(),
+        "20".into(),
+        "--step-delay".into(),
+        "0.1".into(),
+    ]
+}
+
+fn dump(run: &Path) -> String {
+    let o = common::run(&["status", run.to_str().unwrap()]);
+    let mut s = text(&o);
+    for e in std::fs::read_dir(run).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("slurm-") {
+            s += &format!(
+                "\n--- {}\n{}",
+                e.path().display(),
+                std::fs::read_to_string(e.path()).unwrap_or_default()
+            );
+        }
+    }
+    s
+}
+
+#[test]
+fn three_interruptions_by_three_mechanisms_end_byte_identical() {
+    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
+    let conf = cluster();
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = 200;
+
+    // The straight run, outside Slurm.
+    let straight = tmp.path().join("straight");
+    let mut args = vec!["wrap", "--run-dir", straight.to_str().unwrap(), "--"];
+    let ta = train_args(steps);
+    let ta_fast: Vec<&str> = ta
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "0.1" && *a != "--step-delay")
+        .collect();
+    args.extend(ta_fast);
+    let o = common::cmd(&args)
+        .env_remove("SLURM_JOB_ID")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    let dir = tmp.path().join("chain");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (job, run) = submit(
+        &conf,
+        &dir,
+        "e2e-three",
+        &ta,
+        "signals:\n  grace_seconds: 20\n",
+    );
+    let mut rng = Rng(std::env::var("HPC_CKPT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4));
+    let limit = Duration::from_secs(240);
+    let mut jitter = || Duration::from_millis(rng.below(1500));
+
+    // 1. scancel --signal=USR1 --batch, after the first commit.
+    wait_for("commit 1", limit, || {
+        count(&run, "checkpoint_committed") >= 1
+    });
+    std::thread::sleep(jitter());
+    let o = slurm(&conf, "scancel", &["--signal=USR1", "--batch", &job]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_for("allocation 2", limit, || count(&run, "child_started") >= 2);
+
+    // 2. Preemption by a high-partition job, after a commit of allocation 2.
+    let c = count(&run, "checkpoint_committed");
+    wait_for("a commit in allocation 2", limit, || {
+        count(&run, "checkpoint_committed") > c
+    });
+    std::thread::sleep(jitter());
+    let o = slurm(
+        &conf,
+        "sbatch",
+        &[
+            "--parsable",
+            "-p",
+            "high",
+            "--exclusive",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 2",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    wait_for("allocation 3", limit, || count(&run, "child_started") >= 3);
+
+    // 3. scontrol requeue from outside (TERM with no warning; Slurm requeues it itself).
+    let c = count(&run, "checkpoint_committed");
+    wait_for("a commit in allocation 3", limit, || {
+        count(&run, "checkpoint_committed") > c
+    });
+    std::thread::sleep(jitter());
+    let o = slurm(&conf, "scontrol", &["requeue", &job]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_for("allocation 4", limit, || count(&run, "child_started") >= 4);
+
+    // The chain completes on its own.
+    wait_for("the run to finish", limit, || count(&run, "run_done") >= 1);
+    wait_for("the job to complete", Duration::from_secs(30), || {
+        matches!(job_state(&conf, &job).as_str(), "COMPLETED" | "GONE")
+    });
+    let final_of = |r: &Path, f: &str| {
+        std::fs::read(r.join("checkpoints").join(ckpt(steps as u64)).join(f)).unwrap()
+    };
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            final_of(&straight, f) == final_of(&run, f),
+            "{f} differs from the straight run\n{}",
+            dump(&run)
+        );
+    }
+    let ev = events(&run);
+    let endings: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["event"] == "allocation_end")
+        .map(|e| e["ending"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        endings[..3],
+        ["warning_signal", "warning_signal", "terminated"],
+        "{}",
+        dump(&run)
+    );
+    assert_eq!(*endings.last().unwrap(), "completed");
+    let st = common::run(&["status", "--json", run.to_str().unwrap()]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["run"]["state"], "done", "{}", dump(&run));
+    let allocs = st["run"]["allocations"].as_array().unwrap();
+    assert!(allocs.len() >= 4, "{}", dump(&run));
+    assert!(
+        allocs.iter().all(|a| a["job_id"] == job.as_str()),
+        "one job id across requeues"
+    );
+    eprintln!("{}", dump(&run));
+}
+
+#[test]
+fn a_program_that_always_crashes_stops_after_max_no_progress() {
+    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
+    let conf = cluster();
+    let tmp = tempfile::tempdir().unwrap();
+    let cmd = vec![
+        "sh".to_string(),
+        "-c".into(),
+        "echo crashing >&2; exit 3".into(),
+    ];
+    let (job, run) = submit(
+        &conf,
+        tmp.path(),
+        "e2e-crash",
+        &cmd,
+        "requeue:\n  max_no_progress: 2\n",
+    );
+    wait_for("the chain to stop", Duration::from_secs(90), || {
+        events(&run)
+            .iter()
+            .any(|e| e["event"] == "allocation_end" && e["decision"] == "stop")
+    });
+    wait_for("the job to end", Duration::from_secs(30), || {
+        !matches!(
+            job_state(&conf, &job).as_str(),
+            "RUNNING" | "PENDING" | "COMPLETING"
+        )
+    });
+    let ev = events(&run);
+    let ends: Vec<_> = ev
+        .iter()
+        .filter(|e| e["event"] == "allocation_end")
+        .collect();
+    assert_eq!(ends.len(), 2, "{}", dump(&run));
+    assert_eq!(ends[0]["decision"], "requeue");
+    assert_eq!(ends[1]["exit_code"], 13);
+    assert!(ends[1]["reason"].as_str().unwrap().contains("crash loop"));
+    let st = common::run(&["status", run.to_str().unwrap()]);
+    assert!(
+        text(&st).contains("STOPPED") && text(&st).contains("crash loop"),
+        "{}",
+        text(&st)
+    );
+}
+
+#[test]
+fn scancel_by_the_user_is_not_requeued() {
+    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
+    let conf = cluster();
+    let tmp = tempfile::tempdir().unwrap();
+    let (job, run) = submit(&conf, tmp.path(), "e2e-cancel", &train_args(400), "");
+    wait_for("commit 1", Duration::from_secs(120), || {
+        count(&run, "checkpoint_committed") >= 1
+    });
+    let o = slurm(&conf, "scancel", &[&job]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_for("the allocation to end", Duration::from_secs(30), || {
+        count(&run, "allocation_end") >= 1
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        count(&run, "allocation_start"),
+        1,
+        "a cancelled job came back:\n{}",
+        dump(&run)
+    );
+    let end = events(&run)
+        .into_iter()
+        .find(|e| e["event"] == "allocation_end")
+        .unwrap();
+    assert_eq!(end["decision"], "stop", "{}", dump(&run));
+    assert_eq!(end["ending"], "terminated");
+    assert!(matches!(
+        job_state(&conf, &job).as_str(),
+        "CANCELLED" | "GONE"
+    ));
+}
