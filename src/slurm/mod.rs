@@ -170,6 +170,25 @@ pub fn requeue(job_id: &str) -> Result<Requeued, String> {
     Ok(Requeued::Resubmitted { new_job_id: id })
 }
 
+/// Slurm's `KillWait` (seconds between TERM and KILL), from `scontrol show config`.
+pub fn kill_wait() -> Option<std::time::Duration> {
+    let out = std::process::Command::new("scontrol")
+        .args(["show", "config"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        if k.trim() != "KillWait" {
+            return None;
+        }
+        v.split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+            .map(std::time::Duration::from_secs)
+    })
+}
+
 fn which(prog: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)

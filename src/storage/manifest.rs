@@ -108,8 +108,16 @@ impl Manifest {
             if !seen.insert(f.name.as_str()) {
                 return Err(format!("file {:?} is listed twice", f.name));
             }
-            if f.checksum.len() != 32 || !f.checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!("file {:?}: checksum is not 32 hex digits", f.name));
+            if f.checksum.len() != 32
+                || !f
+                    .checksum
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(format!(
+                    "file {:?}: checksum is not 32 lowercase hex digits",
+                    f.name
+                ));
             }
         }
         Ok(m)
@@ -146,12 +154,15 @@ pub fn checkpoint_name(step: u64) -> String {
 }
 
 /// The step of a checkpoint directory name, if it is one.
+/// Only the canonical name of a step parses (`step-` and at least 12 digits, no extra leading
+/// zeros), so one step has exactly one directory name.
 pub fn parse_checkpoint_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("step-")?;
-    if digits.len() < 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok()
+    let step: u64 = digits.parse().ok()?;
+    (checkpoint_name(step) == name).then_some(step)
 }
 
 #[cfg(test)]
@@ -164,6 +175,11 @@ mod tests {
         assert_eq!(parse_checkpoint_name("step-000000001200"), Some(1200));
         assert_eq!(parse_checkpoint_name("step-12"), None);
         assert_eq!(parse_checkpoint_name("step-00000000120a"), None);
+        assert_eq!(parse_checkpoint_name("step-0000000001200"), None);
+        assert_eq!(
+            parse_checkpoint_name("step-1234567890123"),
+            Some(1234567890123)
+        );
         for bad in [
             "",
             "..",

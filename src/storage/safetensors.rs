@@ -233,6 +233,9 @@ pub fn parse_header(json: &[u8], file_size: u64) -> Result<Header, String> {
 
 fn parse_entry(name: &str, v: &Value) -> Result<TensorInfo, String> {
     let bad = |what: &str| format!("tensor {name:?}: {what}");
+    if name.is_empty() {
+        return Err(bad("empty tensor name"));
+    }
     let obj = v.as_object().ok_or_else(|| bad("entry is not an object"))?;
     let dtype_s = obj
         .get("dtype")

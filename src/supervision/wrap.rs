@@ -161,6 +161,7 @@ pub fn run(args: WrapArgs) -> Result<i32> {
                         grace_s = grace.as_secs(),
                         "stop signal: asking the program to checkpoint and exit"
                     );
+                    budget_check(&run_dir, cfg, warned, grace);
                     store.journal().record(
                         "signal_received",
                         json!({"signal": sig.name(), "warning": warned, "forwarded": fwd.name(), "grace_seconds": grace.as_secs()}),
@@ -510,4 +511,40 @@ fn freeze_config(store: &mut Store, run_dir: &Path, cfg: &JobConfig) -> Result<(
             .record("config_changed", json!({"frozen": CONFIG_FILE}))?;
     }
     Ok(())
+}
+
+/// Say, at the stop signal, how much time there is and whether the last save fits in it.
+/// Budget: the warning's lead (`slurm.signal_lead`) for the warning signal, Slurm's KillWait
+/// (`scontrol show config`, 30 s when unknown) for a bare TERM; both capped by the grace period.
+fn budget_check(run_dir: &Path, cfg: &JobConfig, warned: bool, grace: Duration) {
+    let (events, _) = journal::read_all(run_dir);
+    let last_save = events
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "checkpoint_committed")
+        .and_then(|e| e["seconds"].as_f64());
+    let budget = if warned {
+        Duration::from_secs(cfg.slurm.signal_lead as u64).min(grace)
+    } else {
+        slurm::kill_wait()
+            .unwrap_or(Duration::from_secs(30))
+            .min(grace)
+    };
+    match last_save {
+        Some(s) if s > budget.as_secs_f64() * 0.5 => tracing::warn!(
+            last_save_s = format!("{s:.2}"),
+            budget_s = budget.as_secs(),
+            "the last save took more than half the time left before the kill: this checkpoint may \
+             not make it (raise slurm.signal_lead / signals.grace_seconds, or checkpoint more often)"
+        ),
+        Some(s) => tracing::info!(
+            last_save_s = format!("{s:.2}"),
+            budget_s = budget.as_secs(),
+            "time budget for the final checkpoint"
+        ),
+        None => tracing::info!(
+            budget_s = budget.as_secs(),
+            "time budget for the final checkpoint (no save measured yet)"
+        ),
+    }
 }
