@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
@@ -15,18 +14,6 @@ use hpc_ckpt::storage::run_dir::holder;
 use hpc_ckpt::storage::safetensors::{byte_len, parse_bytes, Dtype};
 use hpc_ckpt::storage::{CommitMeta, FileSource, RetentionPolicy, Snapshot, Store, TensorData};
 use sha2::{Digest, Sha256};
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("HPC_CKPT_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "{} not found: run tests/setup-python.sh (the README's test command does)",
-        p.display()
-    );
-    p
-}
 
 #[test]
 fn our_safetensors_load_in_python_byte_for_byte() {

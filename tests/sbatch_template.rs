@@ -5,49 +5,16 @@
 //! Starts the local cluster (`sbatch/local-cluster.sh start`, idempotent) and leaves it running:
 //! other tests share it, and tests/ci.sh stops it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::{cluster, slurm, text};
 use hpc_ckpt::config::JobConfig;
 use hpc_ckpt::slurm::template::render;
 
 const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
-
-/// Start the local cluster; returns SLURM_CONF.
-fn cluster() -> String {
-    let o = Command::new(Path::new(MANIFEST).join("sbatch/local-cluster.sh"))
-        .arg("start")
-        .output()
-        .expect("run sbatch/local-cluster.sh start");
-    assert!(
-        o.status.success(),
-        "local-cluster.sh start failed:\n{}",
-        text(&o)
-    );
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("export SLURM_CONF="))
-        .expect("local-cluster.sh start prints the SLURM_CONF export line")
-        .trim()
-        .to_string()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn slurm(conf: &str, program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .env("SLURM_CONF", conf)
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"))
-}
 
 /// Render `yaml` into DIR/NAME.sbatch (work dir: the crate) and return the script's path.
 fn write_script(dir: &Path, yaml: &str) -> PathBuf {

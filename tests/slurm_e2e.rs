@@ -18,16 +18,6 @@ use common::*;
 
 static NODE: Mutex<()> = Mutex::new(());
 
-fn python() -> PathBuf {
-    let p = repo().join(".venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} missing: run tests/setup.sh --torch",
-        p.display()
-    );
-    p
-}
-
 fn job_state(conf: &str, job: &str) -> String {
     let o = slurm(conf, "scontrol", &["show", "job", "-o", job]);
     hpc_ckpt::slurm::parse_show_job(&String::from_utf8_lossy(&o.stdout))
@@ -54,14 +44,13 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Write a config and its sbatch script (through the real `hpc-ckpt sbatch`); submit it.
-fn submit(
-    conf: &str,
+/// Write a job config for `command` (slurm lead 30 s, exclusive node) plus `extra_yaml`.
+fn write_config(
     dir: &Path,
     name: &str,
     command: &[String],
     extra_yaml: &str,
-) -> (String, PathBuf) {
+) -> (PathBuf, PathBuf) {
     let run = dir.join("run");
     let cfg = dir.join("job.yaml");
     let cmd_yaml: Vec<String> = command.iter().map(|c| format!("{c:?}")).collect();
@@ -75,7 +64,12 @@ fn submit(
         ),
     )
     .unwrap();
-    let script = dir.join("job.sbatch");
+    (cfg, run)
+}
+
+/// Render the config's sbatch script through the real `hpc-ckpt sbatch` and submit it.
+fn submit_config(conf: &str, cfg: &Path) -> String {
+    let script = cfg.with_extension("sbatch");
     let o = common::run(&[
         "sbatch",
         "--config",
@@ -86,13 +80,23 @@ fn submit(
     assert!(o.status.success(), "{}", text(&o));
     let o = slurm(conf, "sbatch", &["--parsable", script.to_str().unwrap()]);
     assert!(o.status.success(), "sbatch: {}", text(&o));
-    let job = String::from_utf8_lossy(&o.stdout)
+    String::from_utf8_lossy(&o.stdout)
         .trim()
         .split(';')
         .next()
         .unwrap()
-        .to_string();
-    (job, run)
+        .to_string()
+}
+
+fn submit(
+    conf: &str,
+    dir: &Path,
+    name: &str,
+    command: &[String],
+    extra_yaml: &str,
+) -> (String, PathBuf) {
+    let (cfg, run) = write_config(dir, name, command, extra_yaml);
+    (submit_config(conf, &cfg), run)
 }
 
 fn train_args(steps: u32) -> Vec<String> {
@@ -323,4 +327,37 @@ fn scancel_by_the_user_is_not_requeued() {
         job_state(&conf, &job).as_str(),
         "CANCELLED" | "GONE"
     ));
+}
+
+/// `--time=2` with `--signal=B:USR1@60`: the warning comes 60–90 s before the limit (Slurm checks
+/// every 30 s); the program checkpoints, the job is requeued, and the chain finishes.
+#[test]
+fn time_limit_warning_checkpoints_and_resumes() {
+    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
+    let conf = cluster();
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, run) = write_config(tmp.path(), "e2e-timelimit", &train_args(800), "");
+    let text_cfg = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("signal_lead: 30", "signal_lead: 60\n  time: '2'");
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let job = submit_config(&conf, &cfg);
+    wait_for("the run to finish", Duration::from_secs(420), || {
+        count(&run, "run_done") >= 1
+    });
+    let ev = events(&run);
+    let first_end = ev.iter().find(|e| e["event"] == "allocation_end").unwrap();
+    assert_eq!(first_end["ending"], "warning_signal", "{}", dump(&run));
+    assert_eq!(first_end["decision"], "requeue");
+    let sig = ev.iter().find(|e| e["event"] == "signal_received").unwrap();
+    assert_eq!(sig["signal"], "USR1");
+    assert!(
+        ev.iter()
+            .filter(|e| e["event"] == "allocation_start")
+            .count()
+            >= 2
+    );
+    wait_for("the job to complete", Duration::from_secs(30), || {
+        matches!(job_state(&conf, &job).as_str(), "COMPLETED" | "GONE")
+    });
 }

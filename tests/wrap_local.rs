@@ -5,21 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("HPC_CKPT_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv/bin/python"));
-    assert!(p.exists(), "{} missing: run tests/setup.sh", p.display());
-    p
-}
 
 fn train_cmd(run: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(bin());

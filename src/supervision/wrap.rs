@@ -139,8 +139,7 @@ pub fn run(args: WrapArgs) -> Result<i32> {
     )?;
 
     let mut stop: Option<Stop> = None;
-    let mut new_checkpoints = 0u32;
-    let mut done_flag = false;
+    let mut progress = Progress::default();
     let mut save_failed_stop = false;
     let exit = loop {
         if let Ok(sig) = signals.recv_timeout(TICK) {
@@ -197,25 +196,26 @@ pub fn run(args: WrapArgs) -> Result<i32> {
             }
         }
         if request.exists() {
-            match commit_request(&mut store, &staging, &request, job.as_ref(), &run_dir) {
-                Ok(done) => {
-                    new_checkpoints += 1;
-                    done_flag |= done;
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "commit of the staged checkpoint failed");
-                    if cfg.checkpoint.on_save_error == OnSaveError::Stop && stop.is_none() {
-                        save_failed_stop = true;
-                        child.signal(child_sig.to_nix());
-                        stop = Some(Stop {
-                            signal: child_sig,
-                            warned: false,
-                            at: Instant::now(),
-                            term_sent: false,
-                            kill_sent: false,
-                            grace: Duration::from_secs(cfg.signals.grace_seconds),
-                        });
-                    }
+            if let Err(e) = commit_request(
+                &mut store,
+                &staging,
+                &request,
+                job.as_ref(),
+                &run_dir,
+                &mut progress,
+            ) {
+                tracing::error!(error = %format!("{e:#}"), "commit of the staged checkpoint failed");
+                if cfg.checkpoint.on_save_error == OnSaveError::Stop && stop.is_none() {
+                    save_failed_stop = true;
+                    child.signal(child_sig.to_nix());
+                    stop = Some(Stop {
+                        signal: child_sig,
+                        warned: false,
+                        at: Instant::now(),
+                        term_sent: false,
+                        kill_sent: false,
+                        grace: Duration::from_secs(cfg.signals.grace_seconds),
+                    });
                 }
             }
         }
@@ -250,23 +250,24 @@ pub fn run(args: WrapArgs) -> Result<i32> {
     tracing::info!(how = %exit.describe(), seconds = format!("{ran:.1}"), "program exited");
     // The final checkpoint, staged as the child stopped.
     if request.exists() {
-        match commit_request(&mut store, &staging, &request, job.as_ref(), &run_dir) {
-            Ok(done) => {
-                new_checkpoints += 1;
-                done_flag |= done;
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "final commit failed; the previous checkpoint is the resume point")
-            }
+        if let Err(e) = commit_request(
+            &mut store,
+            &staging,
+            &request,
+            job.as_ref(),
+            &run_dir,
+            &mut progress,
+        ) {
+            tracing::error!(error = %format!("{e:#}"), "final commit failed; the previous checkpoint is the resume point")
         }
     }
     if let Some(s) = &stop {
         let secs = s.at.elapsed().as_secs_f64();
-        store.journal().record("stop_completed", json!({"signal": s.signal.name(), "seconds_since_signal": secs, "new_checkpoints": new_checkpoints}))?;
+        store.journal().record("stop_completed", json!({"signal": s.signal.name(), "seconds_since_signal": secs, "new_checkpoints": progress.commits}))?;
     }
     let _ = fs::remove_dir_all(&staging);
 
-    let ending = if done_flag || (stop.is_none() && exit.success()) {
+    let ending = if progress.done || (stop.is_none() && exit.success()) {
         Ending::Completed
     } else if let Some(s) = &stop {
         Ending::Stopped {
@@ -286,7 +287,7 @@ pub fn run(args: WrapArgs) -> Result<i32> {
     };
     let mut decision = policy::decide(
         &ending,
-        new_checkpoints,
+        progress.commits,
         &history,
         restart_count,
         slurm_state.as_deref(),
@@ -314,12 +315,12 @@ pub fn run(args: WrapArgs) -> Result<i32> {
     if decision == Decision::Done {
         store
             .journal()
-            .record("run_done", json!({"new_checkpoints": new_checkpoints}))?;
+            .record("run_done", json!({"new_checkpoints": progress.commits}))?;
     }
     store.journal().record(
         "allocation_end",
         json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count,
-               "ending": ending_name(&ending), "child": exit.describe(), "new_checkpoints": new_checkpoints,
+               "ending": ending_name(&ending), "child": exit.describe(), "new_checkpoints": progress.commits,
                "decision": decision_name(&decision), "reason": reason, "action": action, "exit_code": code}),
     )?;
     Ok(code)
@@ -378,13 +379,8 @@ fn history_of(events: &[serde_json::Value]) -> History {
         .iter()
         .filter(|e| e["event"] == "allocation_start")
         .count() as u32;
-    let ends: Vec<u64> = events
-        .iter()
-        .filter(|e| e["event"] == "allocation_end")
-        .map(|e| e["new_checkpoints"].as_u64().unwrap_or(0))
-        .collect();
-    // An allocation that never wrote its end (killed) counts as no progress only if it also
-    // committed nothing; count its commits from the journal.
+    // Count each allocation's commits from the journal: one that never wrote its end (killed,
+    // node lost) still counts by what it committed.
     let mut streak = 0;
     let mut commits_since_start = 0u64;
     let mut open = false;
@@ -411,7 +407,6 @@ fn history_of(events: &[serde_json::Value]) -> History {
     if open {
         per_alloc.push(commits_since_start);
     }
-    let _ = ends;
     for n in per_alloc.iter().rev() {
         if *n == 0 {
             streak += 1;
@@ -446,15 +441,24 @@ fn result_path(request: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// What this allocation's commits achieved.
+#[derive(Default)]
+struct Progress {
+    commits: u32,
+    /// The child said its last commit was the final one.
+    done: bool,
+}
+
 /// Commit what the child staged. Always answers the child (result file, emptied staging dir,
-/// request removed), success or not. Returns whether the child said training is done.
+/// request removed), success or not; on success counts the commit in `progress`.
 fn commit_request(
     store: &mut Store,
     staging: &Path,
     request: &Path,
     job: Option<&JobEnv>,
     run_dir: &Path,
-) -> Result<bool> {
+    progress: &mut Progress,
+) -> Result<()> {
     let outcome = (|| -> Result<(String, bool)> {
         let bytes = crate::storage::fsutil::read_bounded(request, 1 << 20)
             .map_err(|r| anyhow::anyhow!("{}: {r}", request.display()))?;
@@ -491,7 +495,10 @@ fn commit_request(
         };
     }
     fs::remove_file(request).with_context(|| format!("remove {}", request.display()))?;
-    outcome.map(|(_, done)| done)
+    let (_, done) = outcome?;
+    progress.commits += 1;
+    progress.done |= done;
+    Ok(())
 }
 
 /// Keep a frozen copy of the job config in the run dir; a later allocation with a different

@@ -139,3 +139,16 @@ pub fn slurm(conf: &str, program: &str, args: &[&str]) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("run {program}: {e}"))
 }
+
+/// The project venv's Python (`HPC_CKPT_PYTHON` overrides); set up by `tests/setup.sh`.
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("HPC_CKPT_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run tests/setup.sh --torch (the README's test command does)",
+        p.display()
+    );
+    p
+}
