@@ -422,6 +422,7 @@ fn wrap(a: WrapCliArgs) -> Result<i32> {
         config,
         run_dir,
         command,
+        in_process: None,
     })
 }
 

@@ -59,6 +59,28 @@ pub struct WrapArgs {
     pub config: JobConfig,
     pub run_dir: PathBuf,
     pub command: Vec<String>,
+    /// The built-in trainer, run inside this process instead of a child (`wrap -- train`,
+    /// `hpc-ckpt train`); None in builds without it.
+    pub in_process: Option<Box<dyn InProcess>>,
+}
+
+/// A training loop that runs inside the supervisor's process (the built-in trainer). It commits
+/// through the store itself and polls `stop` at every step boundary: when it returns true, the
+/// loop checkpoints (unless the current step is committed) and returns `completed: false`.
+pub trait InProcess {
+    fn run(
+        &mut self,
+        store: &mut Store,
+        resume: Option<crate::storage::verify::Loaded>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<InProcessOutcome>;
+}
+
+/// What an in-process run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InProcessOutcome {
+    pub completed: bool,
+    pub commits: u32,
 }
 
 struct Stop {
@@ -70,22 +92,41 @@ struct Stop {
     grace: Duration,
 }
 
+/// How the work of this allocation went, whoever did it.
+struct Ran {
+    stop: Option<(Sig, bool)>,
+    progress: Progress,
+    /// How the program ended, in words; None when it ran to completion.
+    failure: Option<String>,
+    completed: bool,
+    save_failed_stop: bool,
+}
+
+/// What both ways of running share.
+struct Ctx<'a> {
+    cfg: &'a JobConfig,
+    run_dir: PathBuf,
+    job: Option<JobEnv>,
+    signals: crossbeam_channel::Receiver<Sig>,
+    warn_sig: Sig,
+    child_sig: Sig,
+}
+
 /// Run the wrapper; returns the process exit code (see [`crate::exit_code`]).
-pub fn run(args: WrapArgs) -> Result<i32> {
+pub fn run(mut args: WrapArgs) -> Result<i32> {
     let cfg = &args.config;
     if args.command.is_empty() {
         bail!("no command to run: give one after `--`, or `command:` in the config");
     }
-    if args.command == ["train"] {
+    let builtin = args.command == ["train"];
+    if builtin && args.in_process.is_none() {
         bail!(
-            "`wrap -- train` runs the built-in trainer, which is not part of this build yet; \
-             wrap a program instead (e.g. `-- python train.py`)"
+            "`wrap -- train` runs the built-in trainer, which this build does not have (built \
+             without the `torch` feature); wrap a program instead (e.g. `-- python train.py`)"
         );
     }
     // Install handlers first: a warning that arrives during start-up must not kill us.
     let signals = signals::install().context("install signal handlers")?;
-    let warn_sig = Sig::from_name(&cfg.signals.warn).expect("validated");
-    let child_sig = Sig::from_name(&cfg.signals.child).expect("validated");
     let job = JobEnv::from_env();
     let run_dir = std::path::absolute(&args.run_dir)
         .with_context(|| format!("run dir {}", args.run_dir.display()))?;
@@ -112,17 +153,185 @@ pub fn run(args: WrapArgs) -> Result<i32> {
     )?;
     tracing::info!(run_dir = %run_dir.display(), job = ?job.as_ref().map(|j| &j.job_id), restart_count, "allocation started");
 
+    let ctx = Ctx {
+        cfg,
+        run_dir: run_dir.clone(),
+        job: job.clone(),
+        signals,
+        warn_sig: Sig::from_name(&cfg.signals.warn).expect("validated"),
+        child_sig: Sig::from_name(&cfg.signals.child).expect("validated"),
+    };
+    let ran = match args.in_process.as_mut() {
+        Some(trainer) if builtin => run_in_process(&ctx, &mut store, trainer.as_mut()),
+        _ => run_child(&ctx, &mut store, &args.command),
+    };
+    let ran = match ran {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            store.journal().record(
+                "allocation_end",
+                json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count,
+                       "ending": "failed", "child": msg, "new_checkpoints": 0, "decision": "stop",
+                       "reason": msg, "action": "not requeued", "exit_code": exit_code::FAILURE}),
+            )?;
+            return Err(e);
+        }
+    };
+
+    let ending = if ran.completed {
+        Ending::Completed
+    } else if let Some((sig, warned)) = ran.stop {
+        Ending::Stopped {
+            signal: sig.name().to_string(),
+            warned,
+        }
+    } else {
+        Ending::Failed {
+            how: ran
+                .failure
+                .clone()
+                .unwrap_or_else(|| "stopped early".into()),
+        }
+    };
+    let slurm_state = match (&ending, &job) {
+        (Ending::Stopped { warned: false, .. }, Some(j)) => {
+            slurm::show_job(&j.job_id).map(|s| s.state)
+        }
+        _ => None,
+    };
+    let mut decision = policy::decide(
+        &ending,
+        ran.progress.commits,
+        &history,
+        restart_count,
+        slurm_state.as_deref(),
+        &cfg.requeue,
+    );
+    if ran.save_failed_stop && !matches!(decision, Decision::Done) {
+        decision = Decision::Stop {
+            reason: "a checkpoint save failed and on_save_error is stop".into(),
+            crash_loop: false,
+        };
+    }
+    let (code, action) = act(&decision, job.as_ref());
+    let reason = match &decision {
+        Decision::Done => "training complete".to_string(),
+        Decision::Requeue { reason }
+        | Decision::SlurmRequeues { reason }
+        | Decision::Stop { reason, .. } => reason.clone(),
+    };
+    match code {
+        exit_code::SUCCESS | exit_code::REQUEUED => {
+            tracing::info!(%reason, %action, "allocation ends")
+        }
+        _ => tracing::warn!(%reason, %action, "allocation ends"),
+    }
+    if decision == Decision::Done {
+        store
+            .journal()
+            .record("run_done", json!({"new_checkpoints": ran.progress.commits}))?;
+    }
+    store.journal().record(
+        "allocation_end",
+        json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count,
+               "ending": ending_name(&ending), "child": ran.failure.as_deref().unwrap_or("exit code 0"),
+               "new_checkpoints": ran.progress.commits, "decision": decision_name(&decision),
+               "reason": reason, "action": action, "exit_code": code}),
+    )?;
+    Ok(code)
+}
+
+/// Journal and log the first stop signal.
+fn note_stop(
+    ctx: &Ctx,
+    store: &mut Store,
+    sig: Sig,
+    warned: bool,
+    fwd: &str,
+    grace: Duration,
+) -> Result<()> {
+    tracing::warn!(
+        signal = sig.name(),
+        forwarded = fwd,
+        grace_s = grace.as_secs(),
+        "stop signal: checkpoint and exit"
+    );
+    budget_check(&ctx.run_dir, ctx.cfg, warned, grace);
+    store.journal().record(
+        "signal_received",
+        json!({"signal": sig.name(), "warning": warned, "forwarded": fwd, "grace_seconds": grace.as_secs()}),
+    )?;
+    Ok(())
+}
+
+/// The built-in trainer in this process: signals become its `stop` callback.
+fn run_in_process(ctx: &Ctx, store: &mut Store, trainer: &mut dyn InProcess) -> Result<Ran> {
+    let resume = store.load_latest()?;
+    store.journal().record(
+        "child_started",
+        json!({"pid": std::process::id(), "in_process": true,
+               "resume_step": resume.as_ref().map(|l| l.manifest.step)}),
+    )?;
+    let first: std::cell::Cell<Option<(Sig, Instant)>> = std::cell::Cell::new(None);
+    let stop = || {
+        if first.get().is_none() {
+            if let Ok(sig) = ctx.signals.try_recv() {
+                first.set(Some((sig, Instant::now())));
+            }
+        }
+        first.get().is_some()
+    };
+    let started = Instant::now();
+    let result = trainer.run(store, resume, &stop);
+    let stop = first.get();
+    if let Some((sig, at)) = stop {
+        let warned = sig == ctx.warn_sig;
+        note_stop(ctx, store, sig, warned, "in-process", Duration::ZERO)?;
+        store.journal().record(
+            "stop_completed",
+            json!({"signal": sig.name(), "seconds_since_signal": at.elapsed().as_secs_f64()}),
+        )?;
+    }
+    let (completed, commits, failure) = match &result {
+        Ok(o) => (o.completed, o.commits, None),
+        Err(e) => (false, 0, Some(format!("the trainer failed: {e:#}"))),
+    };
+    if let Some(f) = &failure {
+        tracing::error!(error = %f, "training failed");
+    }
+    store.journal().record(
+        "child_exited",
+        json!({"how": failure.as_deref().unwrap_or(if completed { "completed" } else { "stopped" }),
+               "seconds": started.elapsed().as_secs_f64()}),
+    )?;
+    Ok(Ran {
+        stop: stop.map(|(s, _)| (s, s == ctx.warn_sig)),
+        progress: Progress {
+            commits,
+            done: completed,
+        },
+        failure,
+        completed,
+        save_failed_stop: false,
+    })
+}
+
+/// A program as a child: the child protocol, the stop sequence, commits of what it stages.
+fn run_child(ctx: &Ctx, store: &mut Store, command: &[String]) -> Result<Ran> {
+    let cfg = ctx.cfg;
+    let (run_dir, job) = (&ctx.run_dir, ctx.job.as_ref());
     let resume = store.resume_point()?;
     let staging = run_dir.join(STAGING_DIR);
     let request = run_dir.join(REQUEST_FILE);
     reset_staging(&staging, &request)?;
 
-    let mut cmd = Command::new(&args.command[0]);
-    cmd.args(&args.command[1..])
-        .env("HPC_CKPT_RUN_DIR", &run_dir)
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .env("HPC_CKPT_RUN_DIR", run_dir)
         .env("HPC_CKPT_STAGING", &staging)
         .env("HPC_CKPT_COMMIT_REQUEST", &request)
-        .env("HPC_CKPT_SIGNAL", child_sig.name())
+        .env("HPC_CKPT_SIGNAL", ctx.child_sig.name())
         .env_remove("HPC_CKPT_RESUME_FROM");
     if let Some((l, _)) = &resume {
         cmd.env("HPC_CKPT_RESUME_FROM", &l.path);
@@ -131,8 +340,7 @@ pub fn run(args: WrapArgs) -> Result<i32> {
         tracing::info!("fresh start: no checkpoint to resume from");
     }
     let resume_step = resume.as_ref().map(|(l, _)| l.step);
-    let mut child =
-        ChildGroup::spawn(cmd).with_context(|| format!("cannot start {:?}", args.command))?;
+    let mut child = ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))?;
     store.journal().record(
         "child_started",
         json!({"pid": child.pid(), "resume_from": resume.as_ref().map(|(l, _)| &l.name), "resume_step": resume_step}),
@@ -142,29 +350,22 @@ pub fn run(args: WrapArgs) -> Result<i32> {
     let mut progress = Progress::default();
     let mut save_failed_stop = false;
     let exit = loop {
-        if let Ok(sig) = signals.recv_timeout(TICK) {
+        if let Ok(sig) = ctx.signals.recv_timeout(TICK) {
             match &mut stop {
                 None => {
-                    let warned = sig == warn_sig;
+                    let warned = sig == ctx.warn_sig;
                     let (fwd, grace) = if warned {
-                        (child_sig, Duration::from_secs(cfg.signals.grace_seconds))
+                        (
+                            ctx.child_sig,
+                            Duration::from_secs(cfg.signals.grace_seconds),
+                        )
                     } else {
                         (
                             Sig::Term,
                             Duration::from_secs(cfg.signals.grace_seconds).min(TERM_GRACE_CAP),
                         )
                     };
-                    tracing::warn!(
-                        signal = sig.name(),
-                        forwarded = fwd.name(),
-                        grace_s = grace.as_secs(),
-                        "stop signal: asking the program to checkpoint and exit"
-                    );
-                    budget_check(&run_dir, cfg, warned, grace);
-                    store.journal().record(
-                        "signal_received",
-                        json!({"signal": sig.name(), "warning": warned, "forwarded": fwd.name(), "grace_seconds": grace.as_secs()}),
-                    )?;
+                    note_stop(ctx, store, sig, warned, fwd.name(), grace)?;
                     child.signal(fwd.to_nix());
                     stop = Some(Stop {
                         signal: sig,
@@ -196,20 +397,13 @@ pub fn run(args: WrapArgs) -> Result<i32> {
             }
         }
         if request.exists() {
-            if let Err(e) = commit_request(
-                &mut store,
-                &staging,
-                &request,
-                job.as_ref(),
-                &run_dir,
-                &mut progress,
-            ) {
+            if let Err(e) = commit_request(store, &staging, &request, job, run_dir, &mut progress) {
                 tracing::error!(error = %format!("{e:#}"), "commit of the staged checkpoint failed");
                 if cfg.checkpoint.on_save_error == OnSaveError::Stop && stop.is_none() {
                     save_failed_stop = true;
-                    child.signal(child_sig.to_nix());
+                    child.signal(ctx.child_sig.to_nix());
                     stop = Some(Stop {
-                        signal: child_sig,
+                        signal: ctx.child_sig,
                         warned: false,
                         at: Instant::now(),
                         term_sent: false,
@@ -242,22 +436,15 @@ pub fn run(args: WrapArgs) -> Result<i32> {
             }
         }
     };
-    let ran = child.started.elapsed().as_secs_f64();
+    let secs = child.started.elapsed().as_secs_f64();
     store.journal().record(
         "child_exited",
-        json!({"how": exit.describe(), "seconds": ran}),
+        json!({"how": exit.describe(), "seconds": secs}),
     )?;
-    tracing::info!(how = %exit.describe(), seconds = format!("{ran:.1}"), "program exited");
+    tracing::info!(how = %exit.describe(), seconds = format!("{secs:.1}"), "program exited");
     // The final checkpoint, staged as the child stopped.
     if request.exists() {
-        if let Err(e) = commit_request(
-            &mut store,
-            &staging,
-            &request,
-            job.as_ref(),
-            &run_dir,
-            &mut progress,
-        ) {
+        if let Err(e) = commit_request(store, &staging, &request, job, run_dir, &mut progress) {
             tracing::error!(error = %format!("{e:#}"), "final commit failed; the previous checkpoint is the resume point")
         }
     }
@@ -266,64 +453,14 @@ pub fn run(args: WrapArgs) -> Result<i32> {
         store.journal().record("stop_completed", json!({"signal": s.signal.name(), "seconds_since_signal": secs, "new_checkpoints": progress.commits}))?;
     }
     let _ = fs::remove_dir_all(&staging);
-
-    let ending = if progress.done || (stop.is_none() && exit.success()) {
-        Ending::Completed
-    } else if let Some(s) = &stop {
-        Ending::Stopped {
-            signal: s.signal.name().to_string(),
-            warned: s.warned,
-        }
-    } else {
-        Ending::Failed {
-            how: exit.describe(),
-        }
-    };
-    let slurm_state = match (&ending, &job) {
-        (Ending::Stopped { warned: false, .. }, Some(j)) => {
-            slurm::show_job(&j.job_id).map(|s| s.state)
-        }
-        _ => None,
-    };
-    let mut decision = policy::decide(
-        &ending,
-        progress.commits,
-        &history,
-        restart_count,
-        slurm_state.as_deref(),
-        &cfg.requeue,
-    );
-    if save_failed_stop && !matches!(decision, Decision::Done) {
-        decision = Decision::Stop {
-            reason: "a checkpoint save failed and on_save_error is stop".into(),
-            crash_loop: false,
-        };
-    }
-    let (code, action) = act(&decision, job.as_ref());
-    let reason = match &decision {
-        Decision::Done => "training complete".to_string(),
-        Decision::Requeue { reason }
-        | Decision::SlurmRequeues { reason }
-        | Decision::Stop { reason, .. } => reason.clone(),
-    };
-    match code {
-        exit_code::SUCCESS | exit_code::REQUEUED => {
-            tracing::info!(%reason, %action, "allocation ends")
-        }
-        _ => tracing::warn!(%reason, %action, "allocation ends"),
-    }
-    if decision == Decision::Done {
-        store
-            .journal()
-            .record("run_done", json!({"new_checkpoints": progress.commits}))?;
-    }
-    store.journal().record(
-        "allocation_end",
-        json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count,
-               "ending": ending_name(&ending), "child": exit.describe(), "new_checkpoints": progress.commits,
-               "decision": decision_name(&decision), "reason": reason, "action": action, "exit_code": code}),
-    )?;
-    Ok(code)
+    let completed = progress.done || (stop.is_none() && exit.success());
+    Ok(Ran {
+        stop: stop.map(|s| (s.signal, s.warned)),
+        failure: (!exit.success()).then(|| exit.describe()),
+        completed,
+        progress,
+        save_failed_stop,
+    })
 }
 
 fn ending_name(e: &Ending) -> &'static str {
