@@ -16,3 +16,5 @@ pub mod slurm;
 pub mod status;
 pub mod storage;
 pub mod supervision;
+#[cfg(feature = "torch")]
+pub mod train;

@@ -19,24 +19,43 @@ struct Counter {
 }
 
 impl InProcess for Counter {
-    fn run(&mut self, store: &mut Store, resume: Option<Loaded>, stop: &dyn Fn() -> bool) -> Result<InProcessOutcome> {
+    fn run(
+        &mut self,
+        store: &mut Store,
+        resume: Option<Loaded>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<InProcessOutcome> {
         let mut step = match &resume {
-            Some(l) => String::from_utf8(l.files["state.json"].clone())?.trim().parse()?,
+            Some(l) => String::from_utf8(l.files["state.json"].clone())?
+                .trim()
+                .parse()?,
             None => 0u64,
         };
         self.resumed_from = resume.map(|l| l.manifest.step);
         let mut commits = 0;
         let mut commit = |store: &mut Store, step: u64| -> Result<()> {
             let mut snap = Snapshot::new();
-            snap.add("state.json", FileSource::Bytes(step.to_string().into_bytes().into()));
-            store.commit(&snap, &CommitMeta { step, ..Default::default() })?;
+            snap.add(
+                "state.json",
+                FileSource::Bytes(step.to_string().into_bytes().into()),
+            );
+            store.commit(
+                &snap,
+                &CommitMeta {
+                    step,
+                    ..Default::default()
+                },
+            )?;
             commits += 1;
             Ok(())
         };
         while step < self.total {
             if stop() {
                 commit(store, step)?;
-                return Ok(InProcessOutcome { completed: false, commits });
+                return Ok(InProcessOutcome {
+                    completed: false,
+                    commits,
+                });
             }
             step += 1;
             if Some(step) == self.signal_at {
@@ -48,7 +67,10 @@ impl InProcess for Counter {
                 commit(store, step)?;
             }
         }
-        Ok(InProcessOutcome { completed: true, commits })
+        Ok(InProcessOutcome {
+            completed: true,
+            commits,
+        })
     }
 }
 
@@ -66,18 +88,44 @@ fn wrap(run_dir: &Path, trainer: Counter) -> Result<i32> {
 fn warning_signal_checkpoints_in_process_and_the_next_run_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
-    let code = wrap(&run_dir, Counter { total: 20, signal_at: Some(7), resumed_from: None }).unwrap();
+    let code = wrap(
+        &run_dir,
+        Counter {
+            total: 20,
+            signal_at: Some(7),
+            resumed_from: None,
+        },
+    )
+    .unwrap();
     assert_eq!(code, 11, "work left, not in Slurm: requeue needed");
     let ptr = std::fs::read_to_string(run_dir.join("last_checkpoint")).unwrap();
-    assert_eq!(ptr.trim(), "step-000000000007", "stopped at the step boundary after the signal");
-    let code = wrap(&run_dir, Counter { total: 20, signal_at: None, resumed_from: None }).unwrap();
+    assert_eq!(
+        ptr.trim(),
+        "step-000000000007",
+        "stopped at the step boundary after the signal"
+    );
+    let code = wrap(
+        &run_dir,
+        Counter {
+            total: 20,
+            signal_at: None,
+            resumed_from: None,
+        },
+    )
+    .unwrap();
     assert_eq!(code, 0);
     let (events, _) = hpc_ckpt::storage::journal::read_all(&run_dir);
-    let ends: Vec<_> = events.iter().filter(|e| e["event"] == "allocation_end").collect();
+    let ends: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "allocation_end")
+        .collect();
     assert_eq!(ends[0]["ending"], "warning_signal");
     assert_eq!(ends[0]["decision"], "requeue");
     assert_eq!(ends[1]["ending"], "completed");
-    let starts: Vec<_> = events.iter().filter(|e| e["event"] == "child_started").collect();
+    let starts: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "child_started")
+        .collect();
     assert_eq!(starts[1]["resume_step"], 7);
     assert!(events.iter().any(|e| e["event"] == "run_done"));
 }
