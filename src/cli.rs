@@ -64,6 +64,14 @@ pub enum Command {
     /// the warning signal (USR1 by default) the program is asked to checkpoint; what it staged is
     /// committed; the job is requeued when work is left. See the README's "Child protocol".
     Wrap(WrapCliArgs),
+    /// Train with the built-in tch trainer, in this process, under the supervisor.
+    ///
+    /// The same as `wrap --config FILE -- train`: models mlp / cnn / gpt, optimizers and
+    /// schedulers with complete state, a checkpoint every `checkpoint.every_steps`, and on the
+    /// warning signal a checkpoint at the next step boundary, a requeue and an exit. Resuming is
+    /// exact: an interrupted run ends byte-identical to an uninterrupted one (CPU).
+    #[cfg(feature = "torch")]
+    Train(TrainArgs),
     /// Write the self-resubmitting sbatch script for a job config.
     ///
     /// Renders templates/auto_resume.sbatch from the config's `slurm:` section: the #SBATCH
@@ -72,6 +80,21 @@ pub enum Command {
     /// the run dir is created (Slurm does not create the output file's directory). Then run
     /// `sbatch FILE`.
     Sbatch(SbatchArgs),
+}
+
+#[cfg(feature = "torch")]
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The job config (model, data, optimizer, scheduler, checkpoint policy, …).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The run directory (overrides the config's `run_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// `auto`: the newest checkpoint of the run dir that verifies, else a fresh start; `never`:
+    /// a fresh start (refused when the run dir has checkpoints); or a checkpoint directory.
+    #[arg(long, default_value = "auto", value_name = "auto|never|PATH")]
+    pub resume: String,
 }
 
 #[derive(Debug, Args)]
@@ -230,6 +253,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::Verify(a) => verify(a),
         Command::Status(a) => status_cmd(a),
         Command::Wrap(a) => wrap(a),
+        #[cfg(feature = "torch")]
+        Command::Train(a) => train(a),
         Command::Sbatch(a) => sbatch(a),
     };
     match result {
@@ -418,11 +443,16 @@ fn wrap(a: WrapCliArgs) -> Result<i32> {
     } else {
         a.command.clone()
     };
+    let in_process = if command == ["train"] {
+        builtin_trainer(&config, a.config.as_deref(), "auto")?
+    } else {
+        None
+    };
     crate::supervision::wrap::run(crate::supervision::wrap::WrapArgs {
         config,
         run_dir,
         command,
-        in_process: None,
+        in_process,
     })
 }
 
@@ -458,4 +488,109 @@ fn sbatch(a: SbatchArgs) -> Result<i32> {
         }
     }
     Ok(exit_code::SUCCESS)
+}
+
+/// The built-in trainer for `wrap -- train` / `train`, its config checked before anything runs.
+#[cfg(feature = "torch")]
+fn builtin_trainer(
+    cfg: &crate::config::JobConfig,
+    file: Option<&Path>,
+    resume: &str,
+) -> Result<Option<Box<dyn crate::supervision::wrap::InProcess>>> {
+    crate::train::config::TrainConfig::from_job(cfg).map_err(|e| crate::config::ConfigError {
+        file: file
+            .map(|f| f.display().to_string())
+            .unwrap_or_else(|| "job config".into()),
+        message: format!("{}: {}", e.key, e.message),
+    })?;
+    let resume = match resume {
+        "auto" => Resume::Auto,
+        "never" => Resume::Never,
+        path => Resume::From(PathBuf::from(path)),
+    };
+    Ok(Some(Box::new(Builtin {
+        cfg: cfg.clone(),
+        resume,
+    })))
+}
+
+#[cfg(not(feature = "torch"))]
+fn builtin_trainer(
+    _: &crate::config::JobConfig,
+    _: Option<&Path>,
+    _: &str,
+) -> Result<Option<Box<dyn crate::supervision::wrap::InProcess>>> {
+    Ok(None)
+}
+
+#[cfg(feature = "torch")]
+enum Resume {
+    Auto,
+    Never,
+    From(PathBuf),
+}
+
+/// Glue: the torch trainer as the supervisor's in-process loop.
+#[cfg(feature = "torch")]
+struct Builtin {
+    cfg: crate::config::JobConfig,
+    resume: Resume,
+}
+
+#[cfg(feature = "torch")]
+impl crate::supervision::wrap::InProcess for Builtin {
+    fn run(
+        &mut self,
+        store: &mut Store,
+        latest: Option<crate::storage::verify::Loaded>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<crate::supervision::wrap::InProcessOutcome> {
+        let resume = match &self.resume {
+            Resume::Auto => latest,
+            Resume::Never => {
+                anyhow::ensure!(
+                    latest.is_none(),
+                    "--resume never, but {} already holds checkpoints: use a new run dir (or \
+                     --resume auto)",
+                    store.run_dir().root().display()
+                );
+                None
+            }
+            Resume::From(p) => Some(crate::storage::verify::load_checkpoint(p).map_err(
+                |faults| StorageError::Corrupt {
+                    dir: p.clone(),
+                    faults,
+                },
+            )?),
+        };
+        // tch turns libtorch errors (CUDA out of memory, …) into panics: a crash, not an abort.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::train::trainer::run(&self.cfg, store, resume, stop)
+        }))
+        .map_err(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            anyhow::anyhow!("the trainer panicked: {msg}")
+        })??;
+        Ok(crate::supervision::wrap::InProcessOutcome {
+            completed: out.completed,
+            commits: out.commits,
+        })
+    }
+}
+
+#[cfg(feature = "torch")]
+fn train(a: TrainArgs) -> Result<i32> {
+    let config = crate::config::JobConfig::load(&a.config)?;
+    let run_dir = a.run_dir.clone().unwrap_or_else(|| config.run_dir());
+    let in_process = builtin_trainer(&config, Some(&a.config), &a.resume)?;
+    crate::supervision::wrap::run(crate::supervision::wrap::WrapArgs {
+        config,
+        run_dir,
+        command: vec!["train".into()],
+        in_process,
+    })
 }

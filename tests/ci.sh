@@ -30,10 +30,10 @@ sbatch/local-cluster.sh stop
 step "Python-side checker self-test"
 .venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
 
-step "cargo test --no-default-features (the login-node build: no libtorch)"
-cargo test --no-default-features --all-targets 2>&1 | tee -a "$LOG"
+step "cargo test --no-default-features (the login-node build: no libtorch): unit tests and the store's fast suites"
+cargo test --no-default-features --lib --test fault_injection --test python_interop --test wrap_in_process 2>&1 | tee -a "$LOG"
 
-step "cargo test (default features)"
+step "cargo test (default features: everything, the trainer included)"
 cargo test --all-targets 2>&1 | tee -a "$LOG"
 
 # One closing line over every runner above (cargo's per-binary lines end on empty harnesses).

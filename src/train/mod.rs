@@ -11,6 +11,11 @@
 //!
 //! Dependencies flow one way: train → storage; storage knows nothing of torch.
 
+pub mod config;
+pub mod data;
 pub mod ffi;
+pub mod models;
 pub mod optim;
+pub mod sched;
 pub mod tensors;
+pub mod trainer;

@@ -1,0 +1,843 @@
+//! The built-in training loop: [`run`] trains the model of a job config, checkpointing through
+//! the [`Store`], and resumes exactly from a checkpoint.
+//!
+//! A checkpoint at global step N is the state after N optimizer steps; a resume runs step N+1
+//! next. It holds:
+//! - `model.safetensors`: every variable of the model, parameters and buffers (batchnorm running
+//!   statistics), by name;
+//! - `optimizer.safetensors`: every optimizer state tensor ([`Optimizer::state_tensors`]);
+//! - `reference_batch.safetensors`: a fixed small batch (inputs `x`, targets `y`);
+//! - `trainer_state.json` ([`TrainerState`]): counters (epoch, position in the epoch, global step,
+//!   samples seen, gradient-accumulation position), scheduler state, best metric and its step,
+//!   the CPU generator's state, threads, device, the config hash and the hashed config, the data
+//!   fingerprint, the optimizer's metadata, versions;
+//! - in the manifest's `extra`: the reference loss (model in eval mode on the reference batch).
+//!
+//! Guarantees (CPU, `deterministic: true`, same thread count): a run interrupted any number of
+//! times — by `stop` or by losing everything since an older checkpoint — produces byte-identical
+//! weights and optimizer state and the same per-step losses as an uninterrupted run. This holds
+//! because every random draw is derived: libtorch is reseeded from `(seed, global step)` before
+//! each optimizer step (dropout), the data order of epoch `e` comes from `(seed, e)`, and the
+//! model is initialised from the seed; the CPU generator's real state is saved and restored as
+//! well. After loading, the reference loss is recomputed and must be bit-equal on the CPU (a
+//! mismatch is an error naming the checkpoint). A resume with a config that differs in a key that
+//! changes the results is refused with the list of changed keys.
+//!
+//! libtorch's generators and thread pool are process-global: one [`run`] at a time per process
+//! (a lock serialises concurrent calls).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tch::{nn, Device, Tensor};
+
+use super::config::{changed_keys, DeviceChoice, TrainConfig, TrainConfigError};
+use super::data::{derive_seed, Dataset, Loader, Position, Split};
+use super::ffi::{self, Generator, ShimError};
+use super::models::{named_parameters, named_state, parameter_count, Model, ModelError};
+use super::optim::{OptimError, Optimizer, OptimizerMeta};
+use super::sched::{Scheduler, SchedulerState};
+use super::tensors::{read_safetensors, to_tensor_data, TensorError};
+use crate::config::JobConfig;
+use crate::storage::journal::now_rfc3339;
+use crate::storage::manifest::checkpoint_name;
+use crate::storage::verify::Loaded;
+use crate::storage::{CommitMeta, FileSource, Snapshot, StorageError, Store};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const REFERENCE_FILE: &str = "reference_batch.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+/// Training metrics, one JSON object a line, in the run dir.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Current [`TrainerState::format_version`].
+pub const STATE_FORMAT_VERSION: u32 = 1;
+/// The tch crate this build uses and the libtorch it is built for.
+pub const TCH_VERSION: &str = "0.26";
+pub const LIBTORCH_VERSION: &str = "2.13";
+
+const STREAM_INIT: u64 = 3;
+const STREAM_STEP: u64 = 4;
+/// Samples in the reference batch (at most).
+const REFERENCE_SAMPLES: i64 = 16;
+
+/// What a call of [`run`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Training reached its end (and the final checkpoint is committed).
+    pub completed: bool,
+    /// Checkpoints committed by this call.
+    pub commits: u32,
+    /// The global step the model is at.
+    pub last_step: u64,
+}
+
+/// Why training stopped with an error; each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("invalid trainer config: {0}")]
+    Config(#[from] TrainConfigError),
+    #[error("{0}")]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Device(String),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    #[error(transparent)]
+    Shim(#[from] ShimError),
+    #[error("cannot resume from checkpoint {checkpoint}: {reason}")]
+    Resume { checkpoint: String, reason: String },
+    #[error(
+        "cannot resume from checkpoint {checkpoint}: the job config changed since it was written, \
+         in keys that change the results:\n  {}\n(safe to change: max_steps, epochs, \
+         eval.every_steps, the checkpoint policy); restore those keys or use a new run dir",
+        changes.join("\n  ")
+    )]
+    ConfigChanged {
+        checkpoint: String,
+        changes: Vec<String>,
+    },
+    #[error(
+        "checkpoint {checkpoint}: the reference loss recomputed after loading is {found:e} \
+         (f32 bits {found_bits:#010x}) but the checkpoint recorded {stored:e} (bits \
+         {stored_bits:#010x}): the restored model does not reproduce the saved one"
+    )]
+    ReferenceLoss {
+        checkpoint: String,
+        stored: f32,
+        stored_bits: u32,
+        found: f32,
+        found_bits: u32,
+    },
+    #[error("step {step}: the training loss is {loss}; training diverged")]
+    NonFinite { step: u64, loss: f64 },
+    #[error("saving the checkpoint of step {step} failed: {source}")]
+    Save {
+        step: u64,
+        #[source]
+        source: StorageError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The best evaluation so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BestMetric {
+    pub metric: String,
+    pub value: f64,
+    pub step: u64,
+}
+
+/// How randomness is derived, and the CPU generator's state at the checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngRecord {
+    pub seed: u64,
+    /// How the per-step seed is derived (documentation for readers of the file).
+    pub scheme: String,
+    /// `torch.get_rng_state()` of the CPU generator, hex.
+    pub cpu_state: String,
+}
+
+/// `trainer_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    pub format_version: u32,
+    /// Optimizer steps taken.
+    pub global_step: u64,
+    /// The data position: the next micro-batch is `batch_in_epoch` of `epoch`.
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+    /// Optimizer steps taken since `epoch` began.
+    pub step_in_epoch: u64,
+    pub samples_seen: u64,
+    /// Micro-batches accumulated towards the next optimizer step (0 at every checkpoint: the
+    /// trainer checkpoints at step boundaries only).
+    pub accum_position: u64,
+    pub scheduler: SchedulerState,
+    pub best: Option<BestMetric>,
+    pub last_eval: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub rng: RngRecord,
+    pub threads: u32,
+    pub deterministic: bool,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub config_hash: String,
+    pub config: serde_json::Value,
+    pub data_fingerprint: String,
+    pub optimizer: OptimizerMeta,
+    pub versions: BTreeMap<String, String>,
+}
+
+static TRAINER: Mutex<()> = Mutex::new(());
+
+/// Train the job of `cfg`, committing checkpoints to `store`, from `resume` when given (a
+/// verified checkpoint of this run, e.g. [`Store::load_latest`]).
+///
+/// `stop` is asked once at every step boundary while work is left, including once before the
+/// first step of this call (so the i-th call, from 0, happens at global step `start + i`). When
+/// it answers true, the current step is checkpointed (unless already committed) and `run`
+/// returns with `completed: false`. At the end the final step is checkpointed and `run` returns
+/// `completed: true`; a run that already reached its end returns at once.
+pub fn run(
+    cfg: &JobConfig,
+    store: &mut Store,
+    resume: Option<Loaded>,
+    stop: &dyn Fn() -> bool,
+) -> Result<Outcome, TrainError> {
+    let _one_at_a_time = TRAINER.lock().unwrap_or_else(|p| p.into_inner());
+    let tc = TrainConfig::from_job(cfg)?;
+    let mut t = Trainer::new(tc, store)?;
+    if let Some(loaded) = resume {
+        t.restore(&loaded)?;
+    }
+    t.train(store, stop)
+}
+
+/// The device of a choice; `cuda` fails loudly when CUDA is not available.
+pub fn resolve_device(c: DeviceChoice) -> Result<Device, TrainError> {
+    match c {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Cuda => {
+            if tch::Cuda::is_available() {
+                Ok(Device::Cuda(0))
+            } else {
+                Err(TrainError::Device(
+                    "device: cuda was asked for, but libtorch sees no CUDA device (no GPU or \
+                     driver, a CPU-only libtorch, or CUDA_VISIBLE_DEVICES hides them); accepted \
+                     instead: cpu, or auto (CUDA when available)"
+                        .into(),
+                ))
+            }
+        }
+    }
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        Device::Cpu => "cpu".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn seed_i64(s: u64) -> i64 {
+    s as i64
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The total number of optimizer steps of the run.
+fn total_steps(tc: &TrainConfig, batches_per_epoch: u64) -> u64 {
+    let by_epochs = tc
+        .epochs
+        .map(|e| e.saturating_mul(batches_per_epoch) / tc.grad_accum);
+    match (tc.max_steps, by_epochs) {
+        (Some(m), Some(e)) => m.min(e),
+        (Some(m), None) => m,
+        (None, Some(e)) => e,
+        (None, None) => 0,
+    }
+}
+
+struct Trainer {
+    tc: TrainConfig,
+    device: Device,
+    data: Dataset,
+    loader: Loader,
+    pos: Position,
+    vs: nn::VarStore,
+    model: Model,
+    params: Vec<Tensor>,
+    opt: Optimizer,
+    sched: Scheduler,
+    st: TrainerState,
+    reference: (Tensor, Tensor),
+    total: u64,
+    committed: Option<u64>,
+    metrics: File,
+}
+
+impl Trainer {
+    fn new(tc: TrainConfig, store: &Store) -> Result<Trainer, TrainError> {
+        let device = resolve_device(tc.device)?;
+        tch::set_num_threads(tc.threads as i32);
+        if device.is_cuda() {
+            // cuDNN autotuning picks algorithms by timing: not reproducible.
+            tch::Cuda::cudnn_set_benchmark(!tc.deterministic);
+        }
+        let data = Dataset::load(&tc)?;
+        let loader = Loader::new(tc.seed, &data, tc.batch_size);
+        let total = total_steps(&tc, loader.batches_per_epoch());
+        tch::manual_seed(seed_i64(derive_seed(tc.seed, STREAM_INIT, 0)));
+        let vs = nn::VarStore::new(device);
+        let model = Model::build(&vs.root(), &tc.model, data.task())?;
+        let named = named_parameters(&vs);
+        let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let opt = Optimizer::new(tc.optimizer.clone(), named)?;
+        let sched = Scheduler::new(tc.scheduler.clone(), tc.optimizer.lr(), total);
+        let reference = {
+            let split = if data.is_empty(Split::Val) {
+                Split::Train
+            } else {
+                Split::Val
+            };
+            let k = data.len(split).min(REFERENCE_SAMPLES);
+            let idx: Vec<i64> = (0..k).collect();
+            data.batch(split, &idx, Device::Cpu)
+        };
+        let path = store.run_dir().root().join(METRICS_FILE);
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| TrainError::Io {
+                what: format!("open {}", path.display()),
+                source,
+            })?;
+        let st = TrainerState {
+            format_version: STATE_FORMAT_VERSION,
+            global_step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            step_in_epoch: 0,
+            samples_seen: 0,
+            accum_position: 0,
+            scheduler: sched.state().clone(),
+            best: None,
+            last_eval: None,
+            last_loss: None,
+            rng: RngRecord {
+                seed: tc.seed,
+                scheme: "manual_seed(derive_seed(seed, 4, global_step + 1)) before each step; \
+                         data order from (seed, epoch)"
+                    .into(),
+                cpu_state: String::new(),
+            },
+            threads: tc.threads,
+            deterministic: tc.deterministic,
+            device: device_name(device),
+            config_hash: tc.hash(),
+            config: tc.hashed(),
+            data_fingerprint: data.fingerprint().to_owned(),
+            optimizer: opt.meta(),
+            versions: versions(),
+        };
+        tracing::info!(
+            model = tc.model.kind(),
+            parameters = parameter_count(&vs),
+            data = tc.data.kind(),
+            total_steps = total,
+            device = %device_name(device),
+            threads = tc.threads,
+            "trainer ready"
+        );
+        Ok(Trainer {
+            tc,
+            device,
+            data,
+            loader,
+            pos: Position::default(),
+            vs,
+            model,
+            params,
+            opt,
+            sched,
+            st,
+            reference,
+            total,
+            committed: None,
+            metrics,
+        })
+    }
+
+    /// Load everything from a verified checkpoint, then check it reproduces its reference loss.
+    fn restore(&mut self, loaded: &Loaded) -> Result<(), TrainError> {
+        let name = checkpoint_name(loaded.manifest.step);
+        let bad = |reason: String| TrainError::Resume {
+            checkpoint: name.clone(),
+            reason,
+        };
+        let file = |f: &str| {
+            loaded.files.get(f).map(Vec::as_slice).ok_or_else(|| {
+                bad(format!(
+                    "{f} is missing: not a checkpoint of the built-in trainer"
+                ))
+            })
+        };
+        let st: TrainerState = serde_json::from_slice(file(STATE_FILE)?)
+            .map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
+        if st.format_version != STATE_FORMAT_VERSION {
+            return Err(bad(format!(
+                "{STATE_FILE}: format version {} is not supported (this build reads {STATE_FORMAT_VERSION})",
+                st.format_version
+            )));
+        }
+        if st.global_step != loaded.manifest.step {
+            return Err(bad(format!(
+                "{STATE_FILE} says step {} but the manifest says {}",
+                st.global_step, loaded.manifest.step
+            )));
+        }
+        if st.config_hash != self.st.config_hash {
+            let mut changes = changed_keys(&st.config, &self.st.config);
+            if changes.is_empty() {
+                changes.push(format!(
+                    "(config hash {} → {})",
+                    st.config_hash, self.st.config_hash
+                ));
+            }
+            return Err(TrainError::ConfigChanged {
+                checkpoint: name,
+                changes,
+            });
+        }
+        if st.threads != self.tc.threads {
+            if self.tc.deterministic {
+                return Err(bad(format!(
+                    "threads: the checkpoint was made with {} threads and this run has {}; with \
+                     deterministic: true the results depend on the thread count (accepted: \
+                     threads: {}, or deterministic: false)",
+                    st.threads, self.tc.threads, st.threads
+                )));
+            }
+            tracing::warn!(
+                saved = st.threads,
+                now = self.tc.threads,
+                "thread count changed since the checkpoint; results will differ from an uninterrupted run"
+            );
+        }
+        if st.data_fingerprint != self.st.data_fingerprint {
+            return Err(bad(format!(
+                "the data differ from the checkpoint's (fingerprint {} now, {} then): the data \
+                 file changed since the run started",
+                self.st.data_fingerprint, st.data_fingerprint
+            )));
+        }
+        if st.device != self.st.device {
+            tracing::warn!(saved = %st.device, now = %self.st.device, "device changed since the checkpoint; results will not be bit-identical");
+        }
+
+        // Model: every variable, nothing else.
+        let mut saved: BTreeMap<String, Tensor> = read_safetensors(MODEL_FILE, file(MODEL_FILE)?)?
+            .into_iter()
+            .collect();
+        let vars = named_state(&self.vs);
+        let names: BTreeSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(extra) = saved.keys().find(|k| !names.contains(k.as_str())) {
+            return Err(bad(format!(
+                "{MODEL_FILE}: tensor {extra} is not a variable of this model"
+            )));
+        }
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for (n, mut var) in vars {
+                let t = saved
+                    .remove(&n)
+                    .ok_or_else(|| bad(format!("{MODEL_FILE}: variable {n} is missing")))?;
+                if t.size() != var.size() || t.kind() != var.kind() {
+                    return Err(bad(format!(
+                        "{MODEL_FILE}: {n} is {:?} {:?}, the model's is {:?} {:?}",
+                        t.kind(),
+                        t.size(),
+                        var.kind(),
+                        var.size()
+                    )));
+                }
+                var.f_copy_(&t).map_err(|e| {
+                    bad(format!(
+                        "{MODEL_FILE}: {n}: {}",
+                        super::tensors::torch_message(&e)
+                    ))
+                })?;
+            }
+            Ok(())
+        })?;
+
+        self.opt.load_state(
+            &st.optimizer,
+            read_safetensors(OPTIMIZER_FILE, file(OPTIMIZER_FILE)?)?,
+        )?;
+        self.sched.load_state(st.scheduler.clone()).map_err(&bad)?;
+
+        // The reference batch of the checkpoint, and its loss.
+        let mut refs: BTreeMap<String, Tensor> =
+            read_safetensors(REFERENCE_FILE, file(REFERENCE_FILE)?)?
+                .into_iter()
+                .collect();
+        let (Some(x), Some(y)) = (refs.remove("x"), refs.remove("y")) else {
+            return Err(bad(format!("{REFERENCE_FILE}: tensors x and y expected")));
+        };
+        self.reference = (x, y);
+        let stored_bits = loaded
+            .manifest
+            .extra
+            .get("reference_loss_bits")
+            .and_then(|v| v.as_str())
+            .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+            .ok_or_else(|| bad("the manifest has no reference_loss_bits in extra".into()))?;
+        let stored = f32::from_bits(stored_bits);
+        let found = self.reference_loss();
+        let exact = self.device == Device::Cpu && st.device == "cpu";
+        let ok = if exact {
+            found.to_bits() == stored_bits
+        } else {
+            (found - stored).abs() <= 1e-3 * stored.abs().max(1e-6)
+        };
+        if !ok {
+            return Err(TrainError::ReferenceLoss {
+                checkpoint: name,
+                stored,
+                stored_bits,
+                found,
+                found_bits: found.to_bits(),
+            });
+        }
+
+        let rng = unhex(&st.rng.cpu_state)
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| {
+                bad(format!(
+                    "{STATE_FILE}: rng.cpu_state is not a hex byte string"
+                ))
+            })?;
+        ffi::set_rng_state(Generator::Cpu, &Tensor::from_slice(&rng))?;
+
+        self.pos = Position {
+            epoch: st.epoch,
+            batch_in_epoch: st.batch_in_epoch,
+        };
+        if self.pos.batch_in_epoch >= self.loader.batches_per_epoch() {
+            return Err(bad(format!(
+                "data position {}/{} is past the end of an epoch of {} batches",
+                st.epoch,
+                st.batch_in_epoch,
+                self.loader.batches_per_epoch()
+            )));
+        }
+        // Keep this run's view of the config (safe keys may differ); the rest is the saved state.
+        let (config_hash, config, versions_now) = (
+            self.st.config_hash.clone(),
+            self.st.config.clone(),
+            versions(),
+        );
+        self.st = TrainerState {
+            config_hash,
+            config,
+            versions: versions_now,
+            threads: self.tc.threads,
+            device: device_name(self.device),
+            ..st
+        };
+        self.committed = Some(self.st.global_step);
+        tracing::info!(checkpoint = %name, step = self.st.global_step, epoch = self.st.epoch, batch_in_epoch = self.st.batch_in_epoch, reference_loss = found, "resumed; reference loss reproduced");
+        Ok(())
+    }
+
+    /// The model's loss on the reference batch (eval mode, no grad), as f32.
+    fn reference_loss(&self) -> f32 {
+        let (x, y) = (
+            self.reference.0.to_device(self.device),
+            self.reference.1.to_device(self.device),
+        );
+        tch::no_grad(|| self.model.loss(&x, &y, false)).double_value(&[]) as f32
+    }
+
+    fn train(&mut self, store: &mut Store, stop: &dyn Fn() -> bool) -> Result<Outcome, TrainError> {
+        let mut commits = 0u32;
+        let mut last_commit = Instant::now();
+        if self.st.global_step >= self.total {
+            tracing::info!(
+                step = self.st.global_step,
+                total = self.total,
+                "training already complete"
+            );
+        }
+        while self.st.global_step < self.total {
+            if stop() {
+                if self.committed != Some(self.st.global_step) {
+                    self.commit(store).map_err(|source| TrainError::Save {
+                        step: self.st.global_step,
+                        source,
+                    })?;
+                    commits += 1;
+                }
+                tracing::info!(step = self.st.global_step, "stopped at a step boundary");
+                return Ok(Outcome {
+                    completed: false,
+                    commits,
+                    last_step: self.st.global_step,
+                });
+            }
+            let started = Instant::now();
+            let (loss, lr) = self.step()?;
+            let gs = self.st.global_step;
+            let samples = self.tc.batch_size * self.tc.grad_accum;
+            let secs = started.elapsed().as_secs_f64();
+            let mut m = serde_json::Map::new();
+            m.insert("loss".into(), json!(loss));
+            m.insert("lr".into(), json!(lr));
+            m.insert(
+                "samples_per_s".into(),
+                json!(samples as f64 / secs.max(1e-9)),
+            );
+            if let Some(e) = self.tc.eval.clone() {
+                if gs.is_multiple_of(e.every_steps.0) {
+                    let v = self.evaluate(e.batches.0);
+                    self.st.last_eval = Some(v);
+                    self.sched.observe(v);
+                    self.st.scheduler = self.sched.state().clone();
+                    if self.st.best.as_ref().is_none_or(|b| v < b.value) {
+                        self.st.best = Some(BestMetric {
+                            metric: e.metric.clone(),
+                            value: v,
+                            step: gs,
+                        });
+                    }
+                    m.insert(e.metric.clone(), json!(v));
+                }
+            }
+            let line =
+                json!({"ts": now_rfc3339(), "step": gs, "epoch": self.st.epoch, "metrics": m});
+            writeln!(self.metrics, "{line}").map_err(|source| TrainError::Io {
+                what: format!("append to {METRICS_FILE}"),
+                source,
+            })?;
+            let due = self
+                .tc
+                .checkpoint_every_steps
+                .is_some_and(|n| gs.is_multiple_of(n))
+                || self
+                    .tc
+                    .checkpoint_every_seconds
+                    .is_some_and(|s| last_commit.elapsed().as_secs() >= s);
+            if due && gs < self.total {
+                match self.commit(store) {
+                    Ok(()) => {
+                        commits += 1;
+                        last_commit = Instant::now();
+                    }
+                    Err(source) if self.tc.stop_on_save_error => {
+                        return Err(TrainError::Save { step: gs, source })
+                    }
+                    Err(e) => {
+                        tracing::error!(step = gs, error = %e, "checkpoint failed; training on (checkpoint.on_save_error: continue)");
+                    }
+                }
+            }
+        }
+        if self.committed != Some(self.st.global_step) {
+            self.commit(store).map_err(|source| TrainError::Save {
+                step: self.st.global_step,
+                source,
+            })?;
+            commits += 1;
+        }
+        Ok(Outcome {
+            completed: true,
+            commits,
+            last_step: self.st.global_step,
+        })
+    }
+
+    /// One optimizer step (over `grad_accum` micro-batches); returns (mean loss, lr).
+    fn step(&mut self) -> Result<(f64, f64), TrainError> {
+        let gs = self.st.global_step;
+        tch::manual_seed(seed_i64(derive_seed(self.tc.seed, STREAM_STEP, gs + 1)));
+        let lr = self.sched.lr(gs);
+        self.opt.zero_grad()?;
+        let accum = self.tc.grad_accum;
+        let epoch_before = self.pos.epoch;
+        let mut loss_sum = 0.0f64;
+        for a in 0..accum {
+            self.st.accum_position = a;
+            let idx = self.loader.next(&mut self.pos);
+            let (x, y) = self.data.batch(Split::Train, &idx, self.device);
+            let loss = self.model.loss(&x, &y, true);
+            loss_sum += loss.double_value(&[]);
+            let scaled = if accum > 1 { loss / accum as f64 } else { loss };
+            scaled.backward();
+        }
+        self.st.accum_position = 0;
+        let loss = loss_sum / accum as f64;
+        if !loss.is_finite() {
+            return Err(TrainError::NonFinite { step: gs + 1, loss });
+        }
+        if let Some(max_norm) = self.tc.grad_clip {
+            clip_grad_norm(&self.params, max_norm);
+        }
+        self.opt.step(lr)?;
+        self.st.global_step += 1;
+        self.st.samples_seen += accum * self.tc.batch_size;
+        self.st.step_in_epoch = if self.pos.epoch != epoch_before {
+            0
+        } else {
+            self.st.step_in_epoch + 1
+        };
+        self.st.epoch = self.pos.epoch;
+        self.st.batch_in_epoch = self.pos.batch_in_epoch;
+        self.st.last_loss = Some(loss);
+        tracing::debug!(step = self.st.global_step, loss, lr, "step");
+        Ok((loss, lr))
+    }
+
+    /// Mean loss over the first `batches` batches of the held-out split (eval mode).
+    fn evaluate(&self, batches: u64) -> f64 {
+        let n = self.data.len(Split::Val);
+        let b = self.tc.batch_size as i64;
+        let nb = ((n + b - 1) / b).min(batches as i64);
+        if nb == 0 {
+            return f64::NAN;
+        }
+        let mut sum = 0.0;
+        tch::no_grad(|| {
+            for i in 0..nb {
+                let idx: Vec<i64> = (i * b..((i + 1) * b).min(n)).collect();
+                let (x, y) = self.data.batch(Split::Val, &idx, self.device);
+                sum += self.model.loss(&x, &y, false).double_value(&[]);
+            }
+        });
+        sum / nb as f64
+    }
+
+    /// Commit the current state as the checkpoint of the current global step.
+    fn commit(&mut self, store: &mut Store) -> Result<(), StorageError> {
+        let invalid = |e: &dyn std::fmt::Display| StorageError::Invalid(e.to_string());
+        let step = self.st.global_step;
+        let rng = ffi::rng_state(Generator::Cpu).map_err(|e| invalid(&e))?;
+        let rng = to_tensor_data("rng", &rng).map_err(|e| invalid(&e))?;
+        self.st.rng.cpu_state = hex(&rng.bytes);
+        self.st.scheduler = self.sched.state().clone();
+        self.st.optimizer = self.opt.meta();
+        let tensors = |list: Vec<(String, Tensor)>| {
+            list.iter()
+                .map(|(n, t)| to_tensor_data(n, t))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(&e))
+        };
+        let model = tensors(named_state(&self.vs))?;
+        let optim = tensors(self.opt.state_tensors())?;
+        let reference = tensors(vec![
+            ("x".into(), self.reference.0.shallow_clone()),
+            ("y".into(), self.reference.1.shallow_clone()),
+        ])?;
+        let ref_loss = self.reference_loss();
+        let state = serde_json::to_vec_pretty(&self.st).map_err(|e| invalid(&e))?;
+        let meta_of = |kind: &str| {
+            BTreeMap::from([
+                ("format".to_owned(), "hpc-ckpt-trainer".to_owned()),
+                ("content".to_owned(), kind.to_owned()),
+            ])
+        };
+        let mut snap = Snapshot::new();
+        snap.add(
+            MODEL_FILE,
+            FileSource::Tensors {
+                tensors: model,
+                metadata: meta_of(self.tc.model.kind()),
+            },
+        );
+        snap.add(
+            OPTIMIZER_FILE,
+            FileSource::Tensors {
+                tensors: optim,
+                metadata: meta_of(self.tc.optimizer.kind()),
+            },
+        );
+        snap.add(
+            REFERENCE_FILE,
+            FileSource::Tensors {
+                tensors: reference,
+                metadata: meta_of("reference batch"),
+            },
+        );
+        snap.add(STATE_FILE, FileSource::Bytes(state.into()));
+        let mut metrics = BTreeMap::new();
+        if let Some(l) = self.st.last_loss {
+            metrics.insert("loss".to_owned(), l);
+        }
+        if let Some(v) = self.st.last_eval.filter(|v| v.is_finite()) {
+            let key = self
+                .tc
+                .eval
+                .as_ref()
+                .map_or("val_loss".to_owned(), |e| e.metric.clone());
+            metrics.insert(key, v);
+        }
+        metrics.insert("lr".to_owned(), self.sched.lr(step.saturating_sub(1)));
+        let mut extra = serde_json::Map::new();
+        extra.insert("reference_loss".into(), json!(ref_loss as f64));
+        extra.insert(
+            "reference_loss_bits".into(),
+            json!(format!("{:#010x}", ref_loss.to_bits())),
+        );
+        extra.insert("reference_device".into(), json!(device_name(self.device)));
+        let meta = CommitMeta {
+            step,
+            epoch: Some(self.st.epoch),
+            metrics,
+            job: None,
+            versions: versions(),
+            extra,
+        };
+        let report = store.commit(&snap, &meta)?;
+        self.committed = Some(step);
+        tracing::info!(checkpoint = %report.name, bytes = report.bytes, seconds = report.seconds, "checkpoint committed");
+        Ok(())
+    }
+}
+
+fn versions() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("tch".to_owned(), TCH_VERSION.to_owned()),
+        ("libtorch".to_owned(), LIBTORCH_VERSION.to_owned()),
+    ])
+}
+
+/// `torch.nn.utils.clip_grad_norm_` (2-norm over all gradients, scale by
+/// `min(1, max_norm / (norm + 1e-6))`).
+fn clip_grad_norm(params: &[Tensor], max_norm: f64) {
+    let _g = tch::no_grad_guard();
+    let mut grads: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .collect();
+    let Some(first) = grads.first() else {
+        return;
+    };
+    let (kind, device) = (first.kind(), first.device());
+    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+    let total = Tensor::stack(&norms, 0).norm();
+    let coef = (Tensor::full([], max_norm, (kind, device)) / (total + 1e-6)).clamp_max(1.0);
+    for g in &mut grads {
+        let _ = g.g_mul_(&coef);
+    }
+}
