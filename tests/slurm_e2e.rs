@@ -131,23 +131,46 @@ fn dump(run: &Path) -> String {
 }
 
 #[test]
-fn three_interruptions_by_three_mechanisms_end_byte_identical() {
+fn three_interruptions_by_three_mechanisms_end_byte_identical_python_child() {
+    let steps = 200;
+    // The straight run, outside Slurm, without the per-step delay.
+    let fast: Vec<String> = train_args(steps)
+        .into_iter()
+        .filter(|a| a != "0.1" && a != "--step-delay")
+        .collect();
+    three_interruptions("e2e-three-py", &train_args(steps), &fast, "", steps);
+}
+
+/// The built-in trainer (in-process under the supervisor): a small char-level GPT with dropout,
+/// AdamW, cosine warmup, grad accumulation and clipping.
+#[test]
+fn three_interruptions_by_three_mechanisms_end_byte_identical_builtin_trainer() {
+    let yaml = "seed: 3\nthreads: 1\nmodel: {kind: gpt, layers: 2, heads: 2, d_model: 64, context: 32, dropout: 0.1}\n\
+                data: {kind: text}\nbatch_size: 16\ngrad_accum: 2\ngrad_clip: 1.0\nmax_steps: 2000\n\
+                optimizer: {kind: adamw, lr: 0.001}\nscheduler: {kind: cosine, warmup_steps: 20}\n\
+                checkpoint: {every_steps: 25, keep_last: 3}\n";
+    let train = vec!["train".to_string()];
+    three_interruptions("e2e-three-builtin", &train, &train, yaml, 2000);
+}
+
+/// Run `command` straight (outside Slurm, as `straight_command`) and as a Slurm job interrupted
+/// by `scancel --signal=USR1 --batch`, preemption and `scontrol requeue` at seeded moments; the
+/// chain must complete on its own with final weights byte-identical to the straight run.
+fn three_interruptions(
+    name: &str,
+    command: &[String],
+    straight_command: &[String],
+    extra_yaml: &str,
+    steps: u32,
+) {
     let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
     let tmp = tempfile::tempdir().unwrap();
-    let steps = 200;
 
-    // The straight run, outside Slurm.
-    let straight = tmp.path().join("straight");
-    let mut args = vec!["wrap", "--run-dir", straight.to_str().unwrap(), "--"];
-    let ta = train_args(steps);
-    let ta_fast: Vec<&str> = ta
-        .iter()
-        .map(String::as_str)
-        .filter(|a| *a != "0.1" && *a != "--step-delay")
-        .collect();
-    args.extend(ta_fast);
-    let o = common::cmd(&args)
+    let straight_dir = tmp.path().join("straight");
+    std::fs::create_dir_all(&straight_dir).unwrap();
+    let (cfg, straight) = write_config(&straight_dir, name, straight_command, extra_yaml);
+    let o = common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
         .env_remove("SLURM_JOB_ID")
         .output()
         .unwrap();
@@ -158,9 +181,9 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical() {
     let (job, run) = submit(
         &conf,
         &dir,
-        "e2e-three",
-        &ta,
-        "signals:\n  grace_seconds: 20\n",
+        name,
+        command,
+        &format!("signals:\n  grace_seconds: 20\n{extra_yaml}"),
     );
     let mut rng = Rng(std::env::var("HPC_CKPT_TEST_SEED")
         .ok()
