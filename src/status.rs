@@ -133,6 +133,14 @@ pub fn chain_of(events: &[Value], writer_running: bool) -> RunChain {
                     }
                 }
             }
+            "stop_completed" => {
+                // In-process stops journal the signal after the fact; take the measured time.
+                if let Some(a) = allocs.last_mut() {
+                    if a.signal_to_checkpoint_seconds.is_none() && a.new_checkpoints > 0 {
+                        a.signal_to_checkpoint_seconds = e["seconds_since_signal"].as_f64();
+                    }
+                }
+            }
             "run_done" => done = true,
             "allocation_end" => {
                 if let Some(a) = allocs.last_mut() {
