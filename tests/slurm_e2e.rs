@@ -262,6 +262,18 @@ fn three_interruptions(
         dump(&run)
     );
     assert_eq!(*endings.last().unwrap(), "completed");
+    let codes: Vec<i64> = ev
+        .iter()
+        .filter(|e| e["event"] == "allocation_end")
+        .map(|e| e["exit_code"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(
+        codes[..2],
+        [10, 10],
+        "requeued allocations exit 10: {}",
+        dump(&run)
+    );
+    assert_eq!(*codes.last().unwrap(), 0);
     let st = common::run(&["status", "--json", run.to_str().unwrap()]);
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["run"]["state"], "done", "{}", dump(&run));
