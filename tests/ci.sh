@@ -27,8 +27,9 @@ sbatch/local-cluster.sh start
 sbatch/selftest-cluster.sh
 sbatch/local-cluster.sh stop
 
-step "Python-side checker self-test"
+step "Python side: the safetensors checker, and the example job's exact resume (child protocol)"
 .venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
+.venv/bin/python tests/python/child_protocol_harness.py | tee -a "$LOG"
 
 step "cargo test --no-default-features (the login-node build: no libtorch): unit tests and the store's fast suites"
 cargo test --no-default-features --lib --test fault_injection --test python_interop --test wrap_in_process 2>&1 | tee -a "$LOG"
