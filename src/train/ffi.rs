@@ -39,6 +39,7 @@ pub struct ShimError {
 
 extern "C" {
     fn hpc_ckpt_shim_free_error(err: *mut c_char);
+    fn hpc_ckpt_set_deterministic(on: bool) -> *mut c_char;
     fn hpc_ckpt_add_(this: *mut C_tensor, other: *const C_tensor, alpha: f64) -> *mut c_char;
     fn hpc_ckpt_add(
         this: *const C_tensor,
@@ -126,6 +127,15 @@ pub fn set_grad(this: &mut Tensor, grad: Option<&Tensor>) -> Result<(), ShimErro
     // SAFETY: see the module doc; a null `grad` means None.
     let err = unsafe { hpc_ckpt_set_grad(this.as_mut_ptr(), g) };
     take_error("set_grad", err)
+}
+
+/// `torch.use_deterministic_algorithms(on)` plus `torch.backends.cudnn.deterministic = on`:
+/// ops without a deterministic implementation then fail loudly instead of varying (CPU ops used
+/// here are deterministic anyway; the cost is on CUDA).
+pub fn set_deterministic(on: bool) -> Result<(), ShimError> {
+    // SAFETY: plain flag setters on libtorch's global context; no pointers.
+    let err = unsafe { hpc_ckpt_set_deterministic(on) };
+    take_error("set_deterministic", err)
 }
 
 /// Which default generator.

@@ -156,4 +156,12 @@ char *hpc_ckpt_rng_set_state(int64_t cuda_device, const at::Tensor *state) {
     });
 }
 
+// torch.use_deterministic_algorithms(on) and torch.backends.cudnn.deterministic = on.
+char *hpc_ckpt_set_deterministic(bool on) {
+    return guarded([&] {
+        at::globalContext().setDeterministicAlgorithms(on, /*warn_only=*/false);
+        at::globalContext().setDeterministicCuDNN(on);
+    });
+}
+
 }  // extern "C"

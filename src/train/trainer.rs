@@ -291,6 +291,7 @@ impl Trainer {
         keep_freed_heap_memory();
         let device = resolve_device(tc.device)?;
         tch::set_num_threads(tc.threads as i32);
+        ffi::set_deterministic(tc.deterministic).map_err(|e| TrainError::Device(e.to_string()))?;
         if device.is_cuda() {
             // cuDNN autotuning picks algorithms by timing: not reproducible.
             tch::Cuda::cudnn_set_benchmark(!tc.deterministic);
