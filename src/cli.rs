@@ -27,8 +27,10 @@ use crate::storage::{CommitMeta, Snapshot, StorageError, Store};
         checksums, so whatever instant a job is killed, `last_checkpoint` names a complete \
         checkpoint that verifies.\n\n\
         Logs go to stderr; set HPC_CKPT_LOG (e.g. `debug`, `hpc_ckpt=trace`) to change the level.",
-    after_help = "Exit codes: 0 ok, 1 error, 2 usage, 3 corrupt checkpoint found, 4 run dir locked \
-        by another writer, 5 not enough disk space, 6 invalid input. See the README."
+    after_help = "Exit codes: 0 done, 1 error, 2 usage, 3 corrupt checkpoint found, 4 run dir \
+        locked by another writer, 5 not enough disk space, 6 invalid input, 7 invalid job config; \
+        wrap/train: 10 requeued, 11 work left but no requeue possible here (run again), 12 \
+        stopped by policy, 13 crash loop. See the README."
 )]
 pub struct Cli {
     #[command(subcommand)]
