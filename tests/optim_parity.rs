@@ -14,12 +14,15 @@
 //! dev profile already optimises dependencies, tch included: release changes little).
 #![cfg(feature = "torch")]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use common::{python, repo};
 use hpc_ckpt::storage::run_dir::holder;
 use hpc_ckpt::storage::{CommitMeta, FileSource, RetentionPolicy, Snapshot, Store};
 use hpc_ckpt::train::ffi;
@@ -29,22 +32,6 @@ use tch::Tensor;
 
 const STEPS: usize = 20;
 const PARAMS: [&str; 4] = ["enc.weight", "enc.bias", "head.weight", "head.bias"];
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("HPC_CKPT_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".venv/bin/python"));
-    assert!(
-        p.exists(),
-        "{} not found: run tests/setup.sh --torch (CI's set-up does)",
-        p.display()
-    );
-    p
-}
 
 /// The configs both sides run, by id.
 fn configs() -> BTreeMap<&'static str, OptimizerConfig> {
