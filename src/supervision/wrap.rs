@@ -287,7 +287,14 @@ fn run_in_process(ctx: &Ctx, store: &mut Store, trainer: &mut dyn InProcess) -> 
     let stop = first.get();
     if let Some((sig, at)) = stop {
         let warned = sig == ctx.warn_sig;
-        note_stop(ctx, store, sig, warned, "in-process", Duration::ZERO)?;
+        note_stop(
+            ctx,
+            store,
+            sig,
+            warned,
+            "in-process",
+            Duration::from_secs(ctx.cfg.signals.grace_seconds),
+        )?;
         store.journal().record(
             "stop_completed",
             json!({"signal": sig.name(), "seconds_since_signal": at.elapsed().as_secs_f64()}),
