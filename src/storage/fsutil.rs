@@ -30,9 +30,17 @@ pub fn create_new(path: &Path) -> Result<File> {
 /// rename it over `path`, fsync the parent directory. A crash leaves either the old content or the
 /// new, never a mix; the temp file (`.NAME.tmp-PID`) is removed by the next writer's cleanup.
 pub fn replace_file_durable(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| StorageError::Invalid(format!("{} has no parent", path.display())))?;
+    // A bare file name ("out.sbatch") has the empty path as parent: the current directory.
+    let dir = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => {
+            return Err(StorageError::Invalid(format!(
+                "{} has no parent",
+                path.display()
+            )))
+        }
+    };
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -168,6 +176,17 @@ mod tests {
         replace_file_durable(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn replace_works_for_a_bare_file_name_in_the_current_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let old = std::env::current_dir().unwrap();
+        std::env::set_current_dir(d.path()).unwrap();
+        let r = replace_file_durable(Path::new("bare.txt"), b"x");
+        std::env::set_current_dir(old).unwrap();
+        r.unwrap();
+        assert_eq!(fs::read(d.path().join("bare.txt")).unwrap(), b"x");
     }
 
     #[test]
