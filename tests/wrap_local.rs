@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,18 @@ fn wait_commits(run: &Path, n: usize) {
 
 fn final_file(run: &Path, step: u64, name: &str) -> Vec<u8> {
     std::fs::read(run.join("checkpoints").join(ckpt(step)).join(name)).unwrap()
+}
+
+/// A job config `name` with run dir TMP/run plus `extra` YAML; returns (config, run dir).
+fn job(tmp: &Path, name: &str, extra: &str) -> (PathBuf, PathBuf) {
+    let cfg = tmp.join("job.yaml");
+    let run = tmp.join("run");
+    std::fs::write(
+        &cfg,
+        format!("name: {name}\nrun_dir: {}\n{extra}", run.display()),
+    )
+    .unwrap();
+    (cfg, run)
 }
 
 fn journal(run: &Path) -> Vec<serde_json::Value> {
@@ -140,16 +152,13 @@ fn interrupted_python_run_ends_byte_identical_to_a_straight_run() {
 #[test]
 fn a_crash_loop_stops_after_max_no_progress() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("job.yaml");
-    let run = tmp.path().join("run");
-    std::fs::write(
-        &cfg,
-        format!(
-            "name: crashy\nrun_dir: {}\nrequeue:\n  max_no_progress: 2\n",
-            run.display()
-        ),
-    )
-    .unwrap();
+    let (cfg, run) = job(
+        tmp.path(),
+        "crashy",
+        "requeue:
+  max_no_progress: 2
+",
+    );
     let go = || {
         common::cmd(&[
             "wrap",
@@ -189,16 +198,13 @@ fn a_crash_loop_stops_after_max_no_progress() {
 #[test]
 fn a_child_that_ignores_signals_is_escalated_and_its_staged_files_committed() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("job.yaml");
-    let run = tmp.path().join("run");
-    std::fs::write(
-        &cfg,
-        format!(
-            "name: stubborn\nrun_dir: {}\nsignals:\n  grace_seconds: 1\n",
-            run.display()
-        ),
-    )
-    .unwrap();
+    let (cfg, run) = job(
+        tmp.path(),
+        "stubborn",
+        "signals:
+  grace_seconds: 1
+",
+    );
     // Stages a checkpoint and asks for it, then ignores USR1 and TERM forever.
     let script = r#"trap '' USR1 TERM
 printf 'w' > "$HPC_CKPT_STAGING/model.bin"

@@ -585,13 +585,7 @@ impl Trainer {
         }
         while self.st.global_step < self.total {
             if stop() {
-                if self.committed != Some(self.st.global_step) {
-                    self.commit(store).map_err(|source| TrainError::Save {
-                        step: self.st.global_step,
-                        source,
-                    })?;
-                    commits += 1;
-                }
+                commits += self.commit_unless_committed(store)?;
                 tracing::info!(step = self.st.global_step, "stopped at a step boundary");
                 return Ok(Outcome {
                     completed: false,
@@ -657,13 +651,7 @@ impl Trainer {
                 }
             }
         }
-        if self.committed != Some(self.st.global_step) {
-            self.commit(store).map_err(|source| TrainError::Save {
-                step: self.st.global_step,
-                source,
-            })?;
-            commits += 1;
-        }
+        commits += self.commit_unless_committed(store)?;
         Ok(Outcome {
             completed: true,
             commits,
@@ -672,6 +660,20 @@ impl Trainer {
     }
 
     /// One optimizer step (over `grad_accum` micro-batches); returns (mean loss, lr).
+    /// The checkpoint a stop or the end must leave: commit the current step unless it already
+    /// is. A failure here is always an error (`on_save_error` applies to periodic saves only).
+    /// Returns the number of commits made (0 or 1).
+    fn commit_unless_committed(&mut self, store: &mut Store) -> Result<u32, TrainError> {
+        if self.committed == Some(self.st.global_step) {
+            return Ok(0);
+        }
+        self.commit(store).map_err(|source| TrainError::Save {
+            step: self.st.global_step,
+            source,
+        })?;
+        Ok(1)
+    }
+
     fn step(&mut self) -> Result<(f64, f64), TrainError> {
         let gs = self.st.global_step;
         tch::manual_seed(seed_i64(derive_seed(self.tc.seed, STREAM_STEP, gs + 1)));
