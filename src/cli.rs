@@ -16,6 +16,9 @@ use crate::storage::retention::{Best, Mode, Periodic, RetentionPolicy};
 use crate::storage::run_dir::{holder, verify_all, RunDir};
 use crate::storage::verify::verify_checkpoint;
 use crate::storage::{CommitMeta, Snapshot, StorageError, Store};
+use crate::supervision::workload::{is_builtin, Workload};
+#[cfg(feature = "torch")]
+use crate::supervision::workload::{Failure, FailureKind, InProcess, InProcessEnd};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -445,17 +448,26 @@ fn wrap(a: WrapCliArgs) -> Result<i32> {
     } else {
         a.command.clone()
     };
-    let in_process = if command == ["train"] {
-        builtin_trainer(&config, a.config.as_deref(), "auto")?
-    } else {
-        None
-    };
+    let workload = workload_of(command, &config, a.config.as_deref(), "auto")?;
     crate::supervision::wrap::run(crate::supervision::wrap::WrapArgs {
         config,
         run_dir,
-        command,
-        in_process,
+        workload,
     })
+}
+
+/// The typed workload of a command line: `train` is the built-in trainer (its config checked
+/// before anything runs), anything else a program.
+fn workload_of(
+    command: Vec<String>,
+    cfg: &crate::config::JobConfig,
+    file: Option<&Path>,
+    resume: &str,
+) -> Result<Workload> {
+    if !is_builtin(&command) {
+        return Ok(Workload::Program(command));
+    }
+    builtin_trainer(cfg, file, resume)
 }
 
 fn sbatch(a: SbatchArgs) -> Result<i32> {
@@ -498,7 +510,7 @@ fn builtin_trainer(
     cfg: &crate::config::JobConfig,
     file: Option<&Path>,
     resume: &str,
-) -> Result<Option<Box<dyn crate::supervision::wrap::InProcess>>> {
+) -> Result<Workload> {
     crate::train::config::TrainConfig::from_job(cfg).map_err(|e| crate::config::ConfigError {
         file: file
             .map(|f| f.display().to_string())
@@ -506,68 +518,37 @@ fn builtin_trainer(
         message: format!("{}: {}", e.key, e.message),
     })?;
     let resume = match resume {
-        "auto" => Resume::Auto,
-        "never" => Resume::Never,
-        path => Resume::From(PathBuf::from(path)),
+        "auto" => crate::train::trainer::Resume::Auto,
+        "never" => crate::train::trainer::Resume::Never,
+        path => crate::train::trainer::Resume::From(PathBuf::from(path)),
     };
-    Ok(Some(Box::new(Builtin {
+    Ok(Workload::InProcess(Box::new(Builtin {
         cfg: cfg.clone(),
         resume,
     })))
 }
 
 #[cfg(not(feature = "torch"))]
-fn builtin_trainer(
-    _: &crate::config::JobConfig,
-    _: Option<&Path>,
-    _: &str,
-) -> Result<Option<Box<dyn crate::supervision::wrap::InProcess>>> {
-    Ok(None)
-}
-
-#[cfg(feature = "torch")]
-enum Resume {
-    Auto,
-    Never,
-    From(PathBuf),
+fn builtin_trainer(_: &crate::config::JobConfig, _: Option<&Path>, _: &str) -> Result<Workload> {
+    anyhow::bail!(
+        "`wrap -- train` runs the built-in trainer, which this build does not have (built \
+         without the `torch` feature); wrap a program instead (e.g. `-- python train.py`)"
+    )
 }
 
 /// Glue: the torch trainer as the supervisor's in-process loop.
 #[cfg(feature = "torch")]
 struct Builtin {
     cfg: crate::config::JobConfig,
-    resume: Resume,
+    resume: crate::train::trainer::Resume,
 }
 
 #[cfg(feature = "torch")]
-impl crate::supervision::wrap::InProcess for Builtin {
-    fn run(
-        &mut self,
-        store: &mut Store,
-        latest: Option<crate::storage::verify::Loaded>,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<crate::supervision::wrap::InProcessOutcome> {
-        let resume = match &self.resume {
-            Resume::Auto => latest,
-            Resume::Never => {
-                anyhow::ensure!(
-                    latest.is_none(),
-                    "--resume never, but {} already holds checkpoints: use a new run dir (or \
-                     --resume auto)",
-                    store.run_dir().root().display()
-                );
-                None
-            }
-            Resume::From(p) => Some(crate::storage::verify::load_checkpoint(p).map_err(
-                |faults| StorageError::Corrupt {
-                    dir: p.clone(),
-                    faults,
-                },
-            )?),
-        };
+impl InProcess for Builtin {
+    fn run(&mut self, store: &mut Store, stop: &dyn Fn() -> bool) -> Result<InProcessEnd, Failure> {
         // tch turns libtorch errors (CUDA out of memory, …) into panics: a crash, not an abort.
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            crate::train::trainer::run(&self.cfg, store, resume, stop)
+            crate::train::trainer::run(&self.cfg, store, &self.resume, stop)
         }))
         .map_err(|p| {
             let msg = p
@@ -575,24 +556,40 @@ impl crate::supervision::wrap::InProcess for Builtin {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            anyhow::anyhow!("the trainer panicked: {msg}")
-        })??;
-        Ok(crate::supervision::wrap::InProcessOutcome {
-            completed: out.completed,
-            commits: out.commits,
+            Failure::new(FailureKind::Crash, format!("the trainer panicked: {msg}"))
+        })?
+        .map_err(failure_of)?;
+        Ok(if out.completed {
+            InProcessEnd::Completed
+        } else {
+            InProcessEnd::Stopped
         })
     }
+}
+
+/// The requeue policy's view of a trainer error.
+#[cfg(feature = "torch")]
+fn failure_of(e: crate::train::trainer::TrainError) -> Failure {
+    use crate::train::trainer::TrainError as E;
+    let kind = match &e {
+        E::Config(_) | E::ConfigChanged { .. } => FailureKind::ConfigRefused,
+        E::Save { .. } => FailureKind::SaveFailed,
+        E::Load(StorageError::NothingValid { .. } | StorageError::Corrupt { .. }) => {
+            FailureKind::NothingRestores
+        }
+        _ => FailureKind::Crash,
+    };
+    Failure::new(kind, e.to_string())
 }
 
 #[cfg(feature = "torch")]
 fn train(a: TrainArgs) -> Result<i32> {
     let config = crate::config::JobConfig::load(&a.config)?;
     let run_dir = a.run_dir.clone().unwrap_or_else(|| config.run_dir());
-    let in_process = builtin_trainer(&config, Some(&a.config), &a.resume)?;
+    let workload = builtin_trainer(&config, Some(&a.config), &a.resume)?;
     crate::supervision::wrap::run(crate::supervision::wrap::WrapArgs {
         config,
         run_dir,
-        command: vec!["train".into()],
-        in_process,
+        workload,
     })
 }

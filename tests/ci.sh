@@ -32,7 +32,8 @@ step "Python side: the safetensors checker, and the example job's exact resume (
 .venv/bin/python tests/python/child_protocol_harness.py | tee -a "$LOG"
 
 step "cargo test --no-default-features (the login-node build: no libtorch): unit tests and the store's fast suites"
-cargo test --no-default-features --lib --test fault_injection --test python_interop --test wrap_in_process 2>&1 | tee -a "$LOG"
+cargo test --no-default-features --lib 2>&1 | tee -a "$LOG"
+cargo test --no-default-features --test it -- fault_injection:: python_interop:: wrap_in_process:: 2>&1 | tee -a "$LOG"
 
 step "cargo test (default features: everything, the trainer included)"
 cargo test --all-targets 2>&1 | tee -a "$LOG"

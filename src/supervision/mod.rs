@@ -9,4 +9,5 @@
 pub mod child;
 pub mod policy;
 pub mod signals;
+pub mod workload;
 pub mod wrap;

@@ -23,6 +23,7 @@ use serde_json::json;
 use super::child::ChildGroup;
 use super::policy::{self, Decision, Ending, History};
 use super::signals::{self, Sig};
+use super::workload::{FailureKind, InProcess, InProcessEnd, Workload};
 use crate::config::{JobConfig, OnSaveError};
 use crate::exit_code;
 use crate::slurm::{self, JobEnv, Requeued};
@@ -58,29 +59,7 @@ struct Request {
 pub struct WrapArgs {
     pub config: JobConfig,
     pub run_dir: PathBuf,
-    pub command: Vec<String>,
-    /// The built-in trainer, run inside this process instead of a child (`wrap -- train`,
-    /// `hpc-ckpt train`); None in builds without it.
-    pub in_process: Option<Box<dyn InProcess>>,
-}
-
-/// A training loop that runs inside the supervisor's process (the built-in trainer). It commits
-/// through the store itself and polls `stop` at every step boundary: when it returns true, the
-/// loop checkpoints (unless the current step is committed) and returns `completed: false`.
-pub trait InProcess {
-    fn run(
-        &mut self,
-        store: &mut Store,
-        resume: Option<crate::storage::verify::Loaded>,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<InProcessOutcome>;
-}
-
-/// What an in-process run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InProcessOutcome {
-    pub completed: bool,
-    pub commits: u32,
+    pub workload: Workload,
 }
 
 struct Stop {
@@ -115,15 +94,9 @@ struct Ctx<'a> {
 /// Run the wrapper; returns the process exit code (see [`crate::exit_code`]).
 pub fn run(mut args: WrapArgs) -> Result<i32> {
     let cfg = &args.config;
-    if args.command.is_empty() {
+    let command = args.workload.command();
+    if command.is_empty() {
         bail!("no command to run: give one after `--`, or `command:` in the config");
-    }
-    let builtin = args.command == ["train"];
-    if builtin && args.in_process.is_none() {
-        bail!(
-            "`wrap -- train` runs the built-in trainer, which this build does not have (built \
-             without the `torch` feature); wrap a program instead (e.g. `-- python train.py`)"
-        );
     }
     // Install handlers first: a warning that arrives during start-up must not kill us.
     let signals = signals::install().context("install signal handlers")?;
@@ -149,7 +122,7 @@ pub fn run(mut args: WrapArgs) -> Result<i32> {
     store.journal().record(
         "allocation_start",
         json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count, "host": host,
-               "pid": std::process::id(), "command": args.command}),
+               "pid": std::process::id(), "command": command}),
     )?;
     tracing::info!(run_dir = %run_dir.display(), job = ?job.as_ref().map(|j| &j.job_id), restart_count, "allocation started");
 
@@ -161,9 +134,9 @@ pub fn run(mut args: WrapArgs) -> Result<i32> {
         warn_sig: Sig::from_name(&cfg.signals.warn).expect("validated"),
         child_sig: Sig::from_name(&cfg.signals.child).expect("validated"),
     };
-    let ran = match args.in_process.as_mut() {
-        Some(trainer) if builtin => run_in_process(&ctx, &mut store, trainer.as_mut()),
-        _ => run_child(&ctx, &mut store, &args.command),
+    let ran = match &mut args.workload {
+        Workload::InProcess(trainer) => run_in_process(&ctx, &mut store, trainer.as_mut()),
+        Workload::Program(command) => run_child(&ctx, &mut store, command),
     };
     let ran = match ran {
         Ok(r) => r,
@@ -267,11 +240,9 @@ fn note_stop(
 
 /// The built-in trainer in this process: signals become its `stop` callback.
 fn run_in_process(ctx: &Ctx, store: &mut Store, trainer: &mut dyn InProcess) -> Result<Ran> {
-    let resume = store.load_latest()?;
     store.journal().record(
         "child_started",
-        json!({"pid": std::process::id(), "in_process": true,
-               "resume_step": resume.as_ref().map(|l| l.manifest.step)}),
+        json!({"pid": std::process::id(), "in_process": true}),
     )?;
     let first: std::cell::Cell<Option<(Sig, Instant)>> = std::cell::Cell::new(None);
     let stop = || {
@@ -283,7 +254,9 @@ fn run_in_process(ctx: &Ctx, store: &mut Store, trainer: &mut dyn InProcess) -> 
         first.get().is_some()
     };
     let started = Instant::now();
-    let result = trainer.run(store, resume, &stop);
+    let commits_before = commits_so_far(&ctx.run_dir);
+    let result = trainer.run(store, &stop);
+    let commits = commits_so_far(&ctx.run_dir) - commits_before;
     let stop = first.get();
     if let Some((sig, at)) = stop {
         let warned = sig == ctx.warn_sig;
@@ -300,9 +273,10 @@ fn run_in_process(ctx: &Ctx, store: &mut Store, trainer: &mut dyn InProcess) -> 
             json!({"signal": sig.name(), "seconds_since_signal": at.elapsed().as_secs_f64()}),
         )?;
     }
-    let (completed, commits, failure) = match &result {
-        Ok(o) => (o.completed, o.commits, None),
-        Err(e) => (false, 0, Some(format!("the trainer failed: {e:#}"))),
+    let save_failed_stop = matches!(&result, Err(f) if f.kind == FailureKind::SaveFailed);
+    let (completed, failure) = match &result {
+        Ok(end) => (*end == InProcessEnd::Completed, None),
+        Err(e) => (false, Some(format!("the trainer failed: {e}"))),
     };
     if let Some(f) = &failure {
         tracing::error!(error = %f, "training failed");
@@ -320,8 +294,17 @@ fn run_in_process(ctx: &Ctx, store: &mut Store, trainer: &mut dyn InProcess) -> 
         },
         failure,
         completed,
-        save_failed_stop: false,
+        save_failed_stop,
     })
+}
+
+/// Commits journaled so far (the in-process trainer commits through the store itself).
+fn commits_so_far(run_dir: &Path) -> u32 {
+    journal::read_all(run_dir)
+        .0
+        .iter()
+        .filter(|e| e["event"] == "checkpoint_committed")
+        .count() as u32
 }
 
 /// A program as a child: the child protocol, the stop sequence, commits of what it stages.

@@ -116,6 +116,8 @@ pub enum TrainError {
         found: f32,
         found_bits: u32,
     },
+    #[error("cannot load a checkpoint to resume from: {0}")]
+    Load(#[source] StorageError),
     #[error("step {step}: the training loss is {loss}; training diverged")]
     NonFinite { step: u64, loss: f64 },
     #[error("saving the checkpoint of step {step} failed: {source}")]
@@ -186,8 +188,18 @@ pub struct TrainerState {
 
 static TRAINER: Mutex<()> = Mutex::new(());
 
-/// Train the job of `cfg`, committing checkpoints to `store`, from `resume` when given (a
-/// verified checkpoint of this run, e.g. [`Store::load_latest`]).
+/// Where a run resumes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The run dir's resume point (the pointer's checkpoint, falling back when it is unusable).
+    Auto,
+    /// Never: refuse a run dir that holds checkpoints.
+    Never,
+    /// This checkpoint dir (verified first).
+    From(std::path::PathBuf),
+}
+
+/// Train the job of `cfg`, committing checkpoints to `store`, resuming as `resume` says.
 ///
 /// `stop` is asked once at every step boundary while work is left, including once before the
 /// first step of this call (so the i-th call, from 0, happens at global step `start + i`). When
@@ -197,13 +209,35 @@ static TRAINER: Mutex<()> = Mutex::new(());
 pub fn run(
     cfg: &JobConfig,
     store: &mut Store,
-    resume: Option<Loaded>,
+    resume: &Resume,
     stop: &dyn Fn() -> bool,
 ) -> Result<Outcome, TrainError> {
     let _one_at_a_time = TRAINER.lock().unwrap_or_else(|p| p.into_inner());
     let tc = TrainConfig::from_job(cfg)?;
+    let loaded = match resume {
+        Resume::Auto => store.load_latest().map_err(TrainError::Load)?,
+        Resume::Never => {
+            if !store.run_dir().list().is_empty() {
+                return Err(TrainError::Resume {
+                    checkpoint: store.run_dir().root().display().to_string(),
+                    reason: "--resume never, but the run dir already holds checkpoints: use a \
+                             new run dir (or --resume auto)"
+                        .into(),
+                });
+            }
+            None
+        }
+        Resume::From(p) => Some(
+            crate::storage::verify::load_checkpoint(p).map_err(|faults| {
+                TrainError::Load(StorageError::Corrupt {
+                    dir: p.clone(),
+                    faults,
+                })
+            })?,
+        ),
+    };
     let mut t = Trainer::new(tc, store)?;
-    if let Some(loaded) = resume {
+    if let Some(loaded) = loaded {
         t.restore(&loaded)?;
     }
     t.train(store, stop)

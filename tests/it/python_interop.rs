@@ -4,12 +4,10 @@
 //!
 //! Needs the project venv (`tests/setup-python.sh`); `HPC_CKPT_PYTHON` overrides the interpreter.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use hpc_ckpt::storage::run_dir::holder;
 use hpc_ckpt::storage::safetensors::{byte_len, parse_bytes, Dtype};
 use hpc_ckpt::storage::{CommitMeta, FileSource, RetentionPolicy, Snapshot, Store, TensorData};

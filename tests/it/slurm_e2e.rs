@@ -8,13 +8,11 @@
 //! - a program that always crashes: the chain stops after `max_no_progress`, saying why;
 //! - `scancel` by the user: checkpoint, no requeue.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 static NODE: Mutex<()> = Mutex::new(());
 
@@ -70,7 +68,7 @@ fn write_config(
 /// Render the config's sbatch script through the real `hpc-ckpt sbatch` and submit it.
 fn submit_config(conf: &str, cfg: &Path) -> String {
     let script = cfg.with_extension("sbatch");
-    let o = common::run(&[
+    let o = crate::common::run(&[
         "sbatch",
         "--config",
         cfg.to_str().unwrap(),
@@ -116,7 +114,7 @@ fn train_args(steps: u32) -> Vec<String> {
 }
 
 fn dump(run: &Path) -> String {
-    let o = common::run(&["status", run.to_str().unwrap()]);
+    let o = crate::common::run(&["status", run.to_str().unwrap()]);
     let mut s = text(&o);
     for e in std::fs::read_dir(run).into_iter().flatten().flatten() {
         if e.file_name().to_string_lossy().starts_with("slurm-") {
@@ -170,7 +168,7 @@ fn three_interruptions(
     let straight_dir = tmp.path().join("straight");
     std::fs::create_dir_all(&straight_dir).unwrap();
     let (cfg, straight) = write_config(&straight_dir, name, straight_command, extra_yaml);
-    let o = common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
+    let o = crate::common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
         .env_remove("SLURM_JOB_ID")
         .output()
         .unwrap();
@@ -274,7 +272,7 @@ fn three_interruptions(
         dump(&run)
     );
     assert_eq!(*codes.last().unwrap(), 0);
-    let st = common::run(&["status", "--json", run.to_str().unwrap()]);
+    let st = crate::common::run(&["status", "--json", run.to_str().unwrap()]);
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["run"]["state"], "done", "{}", dump(&run));
     let allocs = st["run"]["allocations"].as_array().unwrap();
@@ -323,7 +321,7 @@ fn a_program_that_always_crashes_stops_after_max_no_progress() {
     assert_eq!(ends[0]["decision"], "requeue");
     assert_eq!(ends[1]["exit_code"], 13);
     assert!(ends[1]["reason"].as_str().unwrap().contains("crash loop"));
-    let st = common::run(&["status", run.to_str().unwrap()]);
+    let st = crate::common::run(&["status", run.to_str().unwrap()]);
     assert!(
         text(&st).contains("STOPPED") && text(&st).contains("crash loop"),
         "{}",

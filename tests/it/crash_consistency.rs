@@ -9,14 +9,12 @@
 //! Seed: `HPC_CKPT_TEST_SEED` (printed). Process kills leave the page cache intact, so this tests
 //! ordering and atomicity of the protocol, not the durability of fsync across power loss.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hpc_ckpt::storage::pointer::{self, Pointer};
 use hpc_ckpt::storage::run_dir::RunDir;
 use hpc_ckpt::storage::verify::verify_checkpoint;
@@ -219,6 +217,6 @@ fn sigkill_at_random_instants_never_breaks_the_store() {
         "kills landed in too few phases: {phases:?}"
     );
     // The final verify of the whole run dir through the CLI agrees.
-    let o = common::run(&["verify", run.to_str().unwrap()]);
+    let o = crate::common::run(&["verify", run.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
 }

@@ -2,13 +2,11 @@
 //! writer. Each must be detected, reported with the file and the reason, and answered by a
 //! fallback — and nothing that verified may be deleted or overwritten.
 
-mod common;
-
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use hpc_ckpt::storage::checksum::hex_of;
 use hpc_ckpt::storage::manifest::{Manifest, MANIFEST_FILE};
 use hpc_ckpt::storage::run_dir::{holder, RunDir};
@@ -72,7 +70,7 @@ fn status_json(run: &Path) -> Value {
 }
 
 fn run_status(run: &Path) -> std::process::Output {
-    common::run(&["status", "--json", run.to_str().unwrap()])
+    crate::common::run(&["status", "--json", run.to_str().unwrap()])
 }
 
 fn rewrite_manifest(dir: &Path, f: impl FnOnce(&mut Manifest)) {
@@ -315,7 +313,7 @@ fn every_bad_input_is_reported_and_answered_by_a_fallback() {
         let before = verified_contents(run);
 
         // verify: exit code and a line naming the file and reason.
-        let o = common::run(&["verify", run.to_str().unwrap()]);
+        let o = crate::common::run(&["verify", run.to_str().unwrap()]);
         let out = text(&o);
         assert_eq!(
             o.status.code(),
@@ -363,7 +361,7 @@ fn every_bad_input_is_reported_and_answered_by_a_fallback() {
         // Then a new commit goes through, and nothing that verified was deleted or changed.
         let src = root.join("src");
         make_src(&src, &[("state.json", 100)], 1);
-        let o = common::run(&[
+        let o = crate::common::run(&[
             "commit",
             "--run-dir",
             run.to_str().unwrap(),
@@ -448,7 +446,7 @@ fn commit_refuses_bad_sources_and_changes_nothing() {
             fs::write(src.join("ok.bin"), "x").unwrap();
         }
         setup(&src);
-        let o = common::run(&[
+        let o = crate::common::run(&[
             "commit",
             "--run-dir",
             run.to_str().unwrap(),
@@ -465,7 +463,7 @@ fn commit_refuses_bad_sources_and_changes_nothing() {
         assert_eq!(snapshot(), before, "[{name}] run dir changed");
     }
     // Bad flags are usage errors.
-    let o = common::run(&[
+    let o = crate::common::run(&[
         "commit",
         "--run-dir",
         run.to_str().unwrap(),
@@ -580,7 +578,7 @@ fn real_enospc_on_a_small_tmpfs() {
     // Too big to ever fit: refused up front, with numbers.
     let huge = tmp.path().join("huge");
     make_src(&huge, &[("a.bin", 8 << 20)], 2);
-    let o = common::run(&[
+    let o = crate::common::run(&[
         "commit",
         "--run-dir",
         run.to_str().unwrap(),
@@ -611,7 +609,7 @@ fn real_enospc_on_a_small_tmpfs() {
         .unwrap()
         .success();
     assert!(ok, "remount with an inode cap");
-    let o = common::run(&[
+    let o = crate::common::run(&[
         "commit",
         "--run-dir",
         run.to_str().unwrap(),
@@ -647,7 +645,7 @@ fn a_second_writer_fails_at_once_naming_the_holder() {
     me.host = "node-a".into();
     let _store = Store::open(&run, &me, RetentionPolicy::default()).unwrap();
     let t = std::time::Instant::now();
-    let o = common::run(&[
+    let o = crate::common::run(&[
         "commit",
         "--run-dir",
         run.to_str().unwrap(),
@@ -702,7 +700,7 @@ fn racing_writers_never_corrupt_the_run() {
                 other => panic!("unexpected exit {other:?}: {}", text(&o)),
             }
         }
-        let o = common::run(&["verify", run.to_str().unwrap()]);
+        let o = crate::common::run(&["verify", run.to_str().unwrap()]);
         assert!(o.status.success(), "{}", text(&o));
     }
     eprintln!("racing writers: {won} committed, {locked} refused by the lock");

@@ -12,9 +12,6 @@
 //! interpreter. The benchmark (`bench_step_10m_params`, ignored by default) prints timings:
 //! `cargo test --test optim_parity -- --ignored --nocapture` (the work is in libtorch, and the
 //! dev profile already optimises dependencies, tch included: release changes little).
-#![cfg(feature = "torch")]
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,7 +19,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
-use common::{python, repo};
+use crate::common::{python, repo};
 use hpc_ckpt::storage::run_dir::holder;
 use hpc_ckpt::storage::{CommitMeta, FileSource, RetentionPolicy, Snapshot, Store};
 use hpc_ckpt::train::ffi;

@@ -5,12 +5,10 @@
 //! Starts the local cluster (`sbatch/local-cluster.sh start`, idempotent) and leaves it running:
 //! other tests share it, and tests/ci.sh stops it.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{cluster, slurm, text};
+use crate::common::{cluster, slurm, text};
 use hpc_ckpt::config::JobConfig;
 use hpc_ckpt::slurm::template::render;
 

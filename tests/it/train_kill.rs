@@ -3,13 +3,11 @@
 //! committed checkpoint and redoes the lost steps; the run ends byte-identical to a straight one,
 //! and every step's loss is identical in both runs (redone steps included).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -108,7 +106,7 @@ fn sigkilled_training_resumes_byte_identical() {
     assert!(redone > 0, "the kills should have cost some redone steps");
     eprintln!("redone steps after 3 SIGKILLs: {redone}");
     // The journal shows three allocations that never said how they ended.
-    let o = common::run(&["status", "--json", run.to_str().unwrap()]);
+    let o = crate::common::run(&["status", "--json", run.to_str().unwrap()]);
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let silent = s["run"]["allocations"]
         .as_array()

@@ -9,7 +9,8 @@ use anyhow::Result;
 use hpc_ckpt::config::JobConfig;
 use hpc_ckpt::storage::verify::Loaded;
 use hpc_ckpt::storage::{CommitMeta, FileSource, Snapshot, Store};
-use hpc_ckpt::supervision::wrap::{run, InProcess, InProcessOutcome, WrapArgs};
+use hpc_ckpt::supervision::workload::{Failure, InProcess, InProcessEnd, Workload};
+use hpc_ckpt::supervision::wrap::{run, WrapArgs};
 
 /// Counts to `total`, committing every 5 steps; sends itself USR1 at `signal_at`.
 struct Counter {
@@ -19,21 +20,18 @@ struct Counter {
 }
 
 impl InProcess for Counter {
-    fn run(
-        &mut self,
-        store: &mut Store,
-        resume: Option<Loaded>,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<InProcessOutcome> {
+    fn run(&mut self, store: &mut Store, stop: &dyn Fn() -> bool) -> Result<InProcessEnd, Failure> {
+        let resume: Option<Loaded> = store.load_latest().map_err(anyhow::Error::from)?;
         let mut step = match &resume {
-            Some(l) => String::from_utf8(l.files["state.json"].clone())?
+            Some(l) => String::from_utf8(l.files["state.json"].clone())
+                .map_err(anyhow::Error::from)?
                 .trim()
-                .parse()?,
+                .parse()
+                .map_err(anyhow::Error::from)?,
             None => 0u64,
         };
         self.resumed_from = resume.map(|l| l.manifest.step);
-        let mut commits = 0;
-        let mut commit = |store: &mut Store, step: u64| -> Result<()> {
+        let commit = |store: &mut Store, step: u64| -> Result<()> {
             let mut snap = Snapshot::new();
             snap.add(
                 "state.json",
@@ -46,20 +44,17 @@ impl InProcess for Counter {
                     ..Default::default()
                 },
             )?;
-            commits += 1;
             Ok(())
         };
         while step < self.total {
             if stop() {
                 commit(store, step)?;
-                return Ok(InProcessOutcome {
-                    completed: false,
-                    commits,
-                });
+                return Ok(InProcessEnd::Stopped);
             }
             step += 1;
             if Some(step) == self.signal_at {
-                nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR1)?;
+                nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR1)
+                    .map_err(anyhow::Error::from)?;
                 // Delivery to the signal thread is asynchronous: give it a moment.
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
@@ -67,10 +62,7 @@ impl InProcess for Counter {
                 commit(store, step)?;
             }
         }
-        Ok(InProcessOutcome {
-            completed: true,
-            commits,
-        })
+        Ok(InProcessEnd::Completed)
     }
 }
 
@@ -79,8 +71,7 @@ fn wrap(run_dir: &Path, trainer: Counter) -> Result<i32> {
     run(WrapArgs {
         config: JobConfig::parse("name: counter\n").unwrap(),
         run_dir: run_dir.to_path_buf(),
-        command: vec!["train".into()],
-        in_process: Some(Box::new(trainer)),
+        workload: Workload::InProcess(Box::new(trainer)),
     })
 }
 
@@ -122,10 +113,11 @@ fn warning_signal_checkpoints_in_process_and_the_next_run_resumes() {
     assert_eq!(ends[0]["ending"], "warning_signal");
     assert_eq!(ends[0]["decision"], "requeue");
     assert_eq!(ends[1]["ending"], "completed");
-    let starts: Vec<_> = events
+    let loads: Vec<_> = events
         .iter()
-        .filter(|e| e["event"] == "child_started")
+        .filter(|e| e["event"] == "checkpoint_loaded")
         .collect();
-    assert_eq!(starts[1]["resume_step"], 7);
+    assert_eq!(loads.len(), 1, "the second allocation loaded the checkpoint");
+    assert_eq!(loads[0]["step"], 7);
     assert!(events.iter().any(|e| e["event"] == "run_done"));
 }

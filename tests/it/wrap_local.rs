@@ -3,13 +3,11 @@
 //! byte-identical to a straight one; a crash loop stops after `max_no_progress`; a finished run
 //! is not requeued; a child that ignores signals is escalated to TERM and KILL.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -144,7 +142,7 @@ fn interrupted_python_run_ends_byte_identical_to_a_straight_run() {
     // A finished run started again: nothing to do, no requeue.
     let o = wait_out(train_cmd(&run, &[]).spawn().unwrap());
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let st = common::run(&["status", "--json", run.to_str().unwrap()]);
+    let st = crate::common::run(&["status", "--json", run.to_str().unwrap()]);
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["run"]["state"], "done", "{st:#}");
 }
@@ -160,7 +158,7 @@ fn a_crash_loop_stops_after_max_no_progress() {
 ",
     );
     let go = || {
-        common::cmd(&[
+        crate::common::cmd(&[
             "wrap",
             "--config",
             cfg.to_str().unwrap(),
@@ -191,7 +189,7 @@ fn a_crash_loop_stops_after_max_no_progress() {
         .unwrap();
     assert_eq!(last["decision"], "stop");
     assert!(last["reason"].as_str().unwrap().contains("max_no_progress"));
-    let st = common::run(&["status", run.to_str().unwrap()]);
+    let st = crate::common::run(&["status", run.to_str().unwrap()]);
     assert!(text(&st).contains("crash loop"), "{}", text(&st));
 }
 
@@ -214,7 +212,7 @@ printf 'x' > "$HPC_CKPT_STAGING/model.bin"
 printf '{"step": 8}' > "$HPC_CKPT_COMMIT_REQUEST.tmp"; mv "$HPC_CKPT_COMMIT_REQUEST.tmp" "$HPC_CKPT_COMMIT_REQUEST"
 touch "$HPC_CKPT_RUN_DIR/ready"
 while true; do sleep 0.1; done"#;
-    let c = common::cmd(&[
+    let c = crate::common::cmd(&[
         "wrap",
         "--config",
         cfg.to_str().unwrap(),
@@ -273,7 +271,7 @@ printf 'a' > "$HPC_CKPT_STAGING/a.bin"; ask 'not json'
 ln -s /etc/passwd "$HPC_CKPT_STAGING/evil"; ask '{"step": 1}'
 printf 'b' > "$HPC_CKPT_STAGING/b.bin"; ask '{"step": 2, "metrics": {"loss": 0.5}, "done": true}'
 test -z "$(ls -A "$HPC_CKPT_STAGING")""#;
-    let o = common::cmd(&[
+    let o = crate::common::cmd(&[
         "wrap",
         "--run-dir",
         run.to_str().unwrap(),
@@ -312,7 +310,7 @@ fn wrap_refuses_what_it_cannot_run() {
     let run = tmp.path().join("run");
     // `-- train` is the built-in trainer: it needs a model in the config (exit 7), or, in a
     // build without it, says so (exit 1). Nothing is started either way.
-    let o = common::run(&["wrap", "--run-dir", run.to_str().unwrap(), "--", "train"]);
+    let o = crate::common::run(&["wrap", "--run-dir", run.to_str().unwrap(), "--", "train"]);
     if cfg!(feature = "torch") {
         assert_eq!(o.status.code(), Some(7), "{}", text(&o));
         assert!(text(&o).contains("model: missing"), "{}", text(&o));
@@ -323,14 +321,14 @@ fn wrap_refuses_what_it_cannot_run() {
     assert!(!run.join("journal.jsonl").exists(), "nothing ran");
     let cfg = tmp.path().join("bad.yaml");
     std::fs::write(&cfg, "name: x\ncheckpoint:\n  keep_lst: 2\n").unwrap();
-    let o = common::run(&["wrap", "--config", cfg.to_str().unwrap(), "--", "true"]);
+    let o = crate::common::run(&["wrap", "--config", cfg.to_str().unwrap(), "--", "true"]);
     assert_eq!(o.status.code(), Some(7), "{}", text(&o));
     assert!(
         text(&o).contains("bad.yaml") && text(&o).contains("keep_lst"),
         "{}",
         text(&o)
     );
-    let o = common::run(&[
+    let o = crate::common::run(&[
         "wrap",
         "--run-dir",
         run.to_str().unwrap(),
