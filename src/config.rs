@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::storage::retention::{Best, Periodic, RetentionPolicy};
+use crate::supervision::signals::Sig;
 
 /// A config error: the file, the key path, and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +80,7 @@ pub enum OnSaveError {
     /// Log, journal, keep training; the previous checkpoint stays the resume point.
     #[default]
     Continue,
-    /// Stop the job (exit code 5) without requeueing.
+    /// Stop the job without requeueing (exit code 12, decision `stop`, the failed save named).
     Stop,
 }
 
@@ -103,6 +104,11 @@ pub struct CheckpointConfig {
     pub milestones: Vec<u64>,
     #[serde(default)]
     pub on_save_error: OnSaveError,
+    /// `wrap`: let a program commit a step older than the newest checkpoint (the pointer then
+    /// moves back). Off by default: committed steps only grow, and a request for an older step
+    /// (usually a program that restarted from scratch) is refused.
+    #[serde(default)]
+    pub allow_step_backwards: bool,
 }
 
 fn default_keep_last() -> Option<usize> {
@@ -119,6 +125,7 @@ impl Default for CheckpointConfig {
             periodic: None,
             milestones: Vec::new(),
             on_save_error: OnSaveError::Continue,
+            allow_step_backwards: false,
         }
     }
 }
@@ -166,17 +173,17 @@ impl Default for RequeueConfig {
 pub struct SignalConfig {
     /// The early warning Slurm sends (`--signal=B:<warn>@<lead>`): checkpoint, requeue, exit.
     #[serde(default = "default_warn")]
-    pub warn: String,
+    pub warn: Sig,
     /// What `wrap` sends the child to ask for a checkpoint and exit.
     #[serde(default = "default_warn")]
-    pub child: String,
+    pub child: Sig,
     /// Seconds the child gets after the signal before TERM, then KILL.
     #[serde(default = "default_grace")]
     pub grace_seconds: u64,
 }
 
-fn default_warn() -> String {
-    "USR1".into()
+fn default_warn() -> Sig {
+    Sig::Usr1
 }
 fn default_grace() -> u64 {
     60
@@ -243,9 +250,6 @@ impl Default for SlurmConfig {
     }
 }
 
-/// Signal names accepted in `signals:`.
-pub const SIGNALS: [&str; 5] = ["USR1", "USR2", "TERM", "INT", "HUP"];
-
 impl JobConfig {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
@@ -290,14 +294,6 @@ impl JobConfig {
         ck.retention()
             .validate()
             .map_err(|e| format!("checkpoint: {e}"))?;
-        for (key, v) in [
-            ("signals.warn", &self.signals.warn),
-            ("signals.child", &self.signals.child),
-        ] {
-            if !SIGNALS.contains(&v.as_str()) {
-                return Err(format!("{key}: {v:?} is not one of {}", SIGNALS.join(", ")));
-            }
-        }
         if self.requeue.max_no_progress == 0 {
             return Err("requeue.max_no_progress: must be at least 1".into());
         }
@@ -421,7 +417,7 @@ mod tests {
         assert_eq!(c.run_dir(), PathBuf::from("runs/demo"));
         assert_eq!(c.checkpoint.keep_last, Some(3));
         assert_eq!(c.requeue.max_no_progress, 3);
-        assert_eq!(c.signals.warn, "USR1");
+        assert_eq!(c.signals.warn, Sig::Usr1);
         assert_eq!(c.slurm.signal_lead, 120);
     }
 

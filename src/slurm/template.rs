@@ -20,7 +20,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use crate::config::{JobConfig, SIGNALS};
+use crate::config::JobConfig;
 
 /// The template, with `{{header}}`, `{{directives}}`, `{{setup}}`, `{{workdir}}` and `{{exec}}`.
 pub const TEMPLATE: &str = include_str!("../../templates/auto_resume.sbatch");
@@ -307,13 +307,7 @@ fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, RenderErro
 
     lines.push("#SBATCH --requeue".into());
     lines.push("#SBATCH --open-mode=append".into());
-    let warn = &cfg.signals.warn;
-    if !SIGNALS.contains(&warn.as_str()) {
-        return Err(err(
-            "signals.warn",
-            format!("{warn:?} is not one of {}", SIGNALS.join(", ")),
-        ));
-    }
+    let warn = cfg.signals.warn.name();
     if s.signal_lead > MAX_SIGNAL_LEAD {
         return Err(err(
             "slurm.signal_lead",

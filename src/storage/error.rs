@@ -38,6 +38,18 @@ pub enum StorageError {
     )]
     Locked { run_dir: PathBuf, holder: String },
     #[error(
+        "cannot lock {path}: the file system does not support flock ({source}). Some NFS and \
+         Lustre mounts refuse locks (Lustre without -o flock, NFS without a lock manager); \
+         hpc-ckpt will not write a run dir it cannot lock, because two allocations writing one \
+         run at once would corrupt it. Put the run dir on a file system with locks (e.g. Lustre \
+         mounted with -o flock, a local or GPFS path), or ask your admins which mounts have them"
+    )]
+    LockUnsupported {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
         "not enough disk space for checkpoint step {step} in {dir}: needs {need} bytes, {free} bytes \
          free (after applying retention); every committed checkpoint is intact — free space or lower \
          keep_last"

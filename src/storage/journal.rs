@@ -1,13 +1,18 @@
 //! `journal.jsonl`: the run's append-only history, one JSON object a line, fsynced per event.
 //!
-//! Every commit, fallback, deletion and error is recorded, and the supervisor adds allocations,
-//! signals and requeue decisions. Each line has `ts` (RFC 3339) and `event`; the other fields
-//! depend on the event. Readers skip a torn last line (a crash mid-append) instead of failing.
+//! Every commit, fallback, deletion and error is recorded ([`StoreEvent`]), and the supervisor
+//! adds allocations, signals and requeue decisions (its own event type, in `supervision`). Each
+//! line has `ts` (RFC 3339) and `event` (the serde tag); the other fields depend on the event.
+//! Events are typed where they are written ([`Journal::append`]) and where they are read; a
+//! reader tolerates events it does not know, and skips a torn last line (a crash mid-append)
+//! instead of failing.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::{IoContext, Result};
@@ -52,7 +57,22 @@ impl Journal {
         Ok(Journal { file, path })
     }
 
-    /// Append one event durably. `fields` must be a JSON object (or null).
+    /// Append one typed event durably. `event` must serialize to a JSON object whose `event`
+    /// field names it (a `#[serde(tag = "event")]` enum).
+    pub fn append<E: Serialize>(&mut self, event: &E) -> Result<()> {
+        let Value::Object(mut fields) = serde_json::to_value(event).expect("events serialize")
+        else {
+            panic!("a journal event must serialize to a JSON object");
+        };
+        let name = match fields.remove("event") {
+            Some(Value::String(n)) => n,
+            _ => panic!("a journal event must carry its name in `event`"),
+        };
+        self.record(&name, Value::Object(fields))
+    }
+
+    /// Append one event durably from its name and fields. `fields` must be a JSON object (or
+    /// null). Prefer [`Journal::append`] with a typed event.
     pub fn record(&mut self, event: &str, fields: Value) -> Result<()> {
         let mut obj = Map::new();
         obj.insert("ts".into(), Value::String(now_rfc3339()));
@@ -67,6 +87,60 @@ impl Journal {
             .and_then(|_| self.file.sync_data())
             .ctx(|| format!("append to {}", self.path.display()))
     }
+}
+
+/// A file and what is wrong with it, as journaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultRecord {
+    pub file: String,
+    pub reason: String,
+}
+
+impl From<&super::error::Fault> for FaultRecord {
+    fn from(f: &super::error::Fault) -> Self {
+        FaultRecord {
+            file: f.file.clone(),
+            reason: f.reason.clone(),
+        }
+    }
+}
+
+/// What the store journals about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum StoreEvent {
+    /// A checkpoint is durable and the pointer names it.
+    CheckpointCommitted {
+        checkpoint: String,
+        step: u64,
+        #[serde(default)]
+        epoch: Option<u64>,
+        bytes: u64,
+        seconds: f64,
+        #[serde(default)]
+        replaced: bool,
+        #[serde(default)]
+        metrics: BTreeMap<String, f64>,
+    },
+    /// Retention deleted a checkpoint.
+    CheckpointDeleted { checkpoint: String, reason: String },
+    /// A save failed; every committed checkpoint is intact.
+    SaveFailed { step: u64, error: String },
+    /// A checkpoint was not used: it does not verify, or (the trainer) does not restore.
+    CheckpointRefused {
+        checkpoint: String,
+        faults: Vec<FaultRecord>,
+    },
+    /// The resume point is not what the pointer names.
+    Fallback { checkpoint: String, step: u64 },
+    /// A checkpoint was read into memory to resume from.
+    CheckpointLoaded { checkpoint: String, step: u64 },
+    /// Checkpoints exist but none verifies.
+    LoadFailed { detail: String },
+    /// Temp entries of an interrupted writer were removed.
+    TempRemoved { entries: Vec<String> },
+    /// The pointer was moved to a durable checkpoint it did not name.
+    PointerAdopted { checkpoint: String, reason: String },
 }
 
 /// Read every well-formed event of a run's journal (missing journal: none). Lines that do not
@@ -92,6 +166,22 @@ pub fn read_all(run_dir: &Path) -> (Vec<Value>, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_events_round_trip_with_their_tag() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(d.path()).unwrap();
+        let e = StoreEvent::Fallback {
+            checkpoint: "step-000000000004".into(),
+            step: 4,
+        };
+        j.append(&e).unwrap();
+        let (ev, _) = read_all(d.path());
+        assert_eq!(ev[0]["event"], "fallback");
+        assert!(ev[0]["ts"].is_string());
+        let back: StoreEvent = serde_json::from_value(ev[0].clone()).unwrap();
+        assert_eq!(back, e);
+    }
 
     #[test]
     fn append_and_read_skipping_torn_line() {

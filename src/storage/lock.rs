@@ -53,13 +53,16 @@ impl RunLock {
             .truncate(false)
             .open(&path)
             .ctx(|| format!("open {}", path.display()))?;
-        if FileExt::try_lock_exclusive(&file).is_err() {
-            let holder = read_holder(&mut file)
-                .map(|h| h.to_string())
-                .unwrap_or_else(|| "holder unknown".into());
-            return Err(StorageError::Locked {
-                run_dir: run_dir.to_path_buf(),
-                holder,
+        if let Err(e) = FileExt::try_lock_exclusive(&file) {
+            return Err(match classify(&e) {
+                LockFailure::Contended => StorageError::Locked {
+                    run_dir: run_dir.to_path_buf(),
+                    holder: read_holder(&mut file)
+                        .map(|h| h.to_string())
+                        .unwrap_or_else(|| "holder unknown".into()),
+                },
+                LockFailure::Unsupported => StorageError::LockUnsupported { path, source: e },
+                LockFailure::Other => StorageError::io(format!("lock {}", path.display()), e),
             });
         }
         let text = serde_json::to_string(me).expect("holder serializes") + "\n";
@@ -83,6 +86,26 @@ impl Drop for RunLock {
     }
 }
 
+/// Why `flock` failed: another holder (the only case that means "another writer"), a file
+/// system without locks, or some other I/O error — told apart as cargo's `flock.rs` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockFailure {
+    Contended,
+    Unsupported,
+    Other,
+}
+
+fn classify(e: &std::io::Error) -> LockFailure {
+    use nix::libc;
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => LockFailure::Contended,
+        Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS) => LockFailure::Unsupported,
+        _ if e.kind() == std::io::ErrorKind::WouldBlock => LockFailure::Contended,
+        _ if e.kind() == std::io::ErrorKind::Unsupported => LockFailure::Unsupported,
+        _ => LockFailure::Other,
+    }
+}
+
 fn read_holder(file: &mut File) -> Option<Holder> {
     let mut s = String::new();
     file.seek(SeekFrom::Start(0)).ok()?;
@@ -103,4 +126,56 @@ pub fn probe(run_dir: &Path) -> Option<Holder> {
         job_id: None,
         since: "unknown".into(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::libc;
+    use std::io::Error;
+
+    #[test]
+    fn contention_and_unsupported_locks_are_told_apart() {
+        assert_eq!(
+            classify(&Error::from_raw_os_error(libc::EWOULDBLOCK)),
+            LockFailure::Contended
+        );
+        for errno in [libc::ENOLCK, libc::EOPNOTSUPP, libc::ENOSYS] {
+            assert_eq!(
+                classify(&Error::from_raw_os_error(errno)),
+                LockFailure::Unsupported,
+                "errno {errno}"
+            );
+        }
+        assert_eq!(
+            classify(&Error::from_raw_os_error(libc::EIO)),
+            LockFailure::Other
+        );
+        let msg = StorageError::LockUnsupported {
+            path: "/nfs/run/run.lock".into(),
+            source: Error::from_raw_os_error(libc::ENOLCK),
+        }
+        .to_string();
+        assert!(
+            msg.contains("/nfs/run/run.lock") && msg.contains("does not support flock"),
+            "{msg}"
+        );
+        assert!(!msg.contains("another writer"), "{msg}");
+    }
+
+    #[test]
+    fn a_second_holder_is_contention() {
+        let d = tempfile::tempdir().unwrap();
+        let me = Holder {
+            pid: 1,
+            host: "h".into(),
+            job_id: None,
+            since: "now".into(),
+        };
+        let _held = RunLock::acquire(d.path(), &me).unwrap();
+        match RunLock::acquire(d.path(), &me) {
+            Err(StorageError::Locked { holder, .. }) => assert!(holder.contains("pid 1")),
+            other => panic!("expected Locked, got {other:?}"),
+        }
+    }
 }

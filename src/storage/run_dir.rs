@@ -1,19 +1,19 @@
 //! A run directory: its layout, read-only inspection ([`RunDir`]), and the single writer
 //! ([`Store`]) that commits, loads with fallback, and applies retention.
 //!
-//! Layout (DESIGN.md): `run.lock`, `journal.jsonl`, `last_checkpoint`, `checkpoints/step-N/`,
-//! `checkpoints/.tmp-*` (in-progress writes, never read, removed when a writer opens the run).
+//! What the store owns of a run dir: `run.lock`, `journal.jsonl`, `last_checkpoint`,
+//! `checkpoints/step-N/`, `checkpoints/.tmp-*` (in-progress writes, never read, removed when a
+//! writer opens the run). The rest of the layout (config copy, metrics, the child protocol's
+//! staging) belongs to the supervisor; README "Run directory" lists all of it.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde_json::json;
-
 use super::error::{Fault, IoContext, Result, StorageError};
 use super::fsutil::{fsync_dir, remove_dir_atomically, rename_dir_into_place, Renamed};
-use super::journal::{now_rfc3339, Journal};
+use super::journal::{now_rfc3339, FaultRecord, Journal, StoreEvent};
 use super::lock::{Holder, RunLock};
 use super::manifest::{checkpoint_name, parse_checkpoint_name, Manifest, FORMAT, FORMAT_VERSION};
 use super::pointer::{self, Pointer};
@@ -230,7 +230,7 @@ impl Store {
                 .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .collect();
             tracing::info!(removed = ?names, "removed temp entries left by an interrupted writer");
-            journal.record("temp_removed", json!({ "entries": names }))?;
+            journal.append(&StoreEvent::TempRemoved { entries: names })?;
         }
         let mut store = Store {
             dir,
@@ -276,10 +276,10 @@ impl Store {
                 "last_checkpoint did not name the newest durable checkpoint (interrupted between \
                  rename and pointer swap, or pointer lost); pointer moved to it"
             );
-            self.journal.record(
-                "pointer_adopted",
-                json!({"checkpoint": l.name, "reason": "a committed checkpoint newer than last_checkpoint verifies"}),
-            )?;
+            self.journal.append(&StoreEvent::PointerAdopted {
+                checkpoint: l.name.clone(),
+                reason: "a committed checkpoint newer than last_checkpoint verifies".into(),
+            })?;
         }
         Ok(())
     }
@@ -293,10 +293,10 @@ impl Store {
             for f in faults {
                 tracing::error!(checkpoint = %name, file = %f.file, reason = %f.reason, "checkpoint refused");
             }
-            self.journal.record(
-                "checkpoint_refused",
-                json!({"checkpoint": name, "faults": faults.iter().map(|f| json!({"file": f.file, "reason": f.reason})).collect::<Vec<_>>()}),
-            )?;
+            self.journal.append(&StoreEvent::CheckpointRefused {
+                checkpoint: name.clone(),
+                faults: faults.iter().map(FaultRecord::from).collect(),
+            })?;
         }
         let Some((listed, manifest)) = res.chosen.clone() else {
             if res.refused.is_empty() {
@@ -316,8 +316,9 @@ impl Store {
                 })
                 .collect::<Vec<_>>()
                 .join("; ");
-            self.journal
-                .record("load_failed", json!({"detail": detail}))?;
+            self.journal.append(&StoreEvent::LoadFailed {
+                detail: detail.clone(),
+            })?;
             return Err(StorageError::NothingValid {
                 run_dir: self.dir.root().to_path_buf(),
                 detail,
@@ -325,10 +326,10 @@ impl Store {
         };
         if res.fell_back() {
             tracing::warn!(checkpoint = %listed.name, "FELL BACK to an older checkpoint: the newest could not be used (see errors above)");
-            self.journal.record(
-                "fallback",
-                json!({"checkpoint": listed.name, "step": listed.step}),
-            )?;
+            self.journal.append(&StoreEvent::Fallback {
+                checkpoint: listed.name.clone(),
+                step: listed.step,
+            })?;
         }
         Ok(Some((listed, manifest)))
     }
@@ -344,10 +345,10 @@ impl Store {
                 dir: listed.path.clone(),
                 faults,
             })?;
-        self.journal.record(
-            "checkpoint_loaded",
-            json!({"checkpoint": listed.name, "step": listed.step}),
-        )?;
+        self.journal.append(&StoreEvent::CheckpointLoaded {
+            checkpoint: listed.name.clone(),
+            step: listed.step,
+        })?;
         Ok(Some(loaded))
     }
 
@@ -359,10 +360,10 @@ impl Store {
         let result = self.commit_inner(snapshot, meta, started);
         if let Err(e) = &result {
             tracing::error!(step = meta.step, error = %e, "checkpoint save failed; committed checkpoints are intact");
-            let _ = self.journal.record(
-                "save_failed",
-                json!({"step": meta.step, "error": e.to_string()}),
-            );
+            let _ = self.journal.append(&StoreEvent::SaveFailed {
+                step: meta.step,
+                error: e.to_string(),
+            });
         }
         result
     }
@@ -418,11 +419,15 @@ impl Store {
         let bytes = manifest.total_bytes();
         let seconds = started.elapsed().as_secs_f64();
         tracing::debug!(phase = "journal", "recording commit");
-        self.journal.record(
-            "checkpoint_committed",
-            json!({"checkpoint": name, "step": meta.step, "epoch": meta.epoch, "bytes": bytes,
-                   "seconds": seconds, "replaced": renamed == Renamed::Exchanged, "metrics": meta.metrics}),
-        )?;
+        self.journal.append(&StoreEvent::CheckpointCommitted {
+            checkpoint: name.clone(),
+            step: meta.step,
+            epoch: meta.epoch,
+            bytes,
+            seconds,
+            replaced: renamed == Renamed::Exchanged,
+            metrics: meta.metrics.clone(),
+        })?;
         tracing::info!(checkpoint = %name, bytes, seconds = format!("{seconds:.3}"), "checkpoint committed");
         tracing::debug!(phase = "retention", "applying retention");
         let deleted = self.apply_retention()?;
@@ -514,10 +519,10 @@ impl Store {
         for name in &doomed {
             remove_dir_atomically(&self.dir.checkpoints_dir().join(name))?;
             tracing::info!(checkpoint = %name, "retention deleted checkpoint");
-            self.journal.record(
-                "checkpoint_deleted",
-                json!({"checkpoint": name, "reason": "retention"}),
-            )?;
+            self.journal.append(&StoreEvent::CheckpointDeleted {
+                checkpoint: name.clone(),
+                reason: "retention".into(),
+            })?;
         }
         Ok(doomed)
     }

@@ -1,5 +1,13 @@
 //! The supervised program: spawned in its own process group so that a signal reaches it and
 //! everything it started (data-loader workers, `torchrun` ranks), and reaped without blocking.
+//!
+//! The program dies with its supervisor: before `exec` the child asks the kernel for SIGKILL
+//! when its parent dies (`PR_SET_PDEATHSIG`), then checks that its parent is still the
+//! supervisor that forked it (a supervisor killed between fork and `prctl` would otherwise be
+//! missed). So a supervisor killed with SIGKILL never leaves its program training on and writing
+//! into the run dir beside the next allocation's. The death signal reaches the direct child only;
+//! what it started itself (a shell's children, data-loader workers) must watch its own parent —
+//! inside Slurm, the job's cgroup ends them with the step.
 
 use std::process::{Child, Command, ExitStatus};
 use std::time::Instant;
@@ -48,10 +56,30 @@ impl Exit {
 }
 
 impl ChildGroup {
-    /// Spawn `cmd` as the leader of a new process group.
+    /// Spawn `cmd` as the leader of a new process group that dies with this process.
+    ///
+    /// The death signal is tied to the calling *thread* (the kernel's rule): spawn from the
+    /// thread that supervises the child until it is reaped.
     pub fn spawn(mut cmd: Command) -> std::io::Result<ChildGroup> {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
+        let parent = nix::unistd::getpid();
+        // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::libc;
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent.as_raw() {
+                    // The supervisor died before the death signal was armed.
+                    return Err(std::io::Error::other(
+                        "the supervisor exited during start-up",
+                    ));
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn()?;
         Ok(ChildGroup {
             child,

@@ -1,13 +1,21 @@
 //! Supervision: keeps a training job preemption-proof while it runs. No torch here.
 //!
 //! - [`signals`]: OS signals become events on a channel; handlers only record, never act.
-//! - [`child`]: the supervised program in its own process group; forwarding and escalation.
-//! - [`policy`]: whether to requeue, from the allocation's outcome and the run's journal.
-//! - [`wrap`]: `hpc-ckpt wrap -- CMD`: the child protocol, commits of staged checkpoints,
-//!   the stop sequence, the requeue decision, and the journal of all of it.
+//! - [`child`]: the supervised program in its own process group, dying with its supervisor.
+//! - [`workload`]: what runs (built-in trainer in-process, or a program) and how it can fail.
+//! - [`stop`]: the stop sequence (forward, grace, TERM, KILL) as a state machine.
+//! - [`protocol`]: the child protocol: staging, commit requests, answers, kept files.
+//! - [`events`] and [`history`]: the supervisor's journal events and the one fold from the
+//!   journal to allocations (read by the policy and by `status`).
+//! - [`policy`]: whether to requeue, from the allocation's outcome and the run's history.
+//! - [`wrap`]: one allocation: open, run the workload, decide, journal.
 
 pub mod child;
+pub mod events;
+pub mod history;
 pub mod policy;
+pub mod protocol;
 pub mod signals;
+pub mod stop;
 pub mod workload;
 pub mod wrap;

@@ -3,10 +3,14 @@
 //! in words, which goes to the log and the journal.
 //!
 //! Guarantees: a completed run is never requeued; a run its user cancelled (TERM with no
-//! preceding warning and Slurm state CANCELLED) is never requeued; the chain stops after
-//! `max_restarts`, and after `max_no_progress` allocations in a row without a new checkpoint.
+//! preceding warning and Slurm state CANCELLED) is never requeued; a failure that a retry cannot
+//! fix (a refused config, no checkpoint that restores, a failed save under `on_save_error: stop`)
+//! is never requeued; the chain stops after `max_restarts`, and after `max_no_progress`
+//! allocations in a row without a new checkpoint.
 
+use super::workload::FailureKind;
 use crate::config::RequeueConfig;
+use crate::exit_code;
 
 /// How the allocation's work ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,8 +20,9 @@ pub enum Ending {
     /// A stop signal arrived; `warned` is true when it was the early warning (checkpoint and
     /// requeue), false for a bare TERM/INT/HUP.
     Stopped { signal: String, warned: bool },
-    /// The program failed on its own (non-zero exit, killed) with no stop signal.
-    Failed { how: String },
+    /// The program failed on its own (non-zero exit, killed) with no stop signal, or the
+    /// workload could not go on (`kind` says whether a retry can help).
+    Failed { how: String, kind: FailureKind },
 }
 
 /// What the journal says about earlier allocations of this run.
@@ -39,7 +44,94 @@ pub enum Decision {
     /// requeue`): nothing to do.
     SlurmRequeues { reason: String },
     /// Stop the chain, for this reason.
-    Stop { reason: String, crash_loop: bool },
+    Stop { reason: String, why: StopWhy },
+}
+
+/// Why the chain stops: each has its exit code (README, "Exit codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopWhy {
+    /// A user's cancel, `max_restarts`, a bare TERM we must not requeue.
+    Policy,
+    /// `max_no_progress` allocations in a row without a new checkpoint.
+    CrashLoop,
+    /// A save failed and `on_save_error` is `stop`.
+    SaveFailed,
+    /// The job config is refused: the user's to fix.
+    ConfigRefused,
+    /// No checkpoint restores.
+    NothingRestores,
+}
+
+impl StopWhy {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            StopWhy::Policy | StopWhy::SaveFailed => exit_code::STOPPED,
+            StopWhy::CrashLoop => exit_code::CRASH_LOOP,
+            StopWhy::ConfigRefused => exit_code::CONFIG,
+            StopWhy::NothingRestores => exit_code::CORRUPT,
+        }
+    }
+}
+
+impl Decision {
+    /// The journal's name of the decision.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Decision::Done => "done",
+            Decision::Requeue { .. } => "requeue",
+            Decision::SlurmRequeues { .. } => "slurm_requeues",
+            Decision::Stop { .. } => "stop",
+        }
+    }
+
+    /// The reason, in words.
+    pub fn reason(&self) -> String {
+        match self {
+            Decision::Done => "training complete".to_string(),
+            Decision::Requeue { reason }
+            | Decision::SlurmRequeues { reason }
+            | Decision::Stop { reason, .. } => reason.clone(),
+        }
+    }
+}
+
+impl Ending {
+    /// The journal's name of the ending.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Ending::Completed => "completed",
+            Ending::Stopped { warned: true, .. } => "warning_signal",
+            Ending::Stopped { .. } => "terminated",
+            Ending::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// A failure no retry can fix: stop, whatever the rest of the history says.
+fn unretryable(ending: &Ending) -> Option<Decision> {
+    let Ending::Failed { how, kind } = ending else {
+        return None;
+    };
+    let (why, what) = match kind {
+        FailureKind::Crash => return None,
+        FailureKind::SaveFailed => (
+            StopWhy::SaveFailed,
+            "a checkpoint save failed and checkpoint.on_save_error is stop",
+        ),
+        FailureKind::ConfigRefused => (
+            StopWhy::ConfigRefused,
+            "the job config is refused; a requeue would refuse it again: fix the config (or use \
+             a new run dir) and resubmit",
+        ),
+        FailureKind::NothingRestores => (
+            StopWhy::NothingRestores,
+            "no checkpoint of the run restores; a requeue would fail the same way",
+        ),
+    };
+    Some(Decision::Stop {
+        reason: format!("{what}: {how}"),
+        why,
+    })
 }
 
 /// Decide. `restart_count` is the larger of Slurm's `SLURM_RESTART_COUNT` and the journal's
@@ -55,6 +147,9 @@ pub fn decide(
     if *ending == Ending::Completed {
         return Decision::Done;
     }
+    if let Some(d) = unretryable(ending) {
+        return d;
+    }
     if let Ending::Stopped {
         signal,
         warned: false,
@@ -66,7 +161,7 @@ pub fn decide(
                     reason: format!(
                         "{signal} with no warning and Slurm says CANCELLED: cancelled by its user"
                     ),
-                    crash_loop: false,
+                    why: StopWhy::Policy,
                 }
             }
             Some(s @ ("PREEMPTED" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "PENDING")) => {
@@ -84,7 +179,7 @@ pub fn decide(
                         "{signal} with no warning (Slurm state {s}): cancelled by its user, or \
                          preempted (then Slurm requeues it itself); not requeueing"
                     ),
-                    crash_loop: false,
+                    why: StopWhy::Policy,
                 }
             }
             Some(other) => {
@@ -92,7 +187,7 @@ pub fn decide(
                     reason: format!(
                         "{signal} with no warning, Slurm state {other}: not requeueing"
                     ),
-                    crash_loop: false,
+                    why: StopWhy::Policy,
                 }
             }
             None => {
@@ -101,7 +196,7 @@ pub fn decide(
                     "{signal} with no warning outside a known Slurm state (a user's interrupt or \
                          kill): not requeueing; run again to resume"
                 ),
-                    crash_loop: false,
+                    why: StopWhy::Policy,
                 }
             }
         }
@@ -112,7 +207,7 @@ pub fn decide(
                 "max_restarts reached ({restart_count} of {}); work is left: resubmit to continue",
                 cfg.max_restarts
             ),
-            crash_loop: false,
+            why: StopWhy::Policy,
         };
     }
     if new_checkpoints == 0 {
@@ -124,7 +219,7 @@ pub fn decide(
                      = {}): a crash loop, not requeueing",
                     cfg.max_no_progress
                 ),
-                crash_loop: true,
+                why: StopWhy::CrashLoop,
             };
         }
     }
@@ -134,7 +229,7 @@ pub fn decide(
             warned: true,
         } => format!("warning signal {signal}: work is left"),
         Ending::Stopped { signal, .. } => format!("{signal} at the time limit: work is left"),
-        Ending::Failed { how } => {
+        Ending::Failed { how, .. } => {
             format!("the program failed ({how}); retrying from the last checkpoint")
         }
         Ending::Completed => unreachable!(),
@@ -145,6 +240,29 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_a_retry_cannot_fix_stop_with_their_own_exit_code() {
+        for (kind, why, code) in [
+            (FailureKind::SaveFailed, StopWhy::SaveFailed, 12),
+            (FailureKind::ConfigRefused, StopWhy::ConfigRefused, 7),
+            (FailureKind::NothingRestores, StopWhy::NothingRestores, 3),
+        ] {
+            let f = Ending::Failed {
+                how: "what failed".into(),
+                kind,
+            };
+            // Even with a fresh history and commits this allocation: never requeued.
+            match decide(&f, 1, &h(0), 0, Some("RUNNING"), &cfg()) {
+                Decision::Stop { reason, why: w } => {
+                    assert_eq!(w, why);
+                    assert_eq!(w.exit_code(), code);
+                    assert!(reason.contains("what failed"), "{reason}");
+                }
+                d => panic!("{kind:?}: {d:?}"),
+            }
+        }
+    }
 
     fn cfg() -> RequeueConfig {
         RequeueConfig {
@@ -188,7 +306,7 @@ mod tests {
         assert!(matches!(
             decide(&warned(), 1, &h(0), 5, Some("RUNNING"), &cfg()),
             Decision::Stop {
-                crash_loop: false,
+                why: StopWhy::Policy,
                 ..
             }
         ));
@@ -196,7 +314,7 @@ mod tests {
         assert!(matches!(
             decide(&warned(), 0, &h(1), 1, None, &cfg()),
             Decision::Stop {
-                crash_loop: true,
+                why: StopWhy::CrashLoop,
                 ..
             }
         ));
@@ -230,6 +348,7 @@ mod tests {
     fn failures_retry_then_stop() {
         let f = Ending::Failed {
             how: "exit code 1".into(),
+            kind: FailureKind::Crash,
         };
         assert!(matches!(
             decide(&f, 0, &h(0), 0, Some("RUNNING"), &cfg()),
@@ -238,7 +357,7 @@ mod tests {
         assert!(matches!(
             decide(&f, 0, &h(1), 1, Some("RUNNING"), &cfg()),
             Decision::Stop {
-                crash_loop: true,
+                why: StopWhy::CrashLoop,
                 ..
             }
         ));

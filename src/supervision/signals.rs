@@ -8,7 +8,8 @@ use crossbeam_channel::{unbounded, Receiver};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
-/// The signals the supervisor handles.
+/// The signals the supervisor handles: the one list of signal names (the job config's
+/// `signals.warn`/`signals.child` are parsed into it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sig {
     Usr1,
@@ -19,6 +20,8 @@ pub enum Sig {
 }
 
 impl Sig {
+    pub const ALL: [Sig; 5] = [Sig::Usr1, Sig::Usr2, Sig::Term, Sig::Int, Sig::Hup];
+
     pub fn name(self) -> &'static str {
         match self {
             Sig::Usr1 => "USR1",
@@ -33,9 +36,7 @@ impl Sig {
     pub fn from_name(s: &str) -> Option<Sig> {
         let u = s.trim().to_ascii_uppercase();
         let u = u.strip_prefix("SIG").unwrap_or(&u);
-        [Sig::Usr1, Sig::Usr2, Sig::Term, Sig::Int, Sig::Hup]
-            .into_iter()
-            .find(|x| x.name() == u)
+        Sig::ALL.into_iter().find(|x| x.name() == u)
     }
 
     pub fn raw(self) -> i32 {
@@ -49,9 +50,7 @@ impl Sig {
     }
 
     fn from_raw(r: i32) -> Option<Sig> {
-        [Sig::Usr1, Sig::Usr2, Sig::Term, Sig::Int, Sig::Hup]
-            .into_iter()
-            .find(|x| x.raw() == r)
+        Sig::ALL.into_iter().find(|x| x.raw() == r)
     }
 
     pub fn to_nix(self) -> nix::sys::signal::Signal {
@@ -59,9 +58,31 @@ impl Sig {
     }
 }
 
+impl std::fmt::Display for Sig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for Sig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Sig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sig, D::Error> {
+        let s = String::deserialize(d)?;
+        Sig::from_name(&s).ok_or_else(|| {
+            let names: Vec<&str> = Sig::ALL.iter().map(|x| x.name()).collect();
+            serde::de::Error::custom(format!("{s:?} is not one of {}", names.join(", ")))
+        })
+    }
+}
+
 /// Install handlers for every [`Sig`] and return the channel they feed.
 pub fn install() -> std::io::Result<Receiver<Sig>> {
-    let mut signals = Signals::new([SIGUSR1, SIGUSR2, SIGTERM, SIGINT, SIGHUP])?;
+    let mut signals = Signals::new(Sig::ALL.map(Sig::raw))?;
     let (tx, rx) = unbounded();
     std::thread::Builder::new()
         .name("signals".into())

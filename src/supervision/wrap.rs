@@ -1,60 +1,42 @@
-//! `hpc-ckpt wrap -- CMD`: run a program under the supervisor.
-//!
-//! The child gets `HPC_CKPT_RUN_DIR`, `HPC_CKPT_RESUME_FROM` (unset on a fresh start),
-//! `HPC_CKPT_STAGING`, `HPC_CKPT_COMMIT_REQUEST` and `HPC_CKPT_SIGNAL` (README, "Child
-//! protocol"). The child stages files and writes a request; the supervisor commits them with the
-//! store's full protocol, answers in `<request>.result`, empties the staging dir and removes the
-//! request (the acknowledgement). On a stop signal it forwards the configured signal to the
-//! child's process group, waits the grace period, then TERM, then KILL; commits what the child
-//! staged; decides (see [`super::policy`]) whether to requeue; and journals every step.
+//! `hpc-ckpt wrap`: one allocation of a run under the supervisor, in three steps — open the run
+//! ([`Allocation::open`]: lock, frozen config, history, `allocation_start`), run the workload
+//! (the built-in trainer in this process, or a program as a child speaking the child protocol
+//! of [`super::protocol`] and stopped by the [`super::stop`] sequence), then end it
+//! ([`Allocation::end`]: the requeue decision of [`super::policy`], carried out and journaled).
 
-use std::collections::BTreeMap;
+use std::cell::Cell;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use crossbeam_channel::Receiver;
 use nix::sys::signal::Signal;
-use serde::Deserialize;
-use serde_json::json;
 
 use super::child::ChildGroup;
+use super::events::{self, Event, SupervisorEvent};
+use super::history::{self, Chain};
 use super::policy::{self, Decision, Ending, History};
+use super::protocol::{Answer, ChildProtocol};
 use super::signals::{self, Sig};
-use super::workload::{FailureKind, InProcess, InProcessEnd, Workload};
+use super::stop::{Action, Cause, Input, StopSequence, StopTiming};
+use super::workload::{Failure, FailureKind, InProcess, InProcessEnd, Workload};
 use crate::config::{JobConfig, OnSaveError};
 use crate::exit_code;
 use crate::slurm::{self, JobEnv, Requeued};
 use crate::storage::fsutil::replace_file_durable;
-use crate::storage::journal;
-use crate::storage::run_dir::holder;
-use crate::storage::{CommitMeta, Snapshot, Store};
+use crate::storage::journal::StoreEvent;
+use crate::storage::run_dir::{holder, hostname};
+use crate::storage::Store;
 
-pub const STAGING_DIR: &str = "staging";
-pub const REQUEST_FILE: &str = "staging.request";
+/// The run's frozen copy of the job config.
 pub const CONFIG_FILE: &str = "config.yaml";
-pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Seconds between TERM and KILL when the grace period is over.
 const KILL_AFTER: Duration = Duration::from_secs(10);
 /// Bare TERM (preemption, time limit, scancel) leaves only Slurm's KillWait: cap the grace.
 const TERM_GRACE_CAP: Duration = Duration::from_secs(20);
 const TICK: Duration = Duration::from_millis(50);
-
-/// What the child writes to ask for a commit.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Request {
-    step: u64,
-    #[serde(default)]
-    epoch: Option<u64>,
-    #[serde(default)]
-    metrics: BTreeMap<String, f64>,
-    /// The child says this is its final checkpoint: training is complete.
-    #[serde(default)]
-    done: bool,
-}
 
 pub struct WrapArgs {
     pub config: JobConfig,
@@ -62,412 +44,467 @@ pub struct WrapArgs {
     pub workload: Workload,
 }
 
-struct Stop {
+/// Run one allocation; returns the process exit code (see [`crate::exit_code`]).
+pub fn run(mut args: WrapArgs) -> Result<i32> {
+    // Install handlers first: a warning that arrives during start-up must not kill us.
+    let signals = signals::install().context("install signal handlers")?;
+    let mut alloc = Allocation::open(&args.config, &args.run_dir, signals, &args.workload)?;
+    let ran = match &mut args.workload {
+        Workload::InProcess(trainer) => alloc.run_in_process(trainer.as_mut()),
+        Workload::Program(command) => alloc.run_program(command),
+    };
+    alloc.end(ran)
+}
+
+/// A stop signal as it ended the allocation.
+#[derive(Debug, Clone, Copy)]
+struct Stopped {
     signal: Sig,
     warned: bool,
-    at: Instant,
-    term_sent: bool,
-    kill_sent: bool,
-    grace: Duration,
 }
 
 /// How the work of this allocation went, whoever did it.
 struct Ran {
-    stop: Option<(Sig, bool)>,
-    progress: Progress,
-    /// How the program ended, in words; None when it ran to completion.
-    failure: Option<String>,
+    stop: Option<Stopped>,
+    failure: Option<Failure>,
     completed: bool,
-    save_failed_stop: bool,
 }
 
-/// What both ways of running share.
-struct Ctx<'a> {
+impl Ran {
+    /// The policy's view. A failure no retry can fix outranks a stop signal; a stop signal
+    /// outranks a crash (a program killed by our own escalation is not a crash).
+    fn ending(&self) -> Ending {
+        if self.completed {
+            return Ending::Completed;
+        }
+        let failed = |f: &Failure, kind| Ending::Failed {
+            how: f.message.clone(),
+            kind,
+        };
+        match (&self.failure, self.stop) {
+            (Some(f), _) if f.kind != FailureKind::Crash => failed(f, f.kind),
+            (_, Some(s)) => Ending::Stopped {
+                signal: s.signal.name().to_string(),
+                warned: s.warned,
+            },
+            (Some(f), None) => failed(f, FailureKind::Crash),
+            (None, None) => Ending::Failed {
+                how: "stopped early with no signal".into(),
+                kind: FailureKind::Crash,
+            },
+        }
+    }
+}
+
+/// This allocation: the store it holds and what it knows of the run.
+struct Allocation<'a> {
     cfg: &'a JobConfig,
     run_dir: PathBuf,
     job: Option<JobEnv>,
-    signals: crossbeam_channel::Receiver<Sig>,
-    warn_sig: Sig,
-    child_sig: Sig,
+    store: Store,
+    signals: Receiver<Sig>,
+    history: History,
+    restart_count: u32,
 }
 
-/// Run the wrapper; returns the process exit code (see [`crate::exit_code`]).
-pub fn run(mut args: WrapArgs) -> Result<i32> {
-    let cfg = &args.config;
-    let command = args.workload.command();
-    if command.is_empty() {
-        bail!("no command to run: give one after `--`, or `command:` in the config");
+impl<'a> Allocation<'a> {
+    /// Take the run dir (lock), freeze the config, read the history, journal the start.
+    fn open(
+        cfg: &'a JobConfig,
+        run_dir: &Path,
+        signals: Receiver<Sig>,
+        workload: &Workload,
+    ) -> Result<Allocation<'a>> {
+        let command = workload.command();
+        if command.is_empty() || command[0].is_empty() {
+            bail!("no command to run: give one after `--`, or `command:` in the config");
+        }
+        let job = JobEnv::from_env();
+        let run_dir = std::path::absolute(run_dir)
+            .with_context(|| format!("run dir {}", run_dir.display()))?;
+        let mut store = Store::open(
+            &run_dir,
+            &holder(job.as_ref().map(|j| j.job_id.clone())),
+            cfg.checkpoint.retention(),
+        )
+        .with_context(|| format!("cannot open run dir {}", run_dir.display()))?;
+        freeze_config(&mut store, &run_dir, cfg)?;
+        let history = history::fold(&events::read(&run_dir).0).history();
+        let restart_count = job
+            .as_ref()
+            .map_or(0, |j| j.restart_count)
+            .max(history.previous_allocations);
+        store.journal().append(&SupervisorEvent::AllocationStart {
+            job_id: job.as_ref().map(|j| j.job_id.clone()),
+            restart_count,
+            host: Some(hostname()),
+            pid: Some(std::process::id()),
+            command,
+        })?;
+        tracing::info!(run_dir = %run_dir.display(), job = ?job.as_ref().map(|j| &j.job_id), restart_count, "allocation started");
+        Ok(Allocation {
+            cfg,
+            run_dir,
+            job,
+            store,
+            signals,
+            history,
+            restart_count,
+        })
     }
-    // Install handlers first: a warning that arrives during start-up must not kill us.
-    let signals = signals::install().context("install signal handlers")?;
-    let job = JobEnv::from_env();
-    let run_dir = std::path::absolute(&args.run_dir)
-        .with_context(|| format!("run dir {}", args.run_dir.display()))?;
-    let mut store = Store::open(
-        &run_dir,
-        &holder(job.as_ref().map(|j| j.job_id.clone())),
-        cfg.checkpoint.retention(),
-    )
-    .with_context(|| format!("cannot open run dir {}", run_dir.display()))?;
-    freeze_config(&mut store, &run_dir, cfg)?;
 
-    let (events, _) = journal::read_all(&run_dir);
-    let history = history_of(&events);
-    let restart_count = job
-        .as_ref()
-        .map(|j| j.restart_count)
-        .unwrap_or(0)
-        .max(history.previous_allocations);
-    let host = crate::storage::run_dir::hostname();
-    store.journal().record(
-        "allocation_start",
-        json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count, "host": host,
-               "pid": std::process::id(), "command": command}),
-    )?;
-    tracing::info!(run_dir = %run_dir.display(), job = ?job.as_ref().map(|j| &j.job_id), restart_count, "allocation started");
-
-    let ctx = Ctx {
-        cfg,
-        run_dir: run_dir.clone(),
-        job: job.clone(),
-        signals,
-        warn_sig: Sig::from_name(&cfg.signals.warn).expect("validated"),
-        child_sig: Sig::from_name(&cfg.signals.child).expect("validated"),
-    };
-    let ran = match &mut args.workload {
-        Workload::InProcess(trainer) => run_in_process(&ctx, &mut store, trainer.as_mut()),
-        Workload::Program(command) => run_child(&ctx, &mut store, command),
-    };
-    let ran = match ran {
-        Ok(r) => r,
-        Err(e) => {
-            let msg = format!("{e:#}");
-            store.journal().record(
-                "allocation_end",
-                json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count,
-                       "ending": "failed", "child": msg, "new_checkpoints": 0, "decision": "stop",
-                       "reason": msg, "action": "not requeued", "exit_code": exit_code::FAILURE}),
-            )?;
-            return Err(e);
+    fn timing(&self) -> StopTiming {
+        StopTiming {
+            warn: self.cfg.signals.warn,
+            child: self.cfg.signals.child,
+            grace: Duration::from_secs(self.cfg.signals.grace_seconds),
+            term_grace_cap: TERM_GRACE_CAP,
+            kill_after: KILL_AFTER,
         }
-    };
-
-    let ending = if ran.completed {
-        Ending::Completed
-    } else if let Some((sig, warned)) = ran.stop {
-        Ending::Stopped {
-            signal: sig.name().to_string(),
-            warned,
-        }
-    } else {
-        Ending::Failed {
-            how: ran
-                .failure
-                .clone()
-                .unwrap_or_else(|| "stopped early".into()),
-        }
-    };
-    let slurm_state = match (&ending, &job) {
-        (Ending::Stopped { warned: false, .. }, Some(j)) => {
-            slurm::show_job(&j.job_id).map(|s| s.state)
-        }
-        _ => None,
-    };
-    let mut decision = policy::decide(
-        &ending,
-        ran.progress.commits,
-        &history,
-        restart_count,
-        slurm_state.as_deref(),
-        &cfg.requeue,
-    );
-    if ran.save_failed_stop && !matches!(decision, Decision::Done) {
-        decision = Decision::Stop {
-            reason: "a checkpoint save failed and on_save_error is stop".into(),
-            crash_loop: false,
-        };
     }
-    let (code, action) = act(&decision, job.as_ref());
-    let reason = match &decision {
-        Decision::Done => "training complete".to_string(),
-        Decision::Requeue { reason }
-        | Decision::SlurmRequeues { reason }
-        | Decision::Stop { reason, .. } => reason.clone(),
-    };
-    match code {
-        exit_code::SUCCESS | exit_code::REQUEUED => {
-            tracing::info!(%reason, %action, "allocation ends")
-        }
-        _ => tracing::warn!(%reason, %action, "allocation ends"),
-    }
-    if decision == Decision::Done {
-        store
+
+    /// The built-in trainer in this process: signals become its `stop` callback.
+    fn run_in_process(&mut self, trainer: &mut dyn InProcess) -> Result<Ran> {
+        self.store
             .journal()
-            .record("run_done", json!({"new_checkpoints": ran.progress.commits}))?;
+            .append(&SupervisorEvent::ChildStarted {
+                pid: std::process::id(),
+                in_process: true,
+                resume_from: None,
+                resume_step: None,
+            })?;
+        let first: Cell<Option<(Sig, Instant)>> = Cell::new(None);
+        let stop = || {
+            if first.get().is_none() {
+                if let Ok(sig) = self.signals.try_recv() {
+                    first.set(Some((sig, Instant::now())));
+                }
+            }
+            first.get().is_some()
+        };
+        let started = Instant::now();
+        let result = trainer.run(&mut self.store, &stop);
+        let stopped = first.get().map(|(signal, at)| {
+            let warned = signal == self.cfg.signals.warn;
+            (Stopped { signal, warned }, at)
+        });
+        if let Some((s, at)) = stopped {
+            let grace = Duration::from_secs(self.cfg.signals.grace_seconds);
+            self.note_stop(Cause::Signal(s.signal), s.warned, "in-process", grace)?;
+            self.store
+                .journal()
+                .append(&SupervisorEvent::StopCompleted {
+                    signal: s.signal.name().into(),
+                    seconds_since_signal: at.elapsed().as_secs_f64(),
+                })?;
+        }
+        let how = match &result {
+            Ok(InProcessEnd::Completed) => "completed".to_string(),
+            Ok(InProcessEnd::Stopped) => "stopped".to_string(),
+            Err(f) => {
+                tracing::error!(error = %f, kind = ?f.kind, "training failed");
+                format!("the trainer failed: {f}")
+            }
+        };
+        self.store.journal().append(&SupervisorEvent::ChildExited {
+            how,
+            seconds: started.elapsed().as_secs_f64(),
+        })?;
+        Ok(Ran {
+            stop: stopped.map(|(s, _)| s),
+            completed: result.as_ref().is_ok_and(|e| *e == InProcessEnd::Completed),
+            failure: result.err(),
+        })
     }
-    store.journal().record(
-        "allocation_end",
-        json!({"job_id": job.as_ref().map(|j| &j.job_id), "restart_count": restart_count,
-               "ending": ending_name(&ending), "child": ran.failure.as_deref().unwrap_or("exit code 0"),
-               "new_checkpoints": ran.progress.commits, "decision": decision_name(&decision),
-               "reason": reason, "action": action, "exit_code": code}),
-    )?;
-    Ok(code)
-}
 
-/// Journal and log the first stop signal.
-fn note_stop(
-    ctx: &Ctx,
-    store: &mut Store,
-    sig: Sig,
-    warned: bool,
-    fwd: &str,
-    grace: Duration,
-) -> Result<()> {
-    tracing::warn!(
-        signal = sig.name(),
-        forwarded = fwd,
-        grace_s = grace.as_secs(),
-        "stop signal: checkpoint and exit"
-    );
-    budget_check(&ctx.run_dir, ctx.cfg, warned, grace);
-    store.journal().record(
-        "signal_received",
-        json!({"signal": sig.name(), "warning": warned, "forwarded": fwd, "grace_seconds": grace.as_secs()}),
-    )?;
-    Ok(())
-}
+    /// A program as a child: the child protocol, the stop sequence, commits of what it stages.
+    fn run_program(&mut self, command: &[String]) -> Result<Ran> {
+        let resume = self.store.resume_point()?;
+        let resume_step = resume.as_ref().map(|(l, _)| l.step);
+        let token = format!(
+            "a{:04}-{}",
+            self.history.previous_allocations + 1,
+            std::process::id()
+        );
+        let mut proto = ChildProtocol::prepare(
+            &mut self.store,
+            &token,
+            resume_step,
+            self.cfg.checkpoint.allow_step_backwards,
+            self.job.as_ref().map(|j| j.job_info()),
+        )?;
+        let mut cmd = Command::new(&command[0]);
+        cmd.args(&command[1..])
+            .envs(proto.env(self.cfg.signals.child.name()))
+            .env_remove("HPC_CKPT_RESUME_FROM");
+        match &resume {
+            Some((l, _)) => {
+                cmd.env("HPC_CKPT_RESUME_FROM", &l.path);
+                tracing::info!(checkpoint = %l.name, "resuming");
+            }
+            None => tracing::info!("fresh start: no checkpoint to resume from"),
+        }
+        let mut child =
+            ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))?;
+        self.store
+            .journal()
+            .append(&SupervisorEvent::ChildStarted {
+                pid: child.pid(),
+                in_process: false,
+                resume_from: resume.as_ref().map(|(l, _)| l.name.clone()),
+                resume_step,
+            })?;
 
-/// The built-in trainer in this process: signals become its `stop` callback.
-fn run_in_process(ctx: &Ctx, store: &mut Store, trainer: &mut dyn InProcess) -> Result<Ran> {
-    store.journal().record(
-        "child_started",
-        json!({"pid": std::process::id(), "in_process": true}),
-    )?;
-    let first: std::cell::Cell<Option<(Sig, Instant)>> = std::cell::Cell::new(None);
-    let stop = || {
-        if first.get().is_none() {
-            if let Ok(sig) = ctx.signals.try_recv() {
-                first.set(Some((sig, Instant::now())));
+        let mut seq = StopSequence::new(self.timing());
+        let mut save_failed: Option<String> = None;
+        let mut done = false;
+        let exit = loop {
+            if let Ok(sig) = self.signals.recv_timeout(TICK) {
+                let actions = seq.on(Input::Stop(Cause::Signal(sig)), Instant::now());
+                self.carry_out(&actions, &child)?;
+            }
+            let actions = seq.on(Input::Tick, Instant::now());
+            self.carry_out(&actions, &child)?;
+            if proto.has_request() {
+                match self.answer(&mut proto, &mut done)? {
+                    Some(error) if self.cfg.checkpoint.on_save_error == OnSaveError::Stop => {
+                        save_failed.get_or_insert(error);
+                        let actions = seq.on(Input::Stop(Cause::SaveFailed), Instant::now());
+                        self.carry_out(&actions, &child)?;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(e) = child.poll()? {
+                break e;
+            }
+        };
+        let secs = child.started.elapsed().as_secs_f64();
+        self.store.journal().append(&SupervisorEvent::ChildExited {
+            how: exit.describe(),
+            seconds: secs,
+        })?;
+        tracing::info!(how = %exit.describe(), seconds = format!("{secs:.1}"), "program exited");
+        // The final checkpoint, staged as the program stopped.
+        if proto.has_request() {
+            if let Some(error) = self.answer(&mut proto, &mut done)? {
+                if self.cfg.checkpoint.on_save_error == OnSaveError::Stop {
+                    save_failed.get_or_insert(error);
+                }
             }
         }
-        first.get().is_some()
-    };
-    let started = Instant::now();
-    let commits_before = commits_so_far(&ctx.run_dir);
-    let result = trainer.run(store, &stop);
-    let commits = commits_so_far(&ctx.run_dir) - commits_before;
-    let stop = first.get();
-    if let Some((sig, at)) = stop {
-        let warned = sig == ctx.warn_sig;
-        note_stop(
-            ctx,
-            store,
-            sig,
-            warned,
-            "in-process",
-            Duration::from_secs(ctx.cfg.signals.grace_seconds),
-        )?;
-        store.journal().record(
-            "stop_completed",
-            json!({"signal": sig.name(), "seconds_since_signal": at.elapsed().as_secs_f64()}),
-        )?;
+        proto.finish(&mut self.store)?;
+        let stopping = seq.stopping().copied();
+        if let Some(s) = &stopping {
+            self.store
+                .journal()
+                .append(&SupervisorEvent::StopCompleted {
+                    signal: s.signal(seq.timing()).name().into(),
+                    seconds_since_signal: s.at.elapsed().as_secs_f64(),
+                })?;
+        }
+        let failure = match save_failed {
+            Some(e) => Some(Failure::new(FailureKind::SaveFailed, e)),
+            None => (!exit.success()).then(|| Failure::new(FailureKind::Crash, exit.describe())),
+        };
+        Ok(Ran {
+            stop: stopping.and_then(|s| match s.cause {
+                Cause::Signal(signal) => Some(Stopped {
+                    signal,
+                    warned: s.warned,
+                }),
+                Cause::SaveFailed => None,
+            }),
+            completed: done || (stopping.is_none() && exit.success()),
+            failure,
+        })
     }
-    let save_failed_stop = matches!(&result, Err(f) if f.kind == FailureKind::SaveFailed);
-    let (completed, failure) = match &result {
-        Ok(end) => (*end == InProcessEnd::Completed, None),
-        Err(e) => (false, Some(format!("the trainer failed: {e}"))),
-    };
-    if let Some(f) = &failure {
-        tracing::error!(error = %f, "training failed");
+
+    /// Answer the program's request; returns the error when the commit failed.
+    fn answer(&mut self, proto: &mut ChildProtocol, done: &mut bool) -> Result<Option<String>> {
+        Ok(match proto.answer(&mut self.store)? {
+            Answer::Committed { done: d, .. } => {
+                *done |= d;
+                None
+            }
+            Answer::Refused { .. } => None,
+            Answer::Failed { error } => {
+                tracing::error!(%error, "commit of the staged checkpoint failed");
+                Some(error)
+            }
+        })
     }
-    store.journal().record(
-        "child_exited",
-        json!({"how": failure.as_deref().unwrap_or(if completed { "completed" } else { "stopped" }),
-               "seconds": started.elapsed().as_secs_f64()}),
-    )?;
-    Ok(Ran {
-        stop: stop.map(|(s, _)| (s, s == ctx.warn_sig)),
-        progress: Progress {
-            commits,
-            done: completed,
-        },
-        failure,
-        completed,
-        save_failed_stop,
-    })
-}
 
-/// Commits journaled so far (the in-process trainer commits through the store itself).
-fn commits_so_far(run_dir: &Path) -> u32 {
-    journal::read_all(run_dir)
-        .0
-        .iter()
-        .filter(|e| e["event"] == "checkpoint_committed")
-        .count() as u32
-}
-
-/// A program as a child: the child protocol, the stop sequence, commits of what it stages.
-fn run_child(ctx: &Ctx, store: &mut Store, command: &[String]) -> Result<Ran> {
-    let cfg = ctx.cfg;
-    let (run_dir, job) = (&ctx.run_dir, ctx.job.as_ref());
-    let resume = store.resume_point()?;
-    let staging = run_dir.join(STAGING_DIR);
-    let request = run_dir.join(REQUEST_FILE);
-    reset_staging(&staging, &request)?;
-
-    let mut cmd = Command::new(&command[0]);
-    cmd.args(&command[1..])
-        .env("HPC_CKPT_RUN_DIR", run_dir)
-        .env("HPC_CKPT_STAGING", &staging)
-        .env("HPC_CKPT_COMMIT_REQUEST", &request)
-        .env("HPC_CKPT_SIGNAL", ctx.child_sig.name())
-        .env_remove("HPC_CKPT_RESUME_FROM");
-    if let Some((l, _)) = &resume {
-        cmd.env("HPC_CKPT_RESUME_FROM", &l.path);
-        tracing::info!(checkpoint = %l.name, "resuming");
-    } else {
-        tracing::info!("fresh start: no checkpoint to resume from");
-    }
-    let resume_step = resume.as_ref().map(|(l, _)| l.step);
-    let mut child = ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))?;
-    store.journal().record(
-        "child_started",
-        json!({"pid": child.pid(), "resume_from": resume.as_ref().map(|(l, _)| &l.name), "resume_step": resume_step}),
-    )?;
-
-    let mut stop: Option<Stop> = None;
-    let mut progress = Progress::default();
-    let mut save_failed_stop = false;
-    let exit = loop {
-        if let Ok(sig) = ctx.signals.recv_timeout(TICK) {
-            match &mut stop {
-                None => {
-                    let warned = sig == ctx.warn_sig;
-                    let (fwd, grace) = if warned {
-                        (
-                            ctx.child_sig,
-                            Duration::from_secs(cfg.signals.grace_seconds),
-                        )
-                    } else {
-                        (
-                            Sig::Term,
-                            Duration::from_secs(cfg.signals.grace_seconds).min(TERM_GRACE_CAP),
-                        )
-                    };
-                    note_stop(ctx, store, sig, warned, fwd.name(), grace)?;
-                    child.signal(fwd.to_nix());
-                    stop = Some(Stop {
-                        signal: sig,
-                        warned,
-                        at: Instant::now(),
-                        term_sent: fwd == Sig::Term,
-                        kill_sent: false,
-                        grace,
-                    });
+    /// Carry out what the stop sequence says.
+    fn carry_out(&mut self, actions: &[Action], child: &ChildGroup) -> Result<()> {
+        for a in actions {
+            match *a {
+                Action::Begin {
+                    cause,
+                    warned,
+                    forward,
+                    grace,
+                } => {
+                    self.note_stop(cause, warned, forward.name(), grace)?;
+                    child.signal(forward.to_nix());
                 }
-                Some(s) => {
-                    // A second signal means hurry, never corrupt: pass TERM on; commits stay atomic.
+                Action::Repeat { signal, forward } => {
                     tracing::warn!(
-                        signal = sig.name(),
+                        signal = signal.name(),
                         "another stop signal: hurrying the program"
                     );
-                    store.journal().record(
-                        "signal_received",
-                        json!({"signal": sig.name(), "repeat": true}),
-                    )?;
-                    if sig == Sig::Term {
-                        s.warned = false;
-                        s.signal = Sig::Term;
-                        child.signal(Signal::SIGTERM);
-                        s.term_sent = true;
-                        s.grace = s.grace.min(s.at.elapsed() + TERM_GRACE_CAP);
+                    self.store
+                        .journal()
+                        .append(&SupervisorEvent::SignalReceived {
+                            signal: signal.name().into(),
+                            warning: false,
+                            repeat: true,
+                            forwarded: forward.map(|f| f.name().to_string()),
+                            grace_seconds: None,
+                        })?;
+                    if let Some(f) = forward {
+                        child.signal(f.to_nix());
                     }
                 }
+                Action::Terminate => self.escalate(child, Signal::SIGTERM)?,
+                Action::Kill => self.escalate(child, Signal::SIGKILL)?,
             }
         }
-        if request.exists() {
-            if let Err(e) = commit_request(store, &staging, &request, job, run_dir, &mut progress) {
-                tracing::error!(error = %format!("{e:#}"), "commit of the staged checkpoint failed");
-                if cfg.checkpoint.on_save_error == OnSaveError::Stop && stop.is_none() {
-                    save_failed_stop = true;
-                    child.signal(ctx.child_sig.to_nix());
-                    stop = Some(Stop {
-                        signal: ctx.child_sig,
-                        warned: false,
-                        at: Instant::now(),
-                        term_sent: false,
-                        kill_sent: false,
-                        grace: Duration::from_secs(cfg.signals.grace_seconds),
-                    });
-                }
-            }
-        }
-        if let Some(e) = child.poll()? {
-            break e;
-        }
-        if let Some(s) = &mut stop {
-            let waited = s.at.elapsed();
-            if !s.term_sent && waited >= s.grace {
-                tracing::warn!("grace period over: sending TERM to the program");
-                store
-                    .journal()
-                    .record("child_escalated", json!({"signal": "TERM"}))?;
-                child.signal(Signal::SIGTERM);
-                s.term_sent = true;
-            }
-            if !s.kill_sent && waited >= s.grace + KILL_AFTER {
-                tracing::error!("the program ignored TERM: sending KILL (its staged files, if complete, are still committed)");
-                store
-                    .journal()
-                    .record("child_escalated", json!({"signal": "KILL"}))?;
-                child.signal(Signal::SIGKILL);
-                s.kill_sent = true;
-            }
-        }
-    };
-    let secs = child.started.elapsed().as_secs_f64();
-    store.journal().record(
-        "child_exited",
-        json!({"how": exit.describe(), "seconds": secs}),
-    )?;
-    tracing::info!(how = %exit.describe(), seconds = format!("{secs:.1}"), "program exited");
-    // The final checkpoint, staged as the child stopped.
-    if request.exists() {
-        if let Err(e) = commit_request(store, &staging, &request, job, run_dir, &mut progress) {
-            tracing::error!(error = %format!("{e:#}"), "final commit failed; the previous checkpoint is the resume point")
-        }
+        Ok(())
     }
-    if let Some(s) = &stop {
-        let secs = s.at.elapsed().as_secs_f64();
-        store.journal().record("stop_completed", json!({"signal": s.signal.name(), "seconds_since_signal": secs, "new_checkpoints": progress.commits}))?;
-    }
-    let _ = fs::remove_dir_all(&staging);
-    let completed = progress.done || (stop.is_none() && exit.success());
-    Ok(Ran {
-        stop: stop.map(|s| (s.signal, s.warned)),
-        failure: (!exit.success()).then(|| exit.describe()),
-        completed,
-        progress,
-        save_failed_stop,
-    })
-}
 
-fn ending_name(e: &Ending) -> &'static str {
-    match e {
-        Ending::Completed => "completed",
-        Ending::Stopped { warned: true, .. } => "warning_signal",
-        Ending::Stopped { .. } => "terminated",
-        Ending::Failed { .. } => "failed",
+    fn escalate(&mut self, child: &ChildGroup, sig: Signal) -> Result<()> {
+        if sig == Signal::SIGKILL {
+            tracing::error!("the program ignored TERM: sending KILL (its staged files, if complete, are still committed)");
+        } else {
+            tracing::warn!("grace period over: sending TERM to the program");
+        }
+        self.store
+            .journal()
+            .append(&SupervisorEvent::ChildEscalated {
+                signal: sig.as_str().trim_start_matches("SIG").into(),
+            })?;
+        child.signal(sig);
+        Ok(())
     }
-}
 
-fn decision_name(d: &Decision) -> &'static str {
-    match d {
-        Decision::Done => "done",
-        Decision::Requeue { .. } => "requeue",
-        Decision::SlurmRequeues { .. } => "slurm_requeues",
-        Decision::Stop { .. } => "stop",
+    /// Log and journal the first stop.
+    fn note_stop(&mut self, cause: Cause, warned: bool, fwd: &str, grace: Duration) -> Result<()> {
+        let Cause::Signal(sig) = cause else {
+            tracing::warn!(
+                forwarded = fwd,
+                "a save failed and checkpoint.on_save_error is stop: asking the program to stop"
+            );
+            return Ok(());
+        };
+        tracing::warn!(
+            signal = sig.name(),
+            forwarded = fwd,
+            grace_s = grace.as_secs(),
+            "stop signal: checkpoint and exit"
+        );
+        budget_check(&self.run_dir, self.cfg, warned, grace);
+        self.store
+            .journal()
+            .append(&SupervisorEvent::SignalReceived {
+                signal: sig.name().into(),
+                warning: warned,
+                repeat: false,
+                forwarded: Some(fwd.into()),
+                grace_seconds: Some(grace.as_secs()),
+            })?;
+        Ok(())
+    }
+
+    /// Decide, carry out the decision, journal the end; the exit code.
+    fn end(mut self, ran: Result<Ran>) -> Result<i32> {
+        let ran = match ran {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                self.journal_end(
+                    "failed",
+                    &msg,
+                    "stop",
+                    &msg,
+                    "not requeued",
+                    exit_code::FAILURE,
+                )?;
+                return Err(e);
+            }
+        };
+        let ending = ran.ending();
+        let commits = self
+            .chain()
+            .allocations
+            .last()
+            .map_or(0, |a| a.new_checkpoints);
+        let slurm_state = match (&ending, &self.job) {
+            (Ending::Stopped { warned: false, .. }, Some(j)) => {
+                slurm::show_job(&j.job_id).map(|s| s.state)
+            }
+            _ => None,
+        };
+        let decision = policy::decide(
+            &ending,
+            commits,
+            &self.history,
+            self.restart_count,
+            slurm_state.as_deref(),
+            &self.cfg.requeue,
+        );
+        let (code, action) = act(&decision, self.job.as_ref());
+        let reason = decision.reason();
+        match code {
+            exit_code::SUCCESS | exit_code::REQUEUED => {
+                tracing::info!(%reason, %action, "allocation ends")
+            }
+            _ => tracing::warn!(%reason, %action, "allocation ends"),
+        }
+        if decision == Decision::Done {
+            self.store.journal().append(&SupervisorEvent::RunDone)?;
+        }
+        let child = match &ran.failure {
+            Some(f) => f.message.clone(),
+            None => "exit code 0".into(),
+        };
+        self.journal_end(
+            ending.name(),
+            &child,
+            decision.name(),
+            &reason,
+            &action,
+            code,
+        )?;
+        Ok(code)
+    }
+
+    fn journal_end(
+        &mut self,
+        ending: &str,
+        child: &str,
+        decision: &str,
+        reason: &str,
+        action: &str,
+        code: i32,
+    ) -> Result<()> {
+        self.store
+            .journal()
+            .append(&SupervisorEvent::AllocationEnd {
+                job_id: self.job.as_ref().map(|j| j.job_id.clone()),
+                restart_count: self.restart_count,
+                ending: ending.into(),
+                child: Some(child.into()),
+                decision: decision.into(),
+                reason: reason.into(),
+                action: action.into(),
+                exit_code: code,
+            })?;
+        Ok(())
+    }
+
+    fn chain(&self) -> Chain {
+        history::fold(&events::read(&self.run_dir).0)
     }
 }
 
@@ -476,10 +513,7 @@ fn act(decision: &Decision, job: Option<&JobEnv>) -> (i32, String) {
     match decision {
         Decision::Done => (exit_code::SUCCESS, "none".into()),
         Decision::SlurmRequeues { .. } => (exit_code::REQUEUED, "left to Slurm".into()),
-        Decision::Stop {
-            crash_loop: true, ..
-        } => (exit_code::CRASH_LOOP, "not requeued".into()),
-        Decision::Stop { .. } => (exit_code::STOPPED, "not requeued".into()),
+        Decision::Stop { why, .. } => (why.exit_code(), "not requeued".into()),
         Decision::Requeue { .. } => match job {
             None => (
                 exit_code::REQUEUE_NEEDED,
@@ -500,134 +534,6 @@ fn act(decision: &Decision, job: Option<&JobEnv>) -> (i32, String) {
     }
 }
 
-/// Allocations so far, and how many of the latest ended, in a row, without a new checkpoint.
-fn history_of(events: &[serde_json::Value]) -> History {
-    let previous_allocations = events
-        .iter()
-        .filter(|e| e["event"] == "allocation_start")
-        .count() as u32;
-    // Count each allocation's commits from the journal: one that never wrote its end (killed,
-    // node lost) still counts by what it committed.
-    let mut streak = 0;
-    let mut commits_since_start = 0u64;
-    let mut open = false;
-    let mut per_alloc = Vec::new();
-    for e in events {
-        match e["event"].as_str() {
-            Some("allocation_start") => {
-                if open {
-                    per_alloc.push(commits_since_start);
-                }
-                open = true;
-                commits_since_start = 0;
-            }
-            Some("checkpoint_committed") => commits_since_start += 1,
-            Some("allocation_end") => {
-                if open {
-                    per_alloc.push(commits_since_start);
-                }
-                open = false;
-            }
-            _ => {}
-        }
-    }
-    if open {
-        per_alloc.push(commits_since_start);
-    }
-    for n in per_alloc.iter().rev() {
-        if *n == 0 {
-            streak += 1;
-        } else {
-            break;
-        }
-    }
-    History {
-        previous_allocations,
-        no_progress_streak: streak,
-    }
-}
-
-fn reset_staging(staging: &Path, request: &Path) -> Result<()> {
-    if staging.exists() {
-        fs::remove_dir_all(staging).with_context(|| format!("clear {}", staging.display()))?;
-    }
-    fs::create_dir_all(staging).with_context(|| format!("create {}", staging.display()))?;
-    for p in [
-        request.to_path_buf(),
-        result_path(request),
-        request.with_extension("request.tmp"),
-    ] {
-        let _ = fs::remove_file(p);
-    }
-    Ok(())
-}
-
-fn result_path(request: &Path) -> PathBuf {
-    let mut s = request.as_os_str().to_owned();
-    s.push(".result");
-    PathBuf::from(s)
-}
-
-/// What this allocation's commits achieved.
-#[derive(Default)]
-struct Progress {
-    commits: u32,
-    /// The child said its last commit was the final one.
-    done: bool,
-}
-
-/// Commit what the child staged. Always answers the child (result file, emptied staging dir,
-/// request removed), success or not; on success counts the commit in `progress`.
-fn commit_request(
-    store: &mut Store,
-    staging: &Path,
-    request: &Path,
-    job: Option<&JobEnv>,
-    run_dir: &Path,
-    progress: &mut Progress,
-) -> Result<()> {
-    let outcome = (|| -> Result<(String, bool)> {
-        let bytes = crate::storage::fsutil::read_bounded(request, 1 << 20)
-            .map_err(|r| anyhow::anyhow!("{}: {r}", request.display()))?;
-        let req: Request = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: not a valid commit request (expected {{\"step\": N, \"epoch\"?: E, \"metrics\"?: {{..}}, \"done\"?: bool}})", request.display()))?;
-        let snapshot = Snapshot::from_dir(staging)?;
-        let meta = CommitMeta {
-            step: req.step,
-            epoch: req.epoch,
-            metrics: req.metrics.clone(),
-            job: job.map(|j| j.job_info()),
-            ..Default::default()
-        };
-        let report = store.commit(&snapshot, &meta)?;
-        let line = json!({"ts": journal::now_rfc3339(), "step": req.step, "epoch": req.epoch, "metrics": req.metrics});
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(run_dir.join(METRICS_FILE))?;
-        writeln!(f, "{line}")?;
-        Ok((report.name, req.done))
-    })();
-    let result = match &outcome {
-        Ok((name, _)) => json!({"ok": true, "checkpoint": name}),
-        Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
-    };
-    replace_file_durable(&result_path(request), result.to_string().as_bytes())?;
-    for e in fs::read_dir(staging).into_iter().flatten().flatten() {
-        let p = e.path();
-        let _ = if p.is_dir() {
-            fs::remove_dir_all(&p)
-        } else {
-            fs::remove_file(&p)
-        };
-    }
-    fs::remove_file(request).with_context(|| format!("remove {}", request.display()))?;
-    let (_, done) = outcome?;
-    progress.commits += 1;
-    progress.done |= done;
-    Ok(())
-}
-
 /// Keep a frozen copy of the job config in the run dir; a later allocation with a different
 /// config is journaled and logged (the trainer refuses unsafe changes).
 fn freeze_config(store: &mut Store, run_dir: &Path, cfg: &JobConfig) -> Result<()> {
@@ -640,9 +546,9 @@ fn freeze_config(store: &mut Store, run_dir: &Path, cfg: &JobConfig) -> Result<(
     let frozen = fs::read_to_string(&path).unwrap_or_default();
     if frozen != text {
         tracing::warn!(file = %path.display(), "the job config differs from the run's frozen copy; continuing with the new one");
-        store
-            .journal()
-            .record("config_changed", json!({"frozen": CONFIG_FILE}))?;
+        store.journal().append(&SupervisorEvent::ConfigChanged {
+            frozen: CONFIG_FILE.into(),
+        })?;
     }
     Ok(())
 }
@@ -651,12 +557,14 @@ fn freeze_config(store: &mut Store, run_dir: &Path, cfg: &JobConfig) -> Result<(
 /// Budget: the warning's lead (`slurm.signal_lead`) for the warning signal, Slurm's KillWait
 /// (`scontrol show config`, 30 s when unknown) for a bare TERM; both capped by the grace period.
 fn budget_check(run_dir: &Path, cfg: &JobConfig, warned: bool, grace: Duration) {
-    let (events, _) = journal::read_all(run_dir);
-    let last_save = events
+    let last_save = events::read(run_dir)
+        .0
         .iter()
         .rev()
-        .find(|e| e["event"] == "checkpoint_committed")
-        .and_then(|e| e["seconds"].as_f64());
+        .find_map(|e| match &e.event {
+            Event::Store(StoreEvent::CheckpointCommitted { seconds, .. }) => Some(*seconds),
+            _ => None,
+        });
     let budget = if warned {
         Duration::from_secs(cfg.slurm.signal_lead as u64).min(grace)
     } else {

@@ -1,0 +1,145 @@
+//! The supervisor's journal events, and the one type a reader of `journal.jsonl` gets.
+//!
+//! The store journals its own commits, fallbacks and deletions ([`StoreEvent`]); the supervisor
+//! adds what only it knows ([`SupervisorEvent`]): allocations, the program, signals, staged files
+//! it kept, refused requests, decisions. [`Event`] is either, or an event this build does not
+//! know (a newer writer's): readers tolerate those. README "Journal events" documents each.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::journal::{self, StoreEvent};
+
+/// What the supervisor journals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SupervisorEvent {
+    /// A supervisor took the run dir.
+    AllocationStart {
+        #[serde(default)]
+        job_id: Option<String>,
+        #[serde(default)]
+        restart_count: u32,
+        #[serde(default)]
+        host: Option<String>,
+        #[serde(default)]
+        pid: Option<u32>,
+        #[serde(default)]
+        command: Vec<String>,
+    },
+    /// The workload started (a child's pid, or this process for the built-in trainer).
+    ChildStarted {
+        pid: u32,
+        #[serde(default)]
+        in_process: bool,
+        #[serde(default)]
+        resume_from: Option<String>,
+        #[serde(default)]
+        resume_step: Option<u64>,
+    },
+    /// A stop signal arrived (`repeat`: not the first of this allocation).
+    SignalReceived {
+        signal: String,
+        #[serde(default)]
+        warning: bool,
+        #[serde(default)]
+        repeat: bool,
+        #[serde(default)]
+        forwarded: Option<String>,
+        #[serde(default)]
+        grace_seconds: Option<u64>,
+    },
+    /// The grace period ran out: the program got TERM, then KILL.
+    ChildEscalated { signal: String },
+    /// The program ended.
+    ChildExited { how: String, seconds: f64 },
+    /// The stop sequence is over.
+    StopCompleted {
+        signal: String,
+        seconds_since_signal: f64,
+    },
+    /// A commit request was refused (answered in its `.result`).
+    RequestRefused { step: Option<u64>, reason: String },
+    /// Staged files were not committed; they were moved aside, never deleted.
+    StagedKept {
+        dir: String,
+        files: Vec<String>,
+        #[serde(default)]
+        step: Option<u64>,
+        reason: String,
+    },
+    /// The job config differs from the run's frozen copy.
+    ConfigChanged { frozen: String },
+    /// Training is complete.
+    RunDone,
+    /// The allocation's end: how it ended, and the requeue decision.
+    AllocationEnd {
+        #[serde(default)]
+        job_id: Option<String>,
+        #[serde(default)]
+        restart_count: u32,
+        ending: String,
+        #[serde(default)]
+        child: Option<String>,
+        decision: String,
+        reason: String,
+        action: String,
+        exit_code: i32,
+    },
+}
+
+/// One journal event, whoever wrote it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Event {
+    Store(StoreEvent),
+    Supervisor(SupervisorEvent),
+    /// An event this build does not know (or a known one with fields it cannot read).
+    Other(serde_json::Value),
+}
+
+/// An event and when it was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stamped {
+    pub ts: Option<std::time::SystemTime>,
+    pub event: Event,
+}
+
+impl Stamped {
+    /// Parse one journal line's object.
+    pub fn from_value(v: serde_json::Value) -> Stamped {
+        let ts = v["ts"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok());
+        let event = serde_json::from_value(v).unwrap_or(Event::Other(serde_json::Value::Null));
+        Stamped { ts, event }
+    }
+}
+
+/// Every readable event of a run's journal, typed, and the number of unreadable lines.
+pub fn read(run_dir: &Path) -> (Vec<Stamped>, usize) {
+    let (values, bad) = journal::read_all(run_dir);
+    (values.into_iter().map(Stamped::from_value).collect(), bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn known_events_are_typed_and_unknown_ones_tolerated() {
+        let s = Stamped::from_value(json!({"ts": "2026-01-01T00:00:00.000Z",
+            "event": "checkpoint_deleted", "checkpoint": "step-000000000001", "reason": "retention"}));
+        assert!(s.ts.is_some());
+        assert!(matches!(
+            s.event,
+            Event::Store(StoreEvent::CheckpointDeleted { .. })
+        ));
+        let s = Stamped::from_value(json!({"event": "run_done", "new_checkpoints": 3}));
+        assert_eq!(s.event, Event::Supervisor(SupervisorEvent::RunDone));
+        let s = Stamped::from_value(json!({"event": "from_the_future", "x": 1}));
+        assert!(matches!(s.event, Event::Other(_)));
+    }
+}
