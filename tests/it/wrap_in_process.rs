@@ -117,7 +117,11 @@ fn warning_signal_checkpoints_in_process_and_the_next_run_resumes() {
         .iter()
         .filter(|e| e["event"] == "checkpoint_loaded")
         .collect();
-    assert_eq!(loads.len(), 1, "the second allocation loaded the checkpoint");
+    assert_eq!(
+        loads.len(),
+        1,
+        "the second allocation loaded the checkpoint"
+    );
     assert_eq!(loads[0]["step"], 7);
     assert!(events.iter().any(|e| e["event"] == "run_done"));
 }
