@@ -558,7 +558,7 @@ impl InProcess for Builtin {
                 .unwrap_or_else(|| "unknown panic".into());
             Failure::new(FailureKind::Crash, format!("the trainer panicked: {msg}"))
         })?
-        .map_err(failure_of)?;
+        .map_err(|e| failure_of(e, &self.cfg))?;
         Ok(if out.completed {
             InProcessEnd::Completed
         } else {
@@ -567,13 +567,15 @@ impl InProcess for Builtin {
     }
 }
 
-/// The requeue policy's view of a trainer error.
+/// The requeue policy's view of a trainer error. A failed save is a reason to stop only under
+/// `on_save_error: stop`; otherwise (the final save of a stop or of the end) it is retried.
 #[cfg(feature = "torch")]
-fn failure_of(e: crate::train::trainer::TrainError) -> Failure {
+fn failure_of(e: crate::train::trainer::TrainError, cfg: &crate::config::JobConfig) -> Failure {
     use crate::train::trainer::TrainError as E;
+    let stop_on_save_error = cfg.checkpoint.on_save_error == crate::config::OnSaveError::Stop;
     let kind = match &e {
         E::Config(_) | E::ConfigChanged { .. } => FailureKind::ConfigRefused,
-        E::Save { .. } => FailureKind::SaveFailed,
+        E::Save { .. } if stop_on_save_error => FailureKind::SaveFailed,
         E::Load(StorageError::NothingValid { .. } | StorageError::Corrupt { .. }) => {
             FailureKind::NothingRestores
         }

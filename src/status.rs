@@ -2,7 +2,9 @@
 //! program (`--json`, schema `hpc-ckpt-status/1`, documented in the README).
 //!
 //! Read-only: it never takes the lock, removes temp entries or moves the pointer. It verifies the
-//! checkpoint a resume would use (and, with `--verify`, every checkpoint).
+//! checkpoint a resume would use (and, with `--verify`, every checkpoint). The job chain comes
+//! from the same fold of the journal the requeue policy uses ([`history::fold`]). [`inspect`]
+//! gathers one section at a time; [`render_text`] prints one section at a time.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,10 +15,13 @@ use serde_json::Value;
 use crate::storage::fsutil::tree_size;
 use crate::storage::journal;
 use crate::storage::lock::{self, Holder};
+use crate::storage::manifest::Manifest;
 use crate::storage::pointer::Pointer;
-use crate::storage::retention::{Candidate, RetentionPolicy, Role};
-use crate::storage::run_dir::RunDir;
+use crate::storage::retention::{Candidate, Mode, RetentionPolicy, Role};
+use crate::storage::run_dir::{Resolution, RunDir};
 use crate::storage::verify;
+use crate::supervision::events::Stamped;
+use crate::supervision::history::{self, Allocation};
 
 pub const SCHEMA: &str = "hpc-ckpt-status/1";
 const JOURNAL_TAIL: usize = 10;
@@ -31,6 +36,10 @@ pub struct StatusReport {
     /// True when `resume_from` is not what the pointer names (a fallback).
     pub fell_back: bool,
     pub checkpoints: Vec<CheckpointStatus>,
+    /// The best checkpoint by `keep_best`'s metric: the step whose weights produced it.
+    pub best: Option<BestStatus>,
+    /// Staged files that were never committed, kept aside, with the command that imports them.
+    pub kept: Vec<KeptStatus>,
     pub temp_entries: Vec<TempEntry>,
     pub disk: Disk,
     /// The writer holding `run.lock` now, if any.
@@ -41,12 +50,27 @@ pub struct StatusReport {
     pub warnings: Vec<String>,
 }
 
+/// Where the run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Never ran.
+    Fresh,
+    /// A writer holds the lock.
+    Running,
+    /// Training is complete.
+    Done,
+    /// Requeued, waiting for the next allocation.
+    Pending,
+    /// Stopped by policy (see the reason).
+    Stopped,
+    /// The last allocation ended without a word: killed, node lost.
+    Interrupted,
+}
+
 #[derive(Debug, Serialize)]
 pub struct RunChain {
-    /// `fresh` (never ran), `running` (a writer holds the lock), `done`, `pending` (requeued,
-    /// waiting for the next allocation), `stopped` (by policy; see reason), `interrupted` (the
-    /// last allocation ended without a word: killed, node lost).
-    pub state: &'static str,
+    pub state: RunState,
     pub reason: Option<String>,
     pub allocations: Vec<AllocationStatus>,
 }
@@ -54,7 +78,7 @@ pub struct RunChain {
 #[derive(Debug, Serialize)]
 pub struct AllocationStatus {
     pub job_id: Option<String>,
-    pub restart_count: u64,
+    pub restart_count: u32,
     pub host: Option<String>,
     pub started_at: Option<String>,
     pub ended_at: Option<String>,
@@ -63,118 +87,67 @@ pub struct AllocationStatus {
     pub decision: Option<String>,
     pub reason: Option<String>,
     pub action: Option<String>,
-    pub exit_code: Option<i64>,
+    pub exit_code: Option<i32>,
     pub resume_step: Option<u64>,
-    pub new_checkpoints: u64,
+    pub new_checkpoints: u32,
     /// The stop signal received, and seconds from it to the next committed checkpoint.
     pub signal: Option<String>,
     pub signal_to_checkpoint_seconds: Option<f64>,
     /// Steps committed before this allocation but redone by it (it resumed from an older one).
     pub steps_redone: u64,
+    /// Commit requests it refused (e.g. a step older than the newest checkpoint).
+    pub refused_requests: Vec<String>,
 }
 
-/// Rebuild the job chain from journal events.
-pub fn chain_of(events: &[Value], writer_running: bool) -> RunChain {
-    let mut allocs: Vec<AllocationStatus> = Vec::new();
-    let mut max_step: Option<u64> = None;
-    let mut done = false;
-    let mut signal_at: Option<std::time::SystemTime> = None;
-    let ts = |e: &Value| {
-        e["ts"]
-            .as_str()
-            .and_then(|t| humantime::parse_rfc3339(t).ok())
-    };
-    for e in events {
-        match e["event"].as_str().unwrap_or("") {
-            "allocation_start" => {
-                done = false;
-                signal_at = None;
-                allocs.push(AllocationStatus {
-                    job_id: e["job_id"].as_str().map(String::from),
-                    restart_count: e["restart_count"].as_u64().unwrap_or(0),
-                    host: e["host"].as_str().map(String::from),
-                    started_at: e["ts"].as_str().map(String::from),
-                    ended_at: None,
-                    ending: None,
-                    decision: None,
-                    reason: None,
-                    action: None,
-                    exit_code: None,
-                    resume_step: None,
-                    new_checkpoints: 0,
-                    signal: None,
-                    signal_to_checkpoint_seconds: None,
-                    steps_redone: 0,
-                });
-            }
-            "child_started" => {
-                if let Some(a) = allocs.last_mut() {
-                    a.resume_step = e["resume_step"].as_u64();
-                    let from = a.resume_step.unwrap_or(0);
-                    a.steps_redone = max_step.map(|m| m.saturating_sub(from)).unwrap_or(0);
-                }
-            }
-            "signal_received" if e["repeat"] != true => {
-                if let Some(a) = allocs.last_mut() {
-                    a.signal = e["signal"].as_str().map(String::from);
-                    signal_at = ts(e);
-                }
-            }
-            "checkpoint_committed" => {
-                let step = e["step"].as_u64().unwrap_or(0);
-                max_step = Some(max_step.map_or(step, |m| m.max(step)));
-                if let Some(a) = allocs.last_mut() {
-                    a.new_checkpoints += 1;
-                    if let (Some(s), Some(t), None) =
-                        (signal_at, ts(e), a.signal_to_checkpoint_seconds)
-                    {
-                        a.signal_to_checkpoint_seconds =
-                            t.duration_since(s).ok().map(|d| d.as_secs_f64());
-                    }
-                }
-            }
-            "stop_completed" => {
-                // In-process stops journal the signal after the fact; take the measured time.
-                if let Some(a) = allocs.last_mut() {
-                    if a.signal_to_checkpoint_seconds.is_none() && a.new_checkpoints > 0 {
-                        a.signal_to_checkpoint_seconds = e["seconds_since_signal"].as_f64();
-                    }
-                }
-            }
-            "run_done" => done = true,
-            "allocation_end" => {
-                if let Some(a) = allocs.last_mut() {
-                    a.ended_at = e["ts"].as_str().map(String::from);
-                    a.ending = e["ending"].as_str().map(String::from);
-                    a.decision = e["decision"].as_str().map(String::from);
-                    a.reason = e["reason"].as_str().map(String::from);
-                    a.action = e["action"].as_str().map(String::from);
-                    a.exit_code = e["exit_code"].as_i64();
-                }
-            }
-            _ => {}
+impl AllocationStatus {
+    fn of(a: &Allocation) -> AllocationStatus {
+        let time = |t: Option<std::time::SystemTime>| {
+            t.map(|t| humantime::format_rfc3339_millis(t).to_string())
+        };
+        AllocationStatus {
+            job_id: a.job_id.clone(),
+            restart_count: a.restart_count,
+            host: a.host.clone(),
+            started_at: time(a.started_at),
+            ended_at: time(a.ended_at),
+            ending: a.ending.clone(),
+            decision: a.decision.clone(),
+            reason: a.reason.clone(),
+            action: a.action.clone(),
+            exit_code: a.exit_code,
+            resume_step: a.resume_step,
+            new_checkpoints: a.new_checkpoints,
+            signal: a.signal.clone(),
+            signal_to_checkpoint_seconds: a.signal_to_checkpoint_seconds,
+            steps_redone: a.steps_redone,
+            refused_requests: a.refused_requests.clone(),
         }
     }
-    let (state, reason) = match allocs.last() {
-        _ if writer_running => ("running", None),
-        None => ("fresh", None),
-        Some(_) if done => ("done", Some("training complete".to_string())),
+}
+
+/// The job chain from journal events (the shared fold), and where it stands.
+pub fn chain_of(events: &[Stamped], writer_running: bool) -> RunChain {
+    let chain = history::fold(events);
+    let (state, reason) = match chain.allocations.last() {
+        _ if writer_running => (RunState::Running, None),
+        None => (RunState::Fresh, None),
+        Some(_) if chain.done => (RunState::Done, Some("training complete".to_string())),
         Some(a) => match a.decision.as_deref() {
             Some("requeue") | Some("slurm_requeues") => (
-                "pending",
+                RunState::Pending,
                 Some(format!(
                     "{} ({})",
                     a.reason.clone().unwrap_or_default(),
                     a.action.clone().unwrap_or_default()
                 )),
             ),
-            Some("stop") => ("stopped", a.reason.clone()),
-            Some("done") => ("done", Some("training complete".to_string())),
+            Some("stop") => (RunState::Stopped, a.reason.clone()),
+            Some("done") => (RunState::Done, Some("training complete".to_string())),
             _ => (
-                "interrupted",
+                RunState::Interrupted,
                 Some(
                     "the last allocation ended without a word (killed, or its node was lost): \
-                      Slurm may requeue it; else resubmit to resume"
+                     Slurm may requeue it; else resubmit to resume"
                         .to_string(),
                 ),
             ),
@@ -183,14 +156,25 @@ pub fn chain_of(events: &[Value], writer_running: bool) -> RunChain {
     RunChain {
         state,
         reason,
-        allocations: allocs,
+        allocations: chain.allocations.iter().map(AllocationStatus::of).collect(),
     }
+}
+
+/// What the pointer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointerState {
+    Ok,
+    Absent,
+    /// Not a checkpoint name (garbage).
+    Invalid,
+    MissingTarget,
+    CorruptTarget,
 }
 
 #[derive(Debug, Serialize)]
 pub struct PointerStatus {
-    /// `ok`, `absent`, `invalid` (garbage), `missing_target`, `corrupt_target`.
-    pub state: &'static str,
+    pub state: PointerState,
     pub names: Option<String>,
     pub detail: Option<String>,
 }
@@ -210,6 +194,29 @@ pub struct CheckpointStatus {
     /// `true`/`false` when verified in this call, `null` when only the manifest was read.
     pub verified: Option<bool>,
     pub faults: Vec<String>,
+}
+
+/// The best checkpoint by the monitored metric.
+#[derive(Debug, Serialize)]
+pub struct BestStatus {
+    pub metric: String,
+    pub mode: Mode,
+    pub value: f64,
+    /// The checkpoint whose weights produced `value` (its manifest records it at its step).
+    pub checkpoint: String,
+    pub step: u64,
+}
+
+/// Staged files kept aside.
+#[derive(Debug, Serialize)]
+pub struct KeptStatus {
+    /// Relative to the run dir.
+    pub dir: String,
+    pub files: Vec<String>,
+    pub step: Option<u64>,
+    pub reason: String,
+    /// The command that commits them (with `STEP` to fill in when the step is unknown).
+    pub commit_command: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -238,7 +245,7 @@ impl StatusReport {
         self.checkpoints.iter().any(|c| c.verified == Some(false))
             || matches!(
                 self.pointer.state,
-                "invalid" | "corrupt_target" | "missing_target"
+                PointerState::Invalid | PointerState::CorruptTarget | PointerState::MissingTarget
             )
     }
 }
@@ -253,70 +260,84 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
     }
     let dir = RunDir::new(root);
     let res = dir.resolve();
-    let mut warnings = Vec::new();
-
-    let target = match &res.pointer {
-        Ok(Pointer::Names(n)) => Some(n.clone()),
-        _ => None,
-    };
-    let pointer = match &res.pointer {
-        Ok(Pointer::Absent) => PointerStatus {
-            state: "absent",
-            names: None,
-            detail: None,
-        },
-        Err(f) => PointerStatus {
-            state: "invalid",
-            names: None,
-            detail: Some(f.to_string()),
-        },
-        Ok(Pointer::Names(n)) => match res.refused.iter().find(|(name, _)| name == n) {
-            None => PointerStatus {
-                state: "ok",
-                names: Some(n.clone()),
-                detail: None,
-            },
-            Some((_, faults)) => {
-                let missing = !dir.checkpoints_dir().join(n).exists();
-                PointerStatus {
-                    state: if missing {
-                        "missing_target"
-                    } else {
-                        "corrupt_target"
-                    },
-                    names: Some(n.clone()),
-                    detail: Some(join(faults)),
-                }
-            }
-        },
-    };
+    let pointer = pointer_status(&dir, &res);
     let resume_from = res.chosen.as_ref().map(|(l, _)| l.name.clone());
-    if let Some(d) = &pointer.detail {
-        warnings.push(format!(
-            "last_checkpoint cannot be used ({d}); a resume would {}",
-            match &resume_from {
-                Some(r) => format!("fall back to {r}"),
-                None => "find no valid checkpoint and start fresh only with --resume never".into(),
-            }
-        ));
-    }
-    for n in &res.newer_than_pointer {
-        if Some(n) != target.as_ref() {
-            warnings.push(format!(
-                "{n} is committed and verifies but last_checkpoint does not name it (a writer was \
-                 interrupted between rename and pointer swap); the next writer adopts it"
-            ));
-        }
-    }
+    let (manifests, faults) = read_checkpoints(&dir, &res, verify_all);
+    let policy = policy_of(&dir, &manifests);
+    let checkpoints = checkpoint_rows(&dir, &res, &manifests, &faults, &policy, verify_all);
+    let best = best_of(&checkpoints, &policy);
+    let writer = lock::probe(root);
+    let temp_entries = temp_entries(&dir);
+    let disk = Disk {
+        checkpoints_bytes: tree_size(&dir.checkpoints_dir()),
+        free_bytes: fs2::available_space(root).ok(),
+        total_bytes: fs2::total_space(root).ok(),
+    };
+    let (raw, unreadable) = journal::read_all(root);
+    let stamped: Vec<Stamped> = raw.iter().cloned().map(Stamped::from_value).collect();
+    let run = chain_of(&stamped, writer.is_some());
+    let kept = kept_of(root, &stamped);
+    let journal = JournalSummary {
+        events: raw.len(),
+        unreadable_lines: unreadable,
+        last: raw[raw.len().saturating_sub(JOURNAL_TAIL)..].to_vec(),
+    };
+    let mut report = StatusReport {
+        schema: SCHEMA,
+        run_dir: root.display().to_string(),
+        fell_back: res.fell_back() && resume_from.is_some(),
+        pointer,
+        resume_from,
+        checkpoints,
+        best,
+        kept,
+        temp_entries,
+        disk,
+        writer,
+        journal,
+        run,
+        warnings: Vec::new(),
+    };
+    report.warnings = warnings(&report, &res);
+    Ok(report)
+}
 
-    // Checkpoints, with the retention policy recorded by the newest readable manifest.
-    let listed = dir.list();
+/// The pointer's state: ok, absent, garbage, or naming a missing or corrupt checkpoint.
+fn pointer_status(dir: &RunDir, res: &Resolution) -> PointerStatus {
+    let (state, names, detail) = match &res.pointer {
+        Ok(Pointer::Absent) => (PointerState::Absent, None, None),
+        Err(f) => (PointerState::Invalid, None, Some(f.to_string())),
+        Ok(Pointer::Names(n)) => match res.refused.iter().find(|(name, _)| name == n) {
+            None => (PointerState::Ok, Some(n.clone()), None),
+            Some((_, faults)) => {
+                let state = if dir.checkpoints_dir().join(n).exists() {
+                    PointerState::CorruptTarget
+                } else {
+                    PointerState::MissingTarget
+                };
+                (state, Some(n.clone()), Some(join(faults)))
+            }
+        },
+    };
+    PointerStatus {
+        state,
+        names,
+        detail,
+    }
+}
+
+/// Each checkpoint's manifest (verified when asked or already verified), or its faults.
+fn read_checkpoints(
+    dir: &RunDir,
+    res: &Resolution,
+    verify_all: bool,
+) -> (BTreeMap<String, Manifest>, BTreeMap<String, Vec<String>>) {
     let mut manifests = BTreeMap::new();
     let mut faults_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, f) in &res.refused {
         faults_of.insert(name.clone(), f.iter().map(|x| x.to_string()).collect());
     }
-    for l in &listed {
+    for l in dir.list() {
         if let Some((c, m)) = res.chosen.as_ref().filter(|(c, _)| c.name == l.name) {
             // Verified by resolve() already.
             manifests.insert(c.name.clone(), m.clone());
@@ -337,11 +358,33 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
             }
         }
     }
-    let policy: RetentionPolicy = listed
+    (manifests, faults_of)
+}
+
+/// The retention policy recorded by the newest readable manifest.
+fn policy_of(dir: &RunDir, manifests: &BTreeMap<String, Manifest>) -> RetentionPolicy {
+    dir.list()
         .iter()
         .rev()
         .find_map(|l| manifests.get(&l.name).and_then(|m| m.retention.clone()))
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// One row per checkpoint, newest first, with why retention keeps it.
+fn checkpoint_rows(
+    dir: &RunDir,
+    res: &Resolution,
+    manifests: &BTreeMap<String, Manifest>,
+    faults_of: &BTreeMap<String, Vec<String>>,
+    policy: &RetentionPolicy,
+    verify_all: bool,
+) -> Vec<CheckpointStatus> {
+    let listed = dir.list();
+    let target = match &res.pointer {
+        Ok(Pointer::Names(n)) => Some(n.clone()),
+        _ => None,
+    };
+    let resume_from = res.chosen.as_ref().map(|(l, _)| l.name.clone());
     let monitor = policy.keep_best.as_ref().map(|b| b.monitor.clone());
     let cands: Vec<Candidate> = listed
         .iter()
@@ -360,53 +403,111 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
         .map(|(n, r)| (n, r.into_iter().collect()))
         .collect();
     let now = std::time::SystemTime::now();
-    let mut checkpoints = Vec::new();
-    for l in listed.iter().rev() {
-        let m = manifests.get(&l.name);
-        let created = m.map(|m| m.created_at.clone());
-        let age = created
-            .as_deref()
-            .and_then(|c| humantime::parse_rfc3339(c).ok())
-            .and_then(|t| now.duration_since(t).ok())
-            .map(|d| d.as_secs());
-        let faults = faults_of.get(&l.name).cloned().unwrap_or_default();
-        let verified = if !faults.is_empty() {
-            Some(false)
-        } else if verify_all || Some(&l.name) == resume_from.as_ref() {
-            Some(true)
-        } else {
-            None
-        };
-        if !faults.is_empty() && Some(&l.name) != target.as_ref() {
-            warnings.push(format!("{} is corrupt: {}", l.name, faults.join("; ")));
-        }
-        checkpoints.push(CheckpointStatus {
-            name: l.name.clone(),
-            step: l.step,
-            epoch: m.and_then(|m| m.epoch),
-            bytes: m
-                .map(|m| m.total_bytes())
-                .unwrap_or_else(|| tree_size(&l.path)),
-            created_at: created,
-            age_seconds: age,
-            metrics: m.map(|m| m.metrics.clone()).unwrap_or_default(),
-            job: m.and_then(|m| m.job.clone()),
-            roles: roles.get(&l.name).cloned().unwrap_or_default(),
-            verified,
-            faults,
-        });
-    }
-    if checkpoints.is_empty() {
-        warnings.push("nothing committed yet: a resume starts fresh".into());
-    }
+    listed
+        .iter()
+        .rev()
+        .map(|l| {
+            let m = manifests.get(&l.name);
+            let created = m.map(|m| m.created_at.clone());
+            let age = created
+                .as_deref()
+                .and_then(|c| humantime::parse_rfc3339(c).ok())
+                .and_then(|t| now.duration_since(t).ok())
+                .map(|d| d.as_secs());
+            let faults = faults_of.get(&l.name).cloned().unwrap_or_default();
+            let verified = if !faults.is_empty() {
+                Some(false)
+            } else if verify_all || Some(&l.name) == resume_from.as_ref() {
+                Some(true)
+            } else {
+                None
+            };
+            CheckpointStatus {
+                name: l.name.clone(),
+                step: l.step,
+                epoch: m.and_then(|m| m.epoch),
+                bytes: m
+                    .map(|m| m.total_bytes())
+                    .unwrap_or_else(|| tree_size(&l.path)),
+                created_at: created,
+                age_seconds: age,
+                metrics: m.map(|m| m.metrics.clone()).unwrap_or_default(),
+                job: m.and_then(|m| m.job.clone()),
+                roles: roles.get(&l.name).cloned().unwrap_or_default(),
+                verified,
+                faults,
+            }
+        })
+        .collect()
+}
 
-    let writer = lock::probe(root);
-    let temp_entries: Vec<TempEntry> = dir
-        .temp_entries()
+/// The best checkpoint by `keep_best`'s metric, among those that record it.
+fn best_of(rows: &[CheckpointStatus], policy: &RetentionPolicy) -> Option<BestStatus> {
+    let b = policy.keep_best.as_ref()?;
+    let better = |x: f64, y: f64| match b.mode {
+        Mode::Min => x < y,
+        Mode::Max => x > y,
+    };
+    rows.iter()
+        .filter(|c| c.faults.is_empty())
+        .filter_map(|c| c.metrics.get(&b.monitor).map(|v| (c, *v)))
+        .fold(
+            None,
+            |acc: Option<(&CheckpointStatus, f64)>, (c, v)| match acc {
+                Some((_, best)) if !better(v, best) => acc,
+                _ => Some((c, v)),
+            },
+        )
+        .map(|(c, v)| BestStatus {
+            metric: b.monitor.clone(),
+            mode: b.mode,
+            value: v,
+            checkpoint: c.name.clone(),
+            step: c.step,
+        })
+}
+
+/// Kept staged files that are still there, with the command that would commit them.
+fn kept_of(root: &Path, events: &[Stamped]) -> Vec<KeptStatus> {
+    let chain = history::fold(events);
+    chain
+        .allocations
+        .iter()
+        .flat_map(|a| a.kept.iter())
+        .filter(|k| root.join(&k.dir).is_dir())
+        .map(|k| KeptStatus {
+            commit_command: format!(
+                "hpc-ckpt commit --run-dir {} --step {} {}",
+                shell_word(&root.display().to_string()),
+                k.step.map_or("STEP".to_string(), |s| s.to_string()),
+                shell_word(&root.join(&k.dir).display().to_string())
+            ),
+            dir: k.dir.clone(),
+            files: k.files.clone(),
+            step: k.step,
+            reason: k.reason.clone(),
+        })
+        .collect()
+}
+
+/// A word for a shell command line: as is when plain, else single-quoted.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+fn temp_entries(dir: &RunDir) -> Vec<TempEntry> {
+    dir.temp_entries()
         .into_iter()
         .map(|p| TempEntry {
             name: p
-                .strip_prefix(root)
+                .strip_prefix(dir.root())
                 .unwrap_or(&p)
                 .to_string_lossy()
                 .into_owned(),
@@ -416,73 +517,87 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
                 p.metadata().map(|m| m.len()).unwrap_or(0)
             },
         })
-        .collect();
-    if !temp_entries.is_empty() && writer.is_none() {
-        warnings.push(format!(
-            "{} temp entr{} ({}) left by an interrupted write: never read, removed when a writer \
-             next opens the run",
-            temp_entries.len(),
-            if temp_entries.len() == 1 { "y" } else { "ies" },
-            human_bytes(temp_entries.iter().map(|t| t.bytes).sum())
+        .collect()
+}
+
+/// Everything a person should act on, one line each.
+fn warnings(r: &StatusReport, res: &Resolution) -> Vec<String> {
+    let mut w = Vec::new();
+    if let Some(d) = &r.pointer.detail {
+        w.push(format!(
+            "last_checkpoint cannot be used ({d}); a resume would {}",
+            match &r.resume_from {
+                Some(x) => format!("fall back to {x}"),
+                None => "find no valid checkpoint and start fresh only with --resume never".into(),
+            }
         ));
     }
-
-    let ckpt_dir = dir.checkpoints_dir();
-    let disk = Disk {
-        checkpoints_bytes: tree_size(&ckpt_dir),
-        free_bytes: fs2::available_space(root).ok(),
-        total_bytes: fs2::total_space(root).ok(),
-    };
-    if let (Some(free), Some(newest)) = (disk.free_bytes, checkpoints.first()) {
+    for n in &res.newer_than_pointer {
+        if Some(n) != r.pointer.names.as_ref() {
+            w.push(format!(
+                "{n} is committed and verifies but last_checkpoint does not name it (a writer was \
+                 interrupted between rename and pointer swap); the next writer adopts it"
+            ));
+        }
+    }
+    for c in &r.checkpoints {
+        if !c.faults.is_empty() && Some(&c.name) != r.pointer.names.as_ref() {
+            w.push(format!("{} is corrupt: {}", c.name, c.faults.join("; ")));
+        }
+    }
+    if r.checkpoints.is_empty() {
+        w.push("nothing committed yet: a resume starts fresh".into());
+    }
+    for k in &r.kept {
+        w.push(format!(
+            "staged files were never committed and are kept in {} ({}): {}. To commit them: {}",
+            k.dir,
+            k.files.join(", "),
+            k.reason,
+            k.commit_command
+        ));
+    }
+    for a in &r.run.allocations {
+        for reason in &a.refused_requests {
+            w.push(format!("a commit request was refused: {reason}"));
+        }
+    }
+    if !r.temp_entries.is_empty() && r.writer.is_none() {
+        w.push(format!(
+            "{} temp entr{} ({}) left by an interrupted write: never read, removed when a writer \
+             next opens the run",
+            r.temp_entries.len(),
+            if r.temp_entries.len() == 1 {
+                "y"
+            } else {
+                "ies"
+            },
+            human_bytes(r.temp_entries.iter().map(|t| t.bytes).sum())
+        ));
+    }
+    if let (Some(free), Some(newest)) = (r.disk.free_bytes, r.checkpoints.first()) {
         if free < newest.bytes.saturating_mul(2) {
-            warnings.push(format!(
+            w.push(format!(
                 "only {} free: less than two checkpoints of {} — the next save may fail",
                 human_bytes(free),
                 human_bytes(newest.bytes)
             ));
         }
     }
-
-    let (events, unreadable) = journal::read_all(root);
-    if unreadable > 0 {
-        warnings.push(format!(
-            "{unreadable} journal line(s) could not be read (a crash mid-append leaves one torn line)"
+    if r.journal.unreadable_lines > 0 {
+        w.push(format!(
+            "{} journal line(s) could not be read (a crash mid-append leaves one torn line)",
+            r.journal.unreadable_lines
         ));
     }
-    let last = events
-        .iter()
-        .rev()
-        .take(JOURNAL_TAIL)
-        .rev()
-        .cloned()
-        .collect();
-    let run = chain_of(&events, writer.is_some());
-    let redone: u64 = run.allocations.iter().map(|a| a.steps_redone).sum();
+    let redone: u64 = r.run.allocations.iter().map(|a| a.steps_redone).sum();
     if redone > 0 {
-        warnings.push(format!(
+        w.push(format!(
             "{redone} step(s) of work were redone after restarts (an allocation resumed from an \
              older checkpoint than the newest ever committed)"
         ));
     }
-
-    Ok(StatusReport {
-        schema: SCHEMA,
-        run_dir: root.display().to_string(),
-        fell_back: res.fell_back() && resume_from.is_some(),
-        pointer,
-        resume_from,
-        checkpoints,
-        temp_entries,
-        disk,
-        writer,
-        journal: JournalSummary {
-            events: events.len(),
-            unreadable_lines: unreadable,
-            last,
-        },
-        run,
-        warnings,
-    })
+    w
 }
 
 fn join(faults: &[crate::storage::Fault]) -> String {
@@ -518,21 +633,33 @@ fn human_age(s: u64) -> String {
     }
 }
 
-/// Render for a person.
+/// Render for a person, one section at a time.
 pub fn render_text(r: &StatusReport) -> String {
-    use std::fmt::Write;
     let mut o = String::new();
+    render_summary(&mut o, r);
+    render_checkpoints(&mut o, r);
+    render_allocations(&mut o, r);
+    render_kept(&mut o, r);
+    render_temp(&mut o, r);
+    render_events(&mut o, r);
+    if !r.warnings.is_empty() {
+        o.push_str("\nWarnings:\n");
+        for w in &r.warnings {
+            o.push_str(&format!("  - {w}\n"));
+        }
+    }
+    o
+}
+
+fn render_summary(o: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
     let _ = writeln!(o, "Run dir:      {}", r.run_dir);
-    let _ = writeln!(
-        o,
-        "Run:          {}{}",
-        r.run.state.to_uppercase(),
-        r.run
-            .reason
-            .as_ref()
-            .map(|x| format!(" — {x}"))
-            .unwrap_or_default()
-    );
+    let state = serde_json::to_value(r.run.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_uppercase))
+        .unwrap_or_default();
+    let why = r.run.reason.as_ref().map(|x| format!(" — {x}"));
+    let _ = writeln!(o, "Run:          {state}{}", why.unwrap_or_default());
     let resume = match (&r.resume_from, r.fell_back) {
         (Some(n), false) => format!("{n} (verified)"),
         (Some(n), true) => format!("{n} (verified; FALLBACK — the pointer's target is unusable)"),
@@ -540,24 +667,28 @@ pub fn render_text(r: &StatusReport) -> String {
         (None, _) => "NONE VERIFIES — see warnings".into(),
     };
     let _ = writeln!(o, "Resume from:  {resume}");
-    let _ = writeln!(
-        o,
-        "Pointer:      {}{}",
-        r.pointer.state,
-        r.pointer
-            .names
-            .as_ref()
-            .map(|n| format!(" ({n})"))
-            .unwrap_or_default()
-    );
-    let _ = writeln!(
-        o,
-        "Writer:       {}",
-        r.writer
-            .as_ref()
-            .map(|h| format!("running: {h}"))
-            .unwrap_or_else(|| "none running".into())
-    );
+    let pointer = serde_json::to_value(r.pointer.state)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let names = r.pointer.names.as_ref().map(|n| format!(" ({n})"));
+    let _ = writeln!(o, "Pointer:      {pointer}{}", names.unwrap_or_default());
+    if let Some(b) = &r.best {
+        let _ = writeln!(
+            o,
+            "Best:         {} = {} at {} (the weights of step {}; mode {})",
+            b.metric,
+            b.value,
+            b.checkpoint,
+            b.step,
+            if b.mode == Mode::Min { "min" } else { "max" }
+        );
+    }
+    let writer = match &r.writer {
+        Some(h) => format!("running: {h}"),
+        None => "none running".into(),
+    };
+    let _ = writeln!(o, "Writer:       {writer}");
     let _ = writeln!(
         o,
         "Disk:         checkpoints use {}; {} free of {}",
@@ -565,14 +696,19 @@ pub fn render_text(r: &StatusReport) -> String {
         r.disk.free_bytes.map(human_bytes).unwrap_or("?".into()),
         r.disk.total_bytes.map(human_bytes).unwrap_or("?".into())
     );
+}
+
+fn render_checkpoints(o: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
     let _ = writeln!(o, "\nCheckpoints ({}):", r.checkpoints.len());
-    if !r.checkpoints.is_empty() {
-        let _ = writeln!(
-            o,
-            "  {:<18} {:>6} {:>10} {:>7} {:>11}  {:<22} {:<20} STATE",
-            "NAME", "EPOCH", "SIZE", "AGE", "JOB.RESTART", "METRICS", "KEPT AS"
-        );
+    if r.checkpoints.is_empty() {
+        return;
     }
+    let _ = writeln!(
+        o,
+        "  {:<18} {:>6} {:>10} {:>7} {:>11}  {:<22} {:<20} STATE",
+        "NAME", "EPOCH", "SIZE", "AGE", "JOB.RESTART", "METRICS", "KEPT AS"
+    );
     for c in &r.checkpoints {
         let metrics = c
             .metrics
@@ -583,19 +719,15 @@ pub fn render_text(r: &StatusReport) -> String {
         let roles = c
             .roles
             .iter()
-            .map(|r| {
-                serde_json::to_value(r)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default()
-            })
+            .filter_map(|r| serde_json::to_value(r).ok()?.as_str().map(String::from))
             .collect::<Vec<_>>()
             .join(",");
         let state = match c.verified {
-            Some(true) => "verified".to_string(),
-            Some(false) => "CORRUPT".to_string(),
-            None => "manifest ok (use --verify)".to_string(),
+            Some(true) => "verified",
+            Some(false) => "CORRUPT",
+            None => "manifest ok (use --verify)",
         };
+        let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
         let _ = writeln!(
             o,
             "  {:<18} {:>6} {:>10} {:>7} {:>11}  {:<22} {:<20} {state}",
@@ -607,78 +739,85 @@ pub fn render_text(r: &StatusReport) -> String {
                 .as_ref()
                 .map(|j| format!("{}.{}", j.id, j.restart_count))
                 .unwrap_or("-".into()),
-            if metrics.is_empty() {
-                "-".into()
-            } else {
-                metrics
-            },
-            if roles.is_empty() { "-".into() } else { roles },
+            dash(metrics),
+            dash(roles),
         );
     }
-    if !r.run.allocations.is_empty() {
-        let _ = writeln!(o, "\nAllocations ({}):", r.run.allocations.len());
+}
+
+fn render_allocations(o: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
+    if r.run.allocations.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "\nAllocations ({}):", r.run.allocations.len());
+    let _ = writeln!(
+        o,
+        "  {:>3} {:>12} {:<10} {:<20} {:<15} {:>10} {:>7}  {:<14} WHY",
+        "#", "JOB.RESTART", "HOST", "STARTED", "ENDING", "SIG→CKPT", "REDONE", "DECISION"
+    );
+    let cut = |s: Option<&str>, n: usize| s.unwrap_or("?").chars().take(n).collect::<String>();
+    for (i, a) in r.run.allocations.iter().enumerate() {
         let _ = writeln!(
             o,
-            "  {:>3} {:>12} {:<10} {:<20} {:<15} {:>10} {:>7}  {:<14} WHY",
-            "#", "JOB.RESTART", "HOST", "STARTED", "ENDING", "SIG→CKPT", "REDONE", "DECISION"
+            "  {:>3} {:>12} {:<10} {:<20} {:<15} {:>10} {:>7}  {:<14} {}",
+            i + 1,
+            format!("{}.{}", a.job_id.as_deref().unwrap_or("-"), a.restart_count),
+            cut(a.host.as_deref(), 10),
+            cut(a.started_at.as_deref(), 19),
+            a.ending.as_deref().unwrap_or("(no word)"),
+            a.signal_to_checkpoint_seconds
+                .map(|s| format!("{s:.1}s"))
+                .unwrap_or("-".into()),
+            a.steps_redone,
+            a.decision.as_deref().unwrap_or("-"),
+            a.reason.as_deref().unwrap_or("")
         );
-        for (i, a) in r.run.allocations.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "  {:>3} {:>12} {:<10} {:<20} {:<15} {:>10} {:>7}  {:<14} {}",
-                i + 1,
-                format!("{}.{}", a.job_id.as_deref().unwrap_or("-"), a.restart_count),
-                a.host
-                    .as_deref()
-                    .unwrap_or("?")
-                    .chars()
-                    .take(10)
-                    .collect::<String>(),
-                a.started_at
-                    .as_deref()
-                    .unwrap_or("?")
-                    .chars()
-                    .take(19)
-                    .collect::<String>(),
-                a.ending.as_deref().unwrap_or("(no word)"),
-                a.signal_to_checkpoint_seconds
-                    .map(|s| format!("{s:.1}s"))
-                    .unwrap_or("-".into()),
-                a.steps_redone,
-                a.decision.as_deref().unwrap_or("-"),
-                a.reason.as_deref().unwrap_or("")
-            );
-        }
     }
-    if !r.temp_entries.is_empty() {
-        let _ = writeln!(o, "\nTemp entries (in-progress or abandoned writes):");
-        for t in &r.temp_entries {
-            let _ = writeln!(o, "  {} ({})", t.name, human_bytes(t.bytes));
-        }
+}
+
+fn render_kept(o: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
+    if r.kept.is_empty() {
+        return;
     }
-    if !r.journal.last.is_empty() {
-        let _ = writeln!(o, "\nRecent events ({} in journal):", r.journal.events);
-        for e in &r.journal.last {
-            let ts = e["ts"].as_str().unwrap_or("?");
-            let ev = e["event"].as_str().unwrap_or("?");
-            let mut rest: Vec<String> = e
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, _)| *k != "ts" && *k != "event")
-                .map(|(k, v)| format!("{k}={}", compact(v)))
-                .collect();
-            rest.truncate(6);
-            let _ = writeln!(o, "  {ts}  {ev:<22} {}", rest.join(" "));
-        }
+    let _ = writeln!(o, "\nKept staged files (NOT committed):");
+    for k in &r.kept {
+        let _ = writeln!(o, "  {}: {} — {}", k.dir, k.files.join(", "), k.reason);
+        let _ = writeln!(o, "    commit them with: {}", k.commit_command);
     }
-    if !r.warnings.is_empty() {
-        let _ = writeln!(o, "\nWarnings:");
-        for w in &r.warnings {
-            let _ = writeln!(o, "  - {w}");
-        }
+}
+
+fn render_temp(o: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
+    if r.temp_entries.is_empty() {
+        return;
     }
-    o
+    let _ = writeln!(o, "\nTemp entries (in-progress or abandoned writes):");
+    for t in &r.temp_entries {
+        let _ = writeln!(o, "  {} ({})", t.name, human_bytes(t.bytes));
+    }
+}
+
+fn render_events(o: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
+    if r.journal.last.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "\nRecent events ({} in journal):", r.journal.events);
+    for e in &r.journal.last {
+        let ts = e["ts"].as_str().unwrap_or("?");
+        let ev = e["event"].as_str().unwrap_or("?");
+        let mut rest: Vec<String> = e
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| *k != "ts" && *k != "event")
+            .map(|(k, v)| format!("{k}={}", compact(v)))
+            .collect();
+        rest.truncate(6);
+        let _ = writeln!(o, "  {ts}  {ev:<22} {}", rest.join(" "));
+    }
 }
 
 fn compact(v: &Value) -> String {

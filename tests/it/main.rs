@@ -16,6 +16,7 @@ mod python_interop;
 mod sbatch_template;
 #[cfg(feature = "torch")]
 mod slurm_e2e;
+mod supervisor_rules;
 #[cfg(feature = "torch")]
 mod train_kill;
 #[cfg(feature = "torch")]
