@@ -17,5 +17,6 @@ pub mod ffi;
 pub mod models;
 pub mod optim;
 pub mod sched;
+pub mod seeds;
 pub mod tensors;
 pub mod trainer;

@@ -19,9 +19,10 @@
 //! because every random draw is derived: libtorch is reseeded from `(seed, global step)` before
 //! each optimizer step (dropout), the data order of epoch `e` comes from `(seed, e)`, and the
 //! model is initialised from the seed; the CPU generator's real state is saved and restored as
-//! well. After loading, the reference loss is recomputed and must be bit-equal on the CPU (a
-//! mismatch is an error naming the checkpoint). A resume with a config that differs in a key that
-//! changes the results is refused with the list of changed keys.
+//! well (the streams are listed in [`super::seeds`]). After loading, the reference loss is
+//! recomputed and must be bit-equal on the CPU (a mismatch is an error naming the checkpoint). A
+//! resume with a config that differs in a key that changes the results is refused with the list
+//! of changed keys.
 //!
 //! libtorch's generators and thread pool are process-global: one [`run`] at a time per process
 //! (a lock serialises concurrent calls).
@@ -37,11 +38,12 @@ use serde_json::json;
 use tch::{nn, Device, Tensor};
 
 use super::config::{changed_keys, DeviceChoice, TrainConfig, TrainConfigError};
-use super::data::{derive_seed, Dataset, Loader, Position, Split};
+use super::data::{Dataset, Loader, Position, Split};
 use super::ffi::{self, Generator, ShimError};
 use super::models::{named_parameters, named_state, parameter_count, Model, ModelError};
 use super::optim::{OptimError, Optimizer, OptimizerMeta};
 use super::sched::{Scheduler, SchedulerState};
+use super::seeds;
 use super::tensors::{read_safetensors, to_tensor_data, TensorError};
 use crate::config::JobConfig;
 use crate::storage::journal::now_rfc3339;
@@ -61,8 +63,6 @@ pub const STATE_FORMAT_VERSION: u32 = 1;
 pub const TCH_VERSION: &str = "0.26";
 pub const LIBTORCH_VERSION: &str = "2.13";
 
-const STREAM_INIT: u64 = 3;
-const STREAM_STEP: u64 = 4;
 /// Samples in the reference batch (at most).
 const REFERENCE_SAMPLES: i64 = 16;
 
@@ -271,10 +271,6 @@ fn device_name(d: Device) -> String {
     }
 }
 
-fn seed_i64(s: u64) -> i64 {
-    s as i64
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -333,7 +329,7 @@ impl Trainer {
         let data = Dataset::load(&tc)?;
         let loader = Loader::new(tc.seed, &data, tc.batch_size);
         let total = total_steps(&tc, loader.batches_per_epoch());
-        tch::manual_seed(seed_i64(derive_seed(tc.seed, STREAM_INIT, 0)));
+        tch::manual_seed(seeds::init_seed(tc.seed));
         let vs = nn::VarStore::new(device);
         let model = Model::build(&vs.root(), &tc.model, data.task())?;
         let named = named_parameters(&vs);
@@ -373,9 +369,7 @@ impl Trainer {
             last_loss: None,
             rng: RngRecord {
                 seed: tc.seed,
-                scheme: "manual_seed(derive_seed(seed, 4, global_step + 1)) before each step; \
-                         data order from (seed, epoch)"
-                    .into(),
+                scheme: seeds::SCHEME.into(),
                 cpu_state: String::new(),
             },
             threads: tc.threads,
@@ -710,7 +704,7 @@ impl Trainer {
 
     fn step(&mut self) -> Result<(f64, f64), TrainError> {
         let gs = self.st.global_step;
-        tch::manual_seed(seed_i64(derive_seed(self.tc.seed, STREAM_STEP, gs + 1)));
+        tch::manual_seed(seeds::step_seed(self.tc.seed, gs));
         let lr = self.sched.lr(gs);
         self.opt.zero_grad()?;
         let accum = self.tc.grad_accum;
