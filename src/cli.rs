@@ -577,6 +577,7 @@ fn failure_of(e: crate::train::trainer::TrainError) -> Failure {
         E::Load(StorageError::NothingValid { .. } | StorageError::Corrupt { .. }) => {
             FailureKind::NothingRestores
         }
+        E::NothingRestores { .. } => FailureKind::NothingRestores,
         _ => FailureKind::Crash,
     };
     Failure::new(kind, e.to_string())

@@ -20,16 +20,24 @@
 //! each optimizer step (dropout), the data order of epoch `e` comes from `(seed, e)`, and the
 //! model is initialised from the seed; the CPU generator's real state is saved and restored as
 //! well (the streams are listed in [`super::seeds`]). After loading, the reference loss is
-//! recomputed and must be bit-equal on the CPU (a mismatch is an error naming the checkpoint). A
-//! resume with a config that differs in a key that changes the results is refused with the list
-//! of changed keys.
+//! recomputed and must be bit-equal on the CPU. A resume with a config that differs in a key
+//! that changes the results is refused with the list of changed keys.
+//!
+//! Resuming ([`restore`]): `--resume auto` walks the checkpoints newest first and uses the first
+//! that verifies and restores; one that does not restore (wrong shapes, missing tensors, a state
+//! that disagrees with its manifest, a model that does not reproduce its reference loss, …) is
+//! refused and journaled like one that does not verify, and an older one is tried. Only when
+//! none restores does [`run`] fail ([`TrainError::NothingRestores`], naming each).
 //!
 //! libtorch's generators and thread pool are process-global: one [`run`] at a time per process
 //! (a lock serialises concurrent calls).
 
+mod restore;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -44,12 +52,12 @@ use super::models::{named_parameters, named_state, parameter_count, Model, Model
 use super::optim::{OptimError, Optimizer, OptimizerMeta};
 use super::sched::{Scheduler, SchedulerState};
 use super::seeds;
-use super::tensors::{read_safetensors, to_tensor_data, TensorError};
+use super::tensors::{read_safetensors, to_tensor_data, torch_message, TensorError};
 use crate::config::JobConfig;
 use crate::storage::journal::now_rfc3339;
-use crate::storage::manifest::checkpoint_name;
+use crate::storage::manifest::{parse_checkpoint_name, MANIFEST_FILE};
 use crate::storage::verify::Loaded;
-use crate::storage::{CommitMeta, FileSource, Snapshot, StorageError, Store};
+use crate::storage::{CommitMeta, Fault, FileSource, Snapshot, StorageError, Store};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -92,29 +100,39 @@ pub enum TrainError {
     Tensor(#[from] TensorError),
     #[error(transparent)]
     Shim(#[from] ShimError),
+    /// The job or the run does not fit the checkpoint (threads, data, `--resume never`): no
+    /// older checkpoint of the run would fit either.
     #[error("cannot resume from checkpoint {checkpoint}: {reason}")]
     Resume { checkpoint: String, reason: String },
     #[error(
-        "cannot resume from checkpoint {checkpoint}: the job config changed since it was written, \
-         in keys that change the results:\n  {}\n(safe to change: max_steps, epochs, \
-         eval.every_steps, the checkpoint policy); restore those keys or use a new run dir",
+        "cannot resume from checkpoint {checkpoint}: the job config changed since it was written \
+         (trainer_state.json), in keys that change the results:\n  {}\n(safe to change: max_steps, \
+         epochs, eval.every_steps, the checkpoint policy); restore those keys or use a new run dir",
         changes.join("\n  ")
     )]
     ConfigChanged {
         checkpoint: String,
         changes: Vec<String>,
     },
+    /// The checkpoint verifies but does not restore (a wrong shape, a missing tensor, a state
+    /// that disagrees with its manifest, a model that does not reproduce its reference loss, …):
+    /// an older checkpoint may.
+    #[error("checkpoint {} does not restore: {file}: {reason}", dir.display())]
+    Unrestorable {
+        dir: PathBuf,
+        file: String,
+        reason: String,
+    },
+    /// Every checkpoint tried was refused: retrying cannot help.
     #[error(
-        "checkpoint {checkpoint}: the reference loss recomputed after loading is {found:e} \
-         (f32 bits {found_bits:#010x}) but the checkpoint recorded {stored:e} (bits \
-         {stored_bits:#010x}): the restored model does not reproduce the saved one"
+        "no checkpoint restores from {}; tried, newest first: {}",
+        searched.display(),
+        tried.iter().map(Refused::to_string).collect::<Vec<_>>().join("; ")
     )]
-    ReferenceLoss {
-        checkpoint: String,
-        stored: f32,
-        stored_bits: u32,
-        found: f32,
-        found_bits: u32,
+    NothingRestores {
+        /// The run dir (or the `--resume` checkpoint).
+        searched: PathBuf,
+        tried: Vec<Refused>,
     },
     #[error("cannot load a checkpoint to resume from: {0}")]
     Load(#[source] StorageError),
@@ -132,6 +150,20 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// A checkpoint refused on resume, and why (file and reason each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub checkpoint: String,
+    pub faults: Vec<Fault>,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
+        write!(f, "{} ({})", self.checkpoint, faults.join(", "))
+    }
 }
 
 /// The best evaluation so far.
@@ -191,12 +223,13 @@ static TRAINER: Mutex<()> = Mutex::new(());
 /// Where a run resumes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
-    /// The run dir's resume point (the pointer's checkpoint, falling back when it is unusable).
+    /// The newest checkpoint of the run dir that verifies and restores (the pointer's target
+    /// first); a fresh start when the run dir holds none.
     Auto,
     /// Never: refuse a run dir that holds checkpoints.
     Never,
-    /// This checkpoint dir (verified first).
-    From(std::path::PathBuf),
+    /// This checkpoint dir (verified first), with no fallback.
+    From(PathBuf),
 }
 
 /// Train the job of `cfg`, committing checkpoints to `store`, resuming as `resume` says.
@@ -214,8 +247,8 @@ pub fn run(
 ) -> Result<Outcome, TrainError> {
     let _one_at_a_time = TRAINER.lock().unwrap_or_else(|p| p.into_inner());
     let tc = TrainConfig::from_job(cfg)?;
-    let loaded = match resume {
-        Resume::Auto => store.load_latest().map_err(TrainError::Load)?,
+    let mut t = match resume {
+        Resume::Auto => restore::resume_auto(&tc, store)?,
         Resume::Never => {
             if !store.run_dir().list().is_empty() {
                 return Err(TrainError::Resume {
@@ -225,21 +258,10 @@ pub fn run(
                         .into(),
                 });
             }
-            None
+            Trainer::new(tc, store)?
         }
-        Resume::From(p) => Some(
-            crate::storage::verify::load_checkpoint(p).map_err(|faults| {
-                TrainError::Load(StorageError::Corrupt {
-                    dir: p.clone(),
-                    faults,
-                })
-            })?,
-        ),
+        Resume::From(p) => restore::resume_from(&tc, store, p)?,
     };
-    let mut t = Trainer::new(tc, store)?;
-    if let Some(loaded) = loaded {
-        t.restore(&loaded)?;
-    }
     t.train(store, stop)
 }
 
@@ -407,188 +429,6 @@ impl Trainer {
             committed: None,
             metrics,
         })
-    }
-
-    /// Load everything from a verified checkpoint, then check it reproduces its reference loss.
-    fn restore(&mut self, loaded: &Loaded) -> Result<(), TrainError> {
-        let name = checkpoint_name(loaded.manifest.step);
-        let bad = |reason: String| TrainError::Resume {
-            checkpoint: name.clone(),
-            reason,
-        };
-        let file = |f: &str| {
-            loaded.files.get(f).map(Vec::as_slice).ok_or_else(|| {
-                bad(format!(
-                    "{f} is missing: not a checkpoint of the built-in trainer"
-                ))
-            })
-        };
-        let st: TrainerState = serde_json::from_slice(file(STATE_FILE)?)
-            .map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
-        if st.format_version != STATE_FORMAT_VERSION {
-            return Err(bad(format!(
-                "{STATE_FILE}: format version {} is not supported (this build reads {STATE_FORMAT_VERSION})",
-                st.format_version
-            )));
-        }
-        if st.global_step != loaded.manifest.step {
-            return Err(bad(format!(
-                "{STATE_FILE} says step {} but the manifest says {}",
-                st.global_step, loaded.manifest.step
-            )));
-        }
-        if st.config_hash != self.st.config_hash {
-            let mut changes = changed_keys(&st.config, &self.st.config);
-            if changes.is_empty() {
-                changes.push(format!(
-                    "(config hash {} → {})",
-                    st.config_hash, self.st.config_hash
-                ));
-            }
-            return Err(TrainError::ConfigChanged {
-                checkpoint: name,
-                changes,
-            });
-        }
-        if st.threads != self.tc.threads {
-            if self.tc.deterministic {
-                return Err(bad(format!(
-                    "threads: the checkpoint was made with {} threads and this run has {}; with \
-                     deterministic: true the results depend on the thread count (accepted: \
-                     threads: {}, or deterministic: false)",
-                    st.threads, self.tc.threads, st.threads
-                )));
-            }
-            tracing::warn!(
-                saved = st.threads,
-                now = self.tc.threads,
-                "thread count changed since the checkpoint; results will differ from an uninterrupted run"
-            );
-        }
-        if st.data_fingerprint != self.st.data_fingerprint {
-            return Err(bad(format!(
-                "the data differ from the checkpoint's (fingerprint {} now, {} then): the data \
-                 file changed since the run started",
-                self.st.data_fingerprint, st.data_fingerprint
-            )));
-        }
-        if st.device != self.st.device {
-            tracing::warn!(saved = %st.device, now = %self.st.device, "device changed since the checkpoint; results will not be bit-identical");
-        }
-
-        // Model: every variable, nothing else.
-        let mut saved: BTreeMap<String, Tensor> = read_safetensors(MODEL_FILE, file(MODEL_FILE)?)?
-            .into_iter()
-            .collect();
-        let vars = named_state(&self.vs);
-        let names: BTreeSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some(extra) = saved.keys().find(|k| !names.contains(k.as_str())) {
-            return Err(bad(format!(
-                "{MODEL_FILE}: tensor {extra} is not a variable of this model"
-            )));
-        }
-        tch::no_grad(|| -> Result<(), TrainError> {
-            for (n, mut var) in vars {
-                let t = saved
-                    .remove(&n)
-                    .ok_or_else(|| bad(format!("{MODEL_FILE}: variable {n} is missing")))?;
-                if t.size() != var.size() || t.kind() != var.kind() {
-                    return Err(bad(format!(
-                        "{MODEL_FILE}: {n} is {:?} {:?}, the model's is {:?} {:?}",
-                        t.kind(),
-                        t.size(),
-                        var.kind(),
-                        var.size()
-                    )));
-                }
-                var.f_copy_(&t).map_err(|e| {
-                    bad(format!(
-                        "{MODEL_FILE}: {n}: {}",
-                        super::tensors::torch_message(&e)
-                    ))
-                })?;
-            }
-            Ok(())
-        })?;
-
-        self.opt.load_state(
-            &st.optimizer,
-            read_safetensors(OPTIMIZER_FILE, file(OPTIMIZER_FILE)?)?,
-        )?;
-        self.sched.load_state(st.scheduler.clone()).map_err(&bad)?;
-
-        // The reference batch of the checkpoint, and its loss.
-        let mut refs: BTreeMap<String, Tensor> =
-            read_safetensors(REFERENCE_FILE, file(REFERENCE_FILE)?)?
-                .into_iter()
-                .collect();
-        let (Some(x), Some(y)) = (refs.remove("x"), refs.remove("y")) else {
-            return Err(bad(format!("{REFERENCE_FILE}: tensors x and y expected")));
-        };
-        self.reference = (x, y);
-        let stored_bits = loaded
-            .manifest
-            .extra
-            .get("reference_loss_bits")
-            .and_then(|v| v.as_str())
-            .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-            .ok_or_else(|| bad("the manifest has no reference_loss_bits in extra".into()))?;
-        let stored = f32::from_bits(stored_bits);
-        let found = self.reference_loss();
-        let exact = self.device == Device::Cpu && st.device == "cpu";
-        let ok = if exact {
-            found.to_bits() == stored_bits
-        } else {
-            (found - stored).abs() <= 1e-3 * stored.abs().max(1e-6)
-        };
-        if !ok {
-            return Err(TrainError::ReferenceLoss {
-                checkpoint: name,
-                stored,
-                stored_bits,
-                found,
-                found_bits: found.to_bits(),
-            });
-        }
-
-        let rng = unhex(&st.rng.cpu_state)
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| {
-                bad(format!(
-                    "{STATE_FILE}: rng.cpu_state is not a hex byte string"
-                ))
-            })?;
-        ffi::set_rng_state(Generator::Cpu, &Tensor::from_slice(&rng))?;
-
-        self.pos = Position {
-            epoch: st.epoch,
-            batch_in_epoch: st.batch_in_epoch,
-        };
-        if self.pos.batch_in_epoch >= self.loader.batches_per_epoch() {
-            return Err(bad(format!(
-                "data position {}/{} is past the end of an epoch of {} batches",
-                st.epoch,
-                st.batch_in_epoch,
-                self.loader.batches_per_epoch()
-            )));
-        }
-        // Keep this run's view of the config (safe keys may differ); the rest is the saved state.
-        let (config_hash, config, versions_now) = (
-            self.st.config_hash.clone(),
-            self.st.config.clone(),
-            versions(),
-        );
-        self.st = TrainerState {
-            config_hash,
-            config,
-            versions: versions_now,
-            threads: self.tc.threads,
-            device: device_name(self.device),
-            ..st
-        };
-        self.committed = Some(self.st.global_step);
-        tracing::info!(checkpoint = %name, step = self.st.global_step, epoch = self.st.epoch, batch_in_epoch = self.st.batch_in_epoch, reference_loss = found, "resumed; reference loss reproduced");
-        Ok(())
     }
 
     /// The model's loss on the reference batch (eval mode, no grad), as f32.
