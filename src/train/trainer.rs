@@ -29,6 +29,13 @@
 //! refused and journaled like one that does not verify, and an older one is tried. Only when
 //! none restores does [`run`] fail ([`TrainError::NothingRestores`], naming each).
 //!
+//! Metrics and the best checkpoint: a checkpoint's manifest metrics are `loss` (of its step),
+//! `lr`, and the eval metric only when it was measured at the checkpoint's own step. With
+//! `checkpoint.keep_best` the trainer also commits at every eval step (when the monitor is the
+//! eval metric), and `trainer_state.best` is the best monitored value over the committed
+//! checkpoints under `keep_best.mode`, ties to the newer — what retention keeps as best.
+//! Without `keep_best`, `best` is the lowest eval metric so far.
+//!
 //! libtorch's generators and thread pool are process-global: one [`run`] at a time per process
 //! (a lock serialises concurrent calls).
 
@@ -56,6 +63,7 @@ use super::tensors::{read_safetensors, to_tensor_data, torch_message, TensorErro
 use crate::config::JobConfig;
 use crate::storage::journal::now_rfc3339;
 use crate::storage::manifest::{parse_checkpoint_name, MANIFEST_FILE};
+use crate::storage::retention::Mode;
 use crate::storage::verify::Loaded;
 use crate::storage::{CommitMeta, Fault, FileSource, Snapshot, StorageError, Store};
 
@@ -166,7 +174,7 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// The best evaluation so far.
+/// The best value of the monitored metric so far, and the step it was measured at.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BestMetric {
@@ -335,6 +343,9 @@ struct Trainer {
     reference: (Tensor, Tensor),
     total: u64,
     committed: Option<u64>,
+    /// The eval value measured by this process and its step (the checkpoint of that step alone
+    /// carries it).
+    eval_at: Option<(u64, f64)>,
     metrics: File,
 }
 
@@ -427,6 +438,7 @@ impl Trainer {
             reference,
             total,
             committed: None,
+            eval_at: None,
             metrics,
         })
     }
@@ -440,6 +452,8 @@ impl Trainer {
         tch::no_grad(|| self.model.loss(&x, &y, false)).double_value(&[]) as f32
     }
 
+    /// Train from the current state until the end (committing the final step) or until `stop`
+    /// answers true at a step boundary (committing that step); see [`run`].
     fn train(&mut self, store: &mut Store, stop: &dyn Fn() -> bool) -> Result<Outcome, TrainError> {
         let mut commits = 0u32;
         let mut last_commit = Instant::now();
@@ -464,46 +478,12 @@ impl Trainer {
             let started = Instant::now();
             let (loss, lr) = self.step()?;
             let gs = self.st.global_step;
-            let samples = self.tc.batch_size * self.tc.grad_accum;
-            let secs = started.elapsed().as_secs_f64();
-            let mut m = serde_json::Map::new();
-            m.insert("loss".into(), json!(loss));
-            m.insert("lr".into(), json!(lr));
-            m.insert(
-                "samples_per_s".into(),
-                json!(samples as f64 / secs.max(1e-9)),
-            );
-            if let Some(e) = self.tc.eval.clone() {
-                if gs.is_multiple_of(e.every_steps.0) {
-                    let v = self.evaluate(e.batches.0);
-                    self.st.last_eval = Some(v);
-                    self.sched.observe(v);
-                    self.st.scheduler = self.sched.state().clone();
-                    if self.st.best.as_ref().is_none_or(|b| v < b.value) {
-                        self.st.best = Some(BestMetric {
-                            metric: e.metric.clone(),
-                            value: v,
-                            step: gs,
-                        });
-                    }
-                    m.insert(e.metric.clone(), json!(v));
-                }
-            }
-            let line =
-                json!({"ts": now_rfc3339(), "step": gs, "epoch": self.st.epoch, "metrics": m});
-            writeln!(self.metrics, "{line}").map_err(|source| TrainError::Io {
-                what: format!("append to {METRICS_FILE}"),
-                source,
-            })?;
-            progress.show(gs, loss, lr, samples as f64 / secs.max(1e-9));
-            let due = self
-                .tc
-                .checkpoint_every_steps
-                .is_some_and(|n| gs.is_multiple_of(n))
-                || self
-                    .tc
-                    .checkpoint_every_seconds
-                    .is_some_and(|s| last_commit.elapsed().as_secs() >= s);
+            let samples = (self.tc.batch_size * self.tc.grad_accum) as f64;
+            let samples_per_s = samples / started.elapsed().as_secs_f64().max(1e-9);
+            let eval = self.evaluate_if_due(gs);
+            self.log_metrics(gs, loss, lr, samples_per_s, eval)?;
+            progress.show(gs, loss, lr, samples_per_s);
+            let due = self.commit_due(gs, last_commit, eval.is_some());
             if due && gs < self.total {
                 match self.commit(store) {
                     Ok(()) => {
@@ -527,7 +507,61 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step (over `grad_accum` micro-batches); returns (mean loss, lr).
+    /// At an eval step, evaluate: feed the scheduler, track `best` (without `keep_best`; with it
+    /// `best` follows the commits), and keep the value for the checkpoint of this step alone.
+    /// Returns the value, or `None` when `gs` is not an eval step.
+    fn evaluate_if_due(&mut self, gs: u64) -> Option<f64> {
+        let e = self.tc.eval.clone()?;
+        if !gs.is_multiple_of(e.every_steps.0) {
+            return None;
+        }
+        let v = self.evaluate(e.batches.0);
+        self.eval_at = Some((gs, v));
+        self.st.last_eval = Some(v);
+        self.sched.observe(v);
+        self.st.scheduler = self.sched.state().clone();
+        if self.tc.keep_best.is_none() {
+            note_best(&mut self.st.best, &e.metric, Mode::Min, v, gs);
+        }
+        Some(v)
+    }
+
+    /// Append the line of step `gs` to `metrics.jsonl` (with the eval metric at eval steps).
+    fn log_metrics(
+        &mut self,
+        gs: u64,
+        loss: f64,
+        lr: f64,
+        samples_per_s: f64,
+        eval: Option<f64>,
+    ) -> Result<(), TrainError> {
+        let mut m = serde_json::Map::new();
+        m.insert("loss".into(), json!(loss));
+        m.insert("lr".into(), json!(lr));
+        m.insert("samples_per_s".into(), json!(samples_per_s));
+        if let (Some(v), Some(e)) = (eval, &self.tc.eval) {
+            m.insert(e.metric.clone(), json!(v));
+        }
+        let line = json!({"ts": now_rfc3339(), "step": gs, "epoch": self.st.epoch, "metrics": m});
+        writeln!(self.metrics, "{line}").map_err(|source| TrainError::Io {
+            what: format!("append to {METRICS_FILE}"),
+            source,
+        })
+    }
+
+    /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, or
+    /// because it is an eval step whose value `keep_best` monitors.
+    fn commit_due(&self, gs: u64, last_commit: Instant, evaluated: bool) -> bool {
+        self.tc
+            .checkpoint_every_steps
+            .is_some_and(|n| gs.is_multiple_of(n))
+            || self
+                .tc
+                .checkpoint_every_seconds
+                .is_some_and(|s| last_commit.elapsed().as_secs() >= s)
+            || (evaluated && self.tc.commits_at_eval())
+    }
+
     /// The checkpoint a stop or the end must leave: commit the current step unless it already
     /// is. A failure here is always an error (`on_save_error` applies to periodic saves only).
     /// Returns the number of commits made (0 or 1).
@@ -542,6 +576,7 @@ impl Trainer {
         Ok(1)
     }
 
+    /// One optimizer step (over `grad_accum` micro-batches); returns (mean loss, lr).
     fn step(&mut self) -> Result<(f64, f64), TrainError> {
         let gs = self.st.global_step;
         tch::manual_seed(seeds::step_seed(self.tc.seed, gs));
@@ -601,8 +636,53 @@ impl Trainer {
         sum / nb as f64
     }
 
-    /// Commit the current state as the checkpoint of the current global step.
+    /// Commit the current state as the checkpoint of the current global step. With `keep_best`,
+    /// `best` first takes this checkpoint's monitored value when it is at least as good (and
+    /// goes back if the commit fails), so the state it records names what retention keeps.
     fn commit(&mut self, store: &mut Store) -> Result<(), StorageError> {
+        let metrics = self.checkpoint_metrics();
+        let best_before = self.st.best.clone();
+        if let Some(b) = &self.tc.keep_best {
+            if let Some(&v) = metrics.get(&b.monitor) {
+                note_best(
+                    &mut self.st.best,
+                    &b.monitor,
+                    b.mode,
+                    v,
+                    self.st.global_step,
+                );
+            }
+        }
+        let result = self.write_checkpoint(store, metrics);
+        if result.is_err() {
+            self.st.best = best_before;
+        }
+        result
+    }
+
+    /// The manifest metrics of the checkpoint of the current step: its `loss` and `lr`, and the
+    /// eval metric only when it was measured at this very step.
+    fn checkpoint_metrics(&self) -> BTreeMap<String, f64> {
+        let step = self.st.global_step;
+        let mut metrics = BTreeMap::new();
+        if let Some(l) = self.st.last_loss {
+            metrics.insert("loss".to_owned(), l);
+        }
+        if let (Some(e), Some((at, v))) = (&self.tc.eval, self.eval_at) {
+            if at == step && v.is_finite() {
+                metrics.insert(e.metric.clone(), v);
+            }
+        }
+        metrics.insert("lr".to_owned(), self.sched.lr(step.saturating_sub(1)));
+        metrics
+    }
+
+    /// Write the current state with `metrics` through the store's commit protocol.
+    fn write_checkpoint(
+        &mut self,
+        store: &mut Store,
+        metrics: BTreeMap<String, f64>,
+    ) -> Result<(), StorageError> {
         let invalid = |e: &dyn std::fmt::Display| StorageError::Invalid(e.to_string());
         let step = self.st.global_step;
         let rng = ffi::rng_state(Generator::Cpu).map_err(|e| invalid(&e))?;
@@ -653,19 +733,6 @@ impl Trainer {
             },
         );
         snap.add(STATE_FILE, FileSource::Bytes(state.into()));
-        let mut metrics = BTreeMap::new();
-        if let Some(l) = self.st.last_loss {
-            metrics.insert("loss".to_owned(), l);
-        }
-        if let Some(v) = self.st.last_eval.filter(|v| v.is_finite()) {
-            let key = self
-                .tc
-                .eval
-                .as_ref()
-                .map_or("val_loss".to_owned(), |e| e.metric.clone());
-            metrics.insert(key, v);
-        }
-        metrics.insert("lr".to_owned(), self.sched.lr(step.saturating_sub(1)));
         let mut extra = serde_json::Map::new();
         extra.insert("reference_loss".into(), json!(ref_loss as f64));
         extra.insert(
@@ -685,6 +752,28 @@ impl Trainer {
         self.committed = Some(step);
         tracing::info!(checkpoint = %report.name, bytes = report.bytes, seconds = report.seconds, "checkpoint committed");
         Ok(())
+    }
+}
+
+/// Make `(metric, v, step)` the best when `best` tracks another metric or `v` is at least as
+/// good under `mode` (ties go to the newer step, as retention's do). A non-finite `v` never is.
+fn note_best(best: &mut Option<BestMetric>, metric: &str, mode: Mode, v: f64, step: u64) {
+    if !v.is_finite() {
+        return;
+    }
+    let better = match best.as_ref() {
+        Some(b) if b.metric == metric => match mode {
+            Mode::Min => v <= b.value,
+            Mode::Max => v >= b.value,
+        },
+        _ => true,
+    };
+    if better {
+        *best = Some(BestMetric {
+            metric: metric.to_owned(),
+            value: v,
+            step,
+        });
     }
 }
 
@@ -790,5 +879,33 @@ impl ProgressLine {
                 "progress"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_follows_the_mode_and_ties_go_to_the_newer_step() {
+        let steps = |mode, values: &[(u64, f64)]| {
+            let mut best = None;
+            for &(step, v) in values {
+                note_best(&mut best, "val_loss", mode, v, step);
+            }
+            best.map(|b: BestMetric| (b.step, b.value))
+        };
+        let seen = [(10, 0.5), (20, 0.3), (30, f64::NAN), (40, 0.7), (50, 0.3)];
+        assert_eq!(steps(Mode::Min, &seen), Some((50, 0.3)));
+        assert_eq!(steps(Mode::Max, &seen), Some((40, 0.7)));
+        assert_eq!(steps(Mode::Min, &[(10, f64::NAN)]), None);
+        // A best of another metric (the monitor changed) is replaced.
+        let mut best = Some(BestMetric {
+            metric: "loss".into(),
+            value: 0.1,
+            step: 5,
+        });
+        note_best(&mut best, "val_loss", Mode::Min, 0.9, 10);
+        assert_eq!(best.map(|b| b.step), Some(10));
     }
 }

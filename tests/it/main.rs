@@ -17,6 +17,8 @@ mod sbatch_template;
 #[cfg(feature = "torch")]
 mod slurm_e2e;
 #[cfg(feature = "torch")]
+mod train_best;
+#[cfg(feature = "torch")]
 mod train_fallback;
 #[cfg(feature = "torch")]
 mod train_kill;
