@@ -297,7 +297,7 @@ pub struct TrainConfig {
     /// `checkpoint.on_save_error: stop`.
     pub stop_on_save_error: bool,
     /// `checkpoint.keep_best`, its monitor checked to be a metric the trainer records
-    /// ([`check_monitor`]).
+    /// (`check_monitor`).
     pub keep_best: Option<Best>,
 }
 

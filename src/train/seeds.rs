@@ -3,12 +3,14 @@
 //! A stream is `derive_seed(seed, stream id, index)`; streams never share draws, and each is a
 //! pure function of its inputs, so a resumed run redraws exactly what an uninterrupted one drew:
 //!
-//! | stream | id | index | seeds | where |
-//! |---|---|---|---|---|
-//! | [`data_seed`] | 1 | 0 | SplitMix64 that generates the synthetic datasets (Rust side, independent of libtorch) | `data.rs` |
-//! | [`epoch_order_seed`] | 2 | epoch | SplitMix64 that shuffles the training split for that epoch | `data.rs` |
-//! | [`init_seed`] | 3 | 0 | libtorch's `manual_seed` before the model is built (parameter init) | `trainer.rs` |
-//! | [`step_seed`] | 4 | global step + 1 | libtorch's `manual_seed` before that optimizer step (dropout) | `trainer.rs` |
+//! - [`data_seed`] (stream 1, index 0): the SplitMix64 that generates the synthetic datasets
+//!   (Rust side, independent of libtorch; `data.rs`);
+//! - [`epoch_order_seed`] (stream 2, index = epoch): the SplitMix64 that shuffles the training
+//!   split for that epoch (`data.rs`);
+//! - [`init_seed`] (stream 3, index 0): libtorch's `manual_seed` before the model is built, i.e.
+//!   the parameter init (`trainer.rs`);
+//! - [`step_seed`] (stream 4, index = global step + 1): libtorch's `manual_seed` before that
+//!   optimizer step, i.e. dropout (`trainer.rs`).
 //!
 //! Changing an id, the mixing, or what a stream seeds changes every result: it is a new
 //! checkpoint format, not a refactor.

@@ -23,11 +23,12 @@
 //! recomputed and must be bit-equal on the CPU. A resume with a config that differs in a key
 //! that changes the results is refused with the list of changed keys.
 //!
-//! Resuming ([`restore`]): `--resume auto` walks the checkpoints newest first and uses the first
-//! that verifies and restores; one that does not restore (wrong shapes, missing tensors, a state
-//! that disagrees with its manifest, a model that does not reproduce its reference loss, …) is
-//! refused and journaled like one that does not verify, and an older one is tried. Only when
-//! none restores does [`run`] fail ([`TrainError::NothingRestores`], naming each).
+//! Resuming (`trainer/restore.rs`): `--resume auto` walks the checkpoints newest first and uses
+//! the first that verifies and restores; one that does not restore (wrong shapes, missing
+//! tensors, a state that disagrees with its manifest, a model that does not reproduce its
+//! reference loss, …) is refused and journaled like one that does not verify, and an older one
+//! is tried. Only when none restores does [`run`] fail ([`TrainError::NothingRestores`], naming
+//! each).
 //!
 //! Metrics and the best checkpoint: a checkpoint's manifest metrics are `loss` (of its step),
 //! `lr`, and the eval metric only when it was measured at the checkpoint's own step. With
