@@ -579,6 +579,7 @@ fn failure_of(e: crate::train::trainer::TrainError, cfg: &crate::config::JobConf
         E::Load(StorageError::NothingValid { .. } | StorageError::Corrupt { .. }) => {
             FailureKind::NothingRestores
         }
+        E::NothingRestores { .. } => FailureKind::NothingRestores,
         _ => FailureKind::Crash,
     };
     Failure::new(kind, e.to_string())

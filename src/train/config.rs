@@ -1,6 +1,8 @@
 //! The built-in trainer's typed config, read from the trainer keys of a [`JobConfig`]
 //! (`seed`, `device`, `threads`, `deterministic`, `model`, `data`, `batch_size`, `epochs`,
-//! `max_steps`, `grad_accum`, `grad_clip`, `optimizer`, `scheduler`, `eval`).
+//! `max_steps`, `grad_accum`, `grad_clip`, `optimizer`, `scheduler`, `eval`) and the trainer's
+//! view of `checkpoint` (cadence, `on_save_error`, and `keep_best`, whose monitor must be a
+//! metric the trainer records).
 //!
 //! Guarantees: parsing is strict — an unknown key, a wrong type or an impossible value is refused
 //! with a [`TrainConfigError`] that names the key path (`model.hidden[1]`), what was found and
@@ -19,6 +21,7 @@ use serde_yaml::{Mapping, Value};
 use super::optim::{AdamConfig, OptimizerConfig, SgdConfig};
 use super::sched::{AnnealConfig, ConstantConfig, SchedulerConfig};
 use crate::config::JobConfig;
+use crate::storage::retention::Best;
 
 /// A trainer config error: the key path and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -293,6 +296,9 @@ pub struct TrainConfig {
     pub checkpoint_every_seconds: Option<u64>,
     /// `checkpoint.on_save_error: stop`.
     pub stop_on_save_error: bool,
+    /// `checkpoint.keep_best`, its monitor checked to be a metric the trainer records
+    /// (`check_monitor`).
+    pub keep_best: Option<Best>,
 }
 
 /// Split a `{kind: ..., ...}` mapping into its kind (one of `accepted`) and the other keys.
@@ -541,6 +547,42 @@ fn parse_scheduler(v: Option<&Value>) -> Result<SchedulerConfig, TrainConfigErro
     Ok(c)
 }
 
+/// `checkpoint.keep_best.monitor` must be a metric the trainer records in the checkpoints it
+/// could keep: the eval metric (recorded in the checkpoint of each eval step) or `loss` (the
+/// training loss of the checkpoint's own step). `lr` is recorded too but is the schedule's value,
+/// not a measure of the model: refused.
+fn check_monitor(monitor: &str, eval: Option<&EvalConfig>) -> Result<(), TrainConfigError> {
+    const KEY: &str = "checkpoint.keep_best.monitor";
+    match eval {
+        _ if monitor == "loss" => Ok(()),
+        Some(e) if monitor == e.metric => Ok(()),
+        Some(e) => Err(err(
+            KEY,
+            format!(
+                "the built-in trainer never records {monitor:?}; accepted: {} (the eval metric, \
+                 measured every eval.every_steps) or loss (the training loss of the checkpoint's \
+                 step)",
+                e.metric
+            ),
+        )),
+        None if monitor == d_metric() => Err(err(
+            KEY,
+            format!(
+                "{monitor} is measured only with eval; add eval: {{every_steps: N}}, or monitor \
+                 loss (the training loss of the checkpoint's step)"
+            ),
+        )),
+        None => Err(err(
+            KEY,
+            format!(
+                "the built-in trainer never records {monitor:?}; accepted: loss (the training \
+                 loss of the checkpoint's step), or {} with eval: {{every_steps: N}}",
+                d_metric()
+            ),
+        )),
+    }
+}
+
 fn positive(key: &str, v: Option<u64>) -> Result<Option<u64>, TrainConfigError> {
     match v {
         Some(0) => Err(err(key, "expected a positive integer, found 0")),
@@ -629,6 +671,10 @@ impl TrainConfig {
                 ));
             }
         }
+        let keep_best = job.checkpoint.keep_best.clone();
+        if let Some(b) = &keep_best {
+            check_monitor(&b.monitor, eval.as_ref())?;
+        }
         if matches!(scheduler, SchedulerConfig::Plateau(_)) && eval.is_none() {
             return Err(err(
                 "scheduler.kind",
@@ -653,7 +699,17 @@ impl TrainConfig {
             checkpoint_every_steps: job.checkpoint.every_steps,
             checkpoint_every_seconds: job.checkpoint.every_seconds,
             stop_on_save_error: job.checkpoint.on_save_error == crate::config::OnSaveError::Stop,
+            keep_best,
         })
+    }
+
+    /// Whether `keep_best` monitors the eval metric, so that every eval step must be committed
+    /// (the value belongs to the weights of that step).
+    pub fn commits_at_eval(&self) -> bool {
+        match (&self.keep_best, &self.eval) {
+            (Some(b), Some(e)) => b.monitor == e.metric,
+            _ => false,
+        }
     }
 
     /// The keys that change what a run computes, as canonical JSON (sorted keys). Safe to change
@@ -766,6 +822,9 @@ mod tests {
             (&format!("{MLP}threads: 0\n"), "threads: "),
             ("model: {kind: mlp, hidden: [8]}\n", "max_steps: missing"),
             (&format!("{MLP}grad_clip: -1\n"), "grad_clip: "),
+            (&format!("{MLP}eval: {{every_steps: 5}}\ncheckpoint: {{keep_best: {{monitor: acc, mode: max}}}}\n"), "checkpoint.keep_best.monitor: the built-in trainer never records \"acc\"; accepted: val_loss"),
+            (&format!("{MLP}checkpoint: {{keep_best: {{monitor: lr, mode: min}}}}\n"), "checkpoint.keep_best.monitor: the built-in trainer never records \"lr\"; accepted: loss"),
+            (&format!("{MLP}checkpoint: {{keep_best: {{monitor: val_loss, mode: min}}}}\n"), "checkpoint.keep_best.monitor: val_loss is measured only with eval"),
         ];
         for (yaml, want) in cases {
             let e = parse(yaml).unwrap_err();

@@ -4,10 +4,10 @@
 //! Guarantees:
 //! - generated data (`synthetic`, `synthetic-images`) is a pure function of the config and the
 //!   seed, drawn from a Rust PRNG (SplitMix64) — independent of libtorch's generators;
-//! - the order of epoch `e` is a permutation derived from `(seed, e)` alone, so a [`Position`]
-//!   (`epoch`, `batch_in_epoch`) is the whole state of the loader: resume at a position yields the
-//!   same micro-batches as an uninterrupted run (drop-last batching; an optimizer step may span
-//!   the end of an epoch);
+//! - the order of epoch `e` is a permutation derived from `(seed, e)` alone (the seed streams are
+//!   listed in [`super::seeds`]), so a [`Position`] (`epoch`, `batch_in_epoch`) is the whole state
+//!   of the loader: resume at a position yields the same micro-batches as an uninterrupted run
+//!   (drop-last batching; an optimizer step may span the end of an epoch);
 //! - [`Dataset::fingerprint`] hashes the bytes of the data, so a checkpoint can refuse a resume
 //!   on different data;
 //! - file errors (missing, not UTF-8, not IDX) name the config key of the file.
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::config::{DataConfig, ModelConfig, TrainConfig, TrainConfigError};
+use super::seeds::{data_seed, epoch_order_seed, SplitMix};
 
 /// A public-domain text (Lewis Carroll, *Alice's Adventures in Wonderland*, 1865, chapter 1),
 /// the default data of the `gpt` model: it runs with no download.
@@ -48,50 +49,9 @@ suddenly that Alice had not a moment to think about stopping herself before she 
 falling down a very deep well.
 ";
 
-/// SplitMix64: a tiny, well-mixed PRNG; also used to derive seeds.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> SplitMix {
-        SplitMix(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.next_f64();
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-    /// Uniform in `0..n` (n > 0; the modulo bias is irrelevant here).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-/// A seed derived from a base seed and a stream id (different streams never collide in practice).
-pub fn derive_seed(seed: u64, stream: u64, index: u64) -> u64 {
-    let mut r = SplitMix::new(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    let a = r.next_u64();
-    SplitMix::new(a ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
-}
-
-const STREAM_DATA: u64 = 1;
-const STREAM_PERM: u64 = 2;
-
 /// The permutation of `0..n` used in epoch `epoch`.
 pub fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<i64> {
-    let mut r = SplitMix::new(derive_seed(seed, STREAM_PERM, epoch));
+    let mut r = SplitMix::new(epoch_order_seed(seed, epoch));
     let mut p: Vec<i64> = (0..n as i64).collect();
     for i in (1..n).rev() {
         let j = r.below(i as u64 + 1) as usize;
@@ -161,7 +121,7 @@ impl Dataset {
     /// Build or read the dataset of `cfg`.
     pub fn load(cfg: &TrainConfig) -> Result<Dataset, TrainConfigError> {
         let vf = cfg.data.val_fraction();
-        let seed = derive_seed(cfg.seed, STREAM_DATA, 0);
+        let seed = data_seed(cfg.seed);
         let ds = match &cfg.data {
             DataConfig::Synthetic(c) => {
                 let (n, f, k) = (

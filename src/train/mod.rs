@@ -1,13 +1,19 @@
 //! The built-in trainer (cargo feature `torch`): training in-process on libtorch through tch,
 //! checkpointed through [`crate::storage`].
 //!
-//! Built so far (the foundation the loop builds on):
-//! - [`ffi`]: the small C++ shim (`shim.cpp`, compiled by `build.rs`) for the libtorch calls tch
-//!   does not expose: scalar-exact `add_`/`addcmul_`/`addcdiv_`, and the default generators'
-//!   state (`get_rng_state`/`set_rng_state`).
-//! - [`optim`]: SGD, Adam and AdamW over tch tensors, bit-exact with PyTorch 2.13's `torch.optim`
-//!   (single-tensor code path), with explicit named state tensors and serde metadata.
+//! - [`config`]: the trainer's keys of the job config, typed and validated (errors name the key
+//!   path).
+//! - [`data`]: in-memory datasets and a loader whose whole state is a position (epoch, batch).
+//! - [`models`]: mlp, cnn and a small gpt over `tch::nn`.
+//! - [`optim`] and [`sched`]: SGD, Adam and AdamW (bit-exact with PyTorch 2.13's `torch.optim`,
+//!   single-tensor code path) and the lr schedules, with explicit serializable state.
+//! - [`seeds`]: every random stream, derived from the job's seed in one place.
+//! - [`trainer`]: the loop — resume (falling back past checkpoints that do not restore), train,
+//!   evaluate, commit.
 //! - [`tensors`]: tch tensors to and from the store's safetensors ([`crate::storage::TensorData`]).
+//! - [`ffi`]: the small C++ shim (`shim.cpp`, compiled by `build.rs`) for the libtorch calls tch
+//!   does not expose: scalar-exact `add_`/`addcmul_`/`addcdiv_`, the default generators' state
+//!   (`get_rng_state`/`set_rng_state`), deterministic algorithms, `.grad` assignment.
 //!
 //! Dependencies flow one way: train → storage; storage knows nothing of torch.
 
@@ -17,5 +23,6 @@ pub mod ffi;
 pub mod models;
 pub mod optim;
 pub mod sched;
+pub mod seeds;
 pub mod tensors;
 pub mod trainer;

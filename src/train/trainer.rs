@@ -19,16 +19,33 @@
 //! because every random draw is derived: libtorch is reseeded from `(seed, global step)` before
 //! each optimizer step (dropout), the data order of epoch `e` comes from `(seed, e)`, and the
 //! model is initialised from the seed; the CPU generator's real state is saved and restored as
-//! well. After loading, the reference loss is recomputed and must be bit-equal on the CPU (a
-//! mismatch is an error naming the checkpoint). A resume with a config that differs in a key that
-//! changes the results is refused with the list of changed keys.
+//! well (the streams are listed in [`super::seeds`]). After loading, the reference loss is
+//! recomputed and must be bit-equal on the CPU. A resume with a config that differs in a key
+//! that changes the results is refused with the list of changed keys.
+//!
+//! Resuming (`trainer/restore.rs`): `--resume auto` walks the checkpoints newest first and uses
+//! the first that verifies and restores; one that does not restore (wrong shapes, missing
+//! tensors, a state that disagrees with its manifest, a model that does not reproduce its
+//! reference loss, …) is refused and journaled like one that does not verify, and an older one
+//! is tried. Only when none restores does [`run`] fail ([`TrainError::NothingRestores`], naming
+//! each).
+//!
+//! Metrics and the best checkpoint: a checkpoint's manifest metrics are `loss` (of its step),
+//! `lr`, and the eval metric only when it was measured at the checkpoint's own step. With
+//! `checkpoint.keep_best` the trainer also commits at every eval step (when the monitor is the
+//! eval metric), and `trainer_state.best` is the best monitored value over the committed
+//! checkpoints under `keep_best.mode`, ties to the newer — what retention keeps as best.
+//! Without `keep_best`, `best` is the lowest eval metric so far.
 //!
 //! libtorch's generators and thread pool are process-global: one [`run`] at a time per process
 //! (a lock serialises concurrent calls).
 
+mod restore;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -37,17 +54,19 @@ use serde_json::json;
 use tch::{nn, Device, Tensor};
 
 use super::config::{changed_keys, DeviceChoice, TrainConfig, TrainConfigError};
-use super::data::{derive_seed, Dataset, Loader, Position, Split};
+use super::data::{Dataset, Loader, Position, Split};
 use super::ffi::{self, Generator, ShimError};
 use super::models::{named_parameters, named_state, parameter_count, Model, ModelError};
 use super::optim::{OptimError, Optimizer, OptimizerMeta};
 use super::sched::{Scheduler, SchedulerState};
-use super::tensors::{read_safetensors, to_tensor_data, TensorError};
+use super::seeds;
+use super::tensors::{read_safetensors, to_tensor_data, torch_message, TensorError};
 use crate::config::JobConfig;
 use crate::storage::journal::now_rfc3339;
-use crate::storage::manifest::checkpoint_name;
+use crate::storage::manifest::{parse_checkpoint_name, MANIFEST_FILE};
+use crate::storage::retention::Mode;
 use crate::storage::verify::Loaded;
-use crate::storage::{CommitMeta, FileSource, Snapshot, StorageError, Store};
+use crate::storage::{CommitMeta, Fault, FileSource, Snapshot, StorageError, Store};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -61,8 +80,6 @@ pub const STATE_FORMAT_VERSION: u32 = 1;
 pub const TCH_VERSION: &str = "0.26";
 pub const LIBTORCH_VERSION: &str = "2.13";
 
-const STREAM_INIT: u64 = 3;
-const STREAM_STEP: u64 = 4;
 /// Samples in the reference batch (at most).
 const REFERENCE_SAMPLES: i64 = 16;
 
@@ -92,29 +109,39 @@ pub enum TrainError {
     Tensor(#[from] TensorError),
     #[error(transparent)]
     Shim(#[from] ShimError),
+    /// The job or the run does not fit the checkpoint (threads, data, `--resume never`): no
+    /// older checkpoint of the run would fit either.
     #[error("cannot resume from checkpoint {checkpoint}: {reason}")]
     Resume { checkpoint: String, reason: String },
     #[error(
-        "cannot resume from checkpoint {checkpoint}: the job config changed since it was written, \
-         in keys that change the results:\n  {}\n(safe to change: max_steps, epochs, \
-         eval.every_steps, the checkpoint policy); restore those keys or use a new run dir",
+        "cannot resume from checkpoint {checkpoint}: the job config changed since it was written \
+         (trainer_state.json), in keys that change the results:\n  {}\n(safe to change: max_steps, \
+         epochs, eval.every_steps, the checkpoint policy); restore those keys or use a new run dir",
         changes.join("\n  ")
     )]
     ConfigChanged {
         checkpoint: String,
         changes: Vec<String>,
     },
+    /// The checkpoint verifies but does not restore (a wrong shape, a missing tensor, a state
+    /// that disagrees with its manifest, a model that does not reproduce its reference loss, …):
+    /// an older checkpoint may.
+    #[error("checkpoint {} does not restore: {file}: {reason}", dir.display())]
+    Unrestorable {
+        dir: PathBuf,
+        file: String,
+        reason: String,
+    },
+    /// Every checkpoint tried was refused: retrying cannot help.
     #[error(
-        "checkpoint {checkpoint}: the reference loss recomputed after loading is {found:e} \
-         (f32 bits {found_bits:#010x}) but the checkpoint recorded {stored:e} (bits \
-         {stored_bits:#010x}): the restored model does not reproduce the saved one"
+        "no checkpoint restores from {}; tried, newest first: {}",
+        searched.display(),
+        tried.iter().map(Refused::to_string).collect::<Vec<_>>().join("; ")
     )]
-    ReferenceLoss {
-        checkpoint: String,
-        stored: f32,
-        stored_bits: u32,
-        found: f32,
-        found_bits: u32,
+    NothingRestores {
+        /// The run dir (or the `--resume` checkpoint).
+        searched: PathBuf,
+        tried: Vec<Refused>,
     },
     #[error("cannot load a checkpoint to resume from: {0}")]
     Load(#[source] StorageError),
@@ -134,7 +161,21 @@ pub enum TrainError {
     },
 }
 
-/// The best evaluation so far.
+/// A checkpoint refused on resume, and why (file and reason each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub checkpoint: String,
+    pub faults: Vec<Fault>,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let faults: Vec<String> = self.faults.iter().map(Fault::to_string).collect();
+        write!(f, "{} ({})", self.checkpoint, faults.join(", "))
+    }
+}
+
+/// The best value of the monitored metric so far, and the step it was measured at.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BestMetric {
@@ -191,12 +232,13 @@ static TRAINER: Mutex<()> = Mutex::new(());
 /// Where a run resumes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
-    /// The run dir's resume point (the pointer's checkpoint, falling back when it is unusable).
+    /// The newest checkpoint of the run dir that verifies and restores (the pointer's target
+    /// first); a fresh start when the run dir holds none.
     Auto,
     /// Never: refuse a run dir that holds checkpoints.
     Never,
-    /// This checkpoint dir (verified first).
-    From(std::path::PathBuf),
+    /// This checkpoint dir (verified first), with no fallback.
+    From(PathBuf),
 }
 
 /// Train the job of `cfg`, committing checkpoints to `store`, resuming as `resume` says.
@@ -214,8 +256,8 @@ pub fn run(
 ) -> Result<Outcome, TrainError> {
     let _one_at_a_time = TRAINER.lock().unwrap_or_else(|p| p.into_inner());
     let tc = TrainConfig::from_job(cfg)?;
-    let loaded = match resume {
-        Resume::Auto => store.load_latest().map_err(TrainError::Load)?,
+    let mut t = match resume {
+        Resume::Auto => restore::resume_auto(&tc, store)?,
         Resume::Never => {
             if !store.run_dir().list().is_empty() {
                 return Err(TrainError::Resume {
@@ -225,21 +267,10 @@ pub fn run(
                         .into(),
                 });
             }
-            None
+            Trainer::new(tc, store)?
         }
-        Resume::From(p) => Some(
-            crate::storage::verify::load_checkpoint(p).map_err(|faults| {
-                TrainError::Load(StorageError::Corrupt {
-                    dir: p.clone(),
-                    faults,
-                })
-            })?,
-        ),
+        Resume::From(p) => restore::resume_from(&tc, store, p)?,
     };
-    let mut t = Trainer::new(tc, store)?;
-    if let Some(loaded) = loaded {
-        t.restore(&loaded)?;
-    }
     t.train(store, stop)
 }
 
@@ -269,10 +300,6 @@ fn device_name(d: Device) -> String {
         Device::Cpu => "cpu".into(),
         other => format!("{other:?}").to_lowercase(),
     }
-}
-
-fn seed_i64(s: u64) -> i64 {
-    s as i64
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -317,6 +344,9 @@ struct Trainer {
     reference: (Tensor, Tensor),
     total: u64,
     committed: Option<u64>,
+    /// The eval value measured by this process and its step (the checkpoint of that step alone
+    /// carries it).
+    eval_at: Option<(u64, f64)>,
     metrics: File,
 }
 
@@ -333,7 +363,7 @@ impl Trainer {
         let data = Dataset::load(&tc)?;
         let loader = Loader::new(tc.seed, &data, tc.batch_size);
         let total = total_steps(&tc, loader.batches_per_epoch());
-        tch::manual_seed(seed_i64(derive_seed(tc.seed, STREAM_INIT, 0)));
+        tch::manual_seed(seeds::init_seed(tc.seed));
         let vs = nn::VarStore::new(device);
         let model = Model::build(&vs.root(), &tc.model, data.task())?;
         let named = named_parameters(&vs);
@@ -373,9 +403,7 @@ impl Trainer {
             last_loss: None,
             rng: RngRecord {
                 seed: tc.seed,
-                scheme: "manual_seed(derive_seed(seed, 4, global_step + 1)) before each step; \
-                         data order from (seed, epoch)"
-                    .into(),
+                scheme: seeds::SCHEME.into(),
                 cpu_state: String::new(),
             },
             threads: tc.threads,
@@ -411,190 +439,9 @@ impl Trainer {
             reference,
             total,
             committed: None,
+            eval_at: None,
             metrics,
         })
-    }
-
-    /// Load everything from a verified checkpoint, then check it reproduces its reference loss.
-    fn restore(&mut self, loaded: &Loaded) -> Result<(), TrainError> {
-        let name = checkpoint_name(loaded.manifest.step);
-        let bad = |reason: String| TrainError::Resume {
-            checkpoint: name.clone(),
-            reason,
-        };
-        let file = |f: &str| {
-            loaded.files.get(f).map(Vec::as_slice).ok_or_else(|| {
-                bad(format!(
-                    "{f} is missing: not a checkpoint of the built-in trainer"
-                ))
-            })
-        };
-        let st: TrainerState = serde_json::from_slice(file(STATE_FILE)?)
-            .map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
-        if st.format_version != STATE_FORMAT_VERSION {
-            return Err(bad(format!(
-                "{STATE_FILE}: format version {} is not supported (this build reads {STATE_FORMAT_VERSION})",
-                st.format_version
-            )));
-        }
-        if st.global_step != loaded.manifest.step {
-            return Err(bad(format!(
-                "{STATE_FILE} says step {} but the manifest says {}",
-                st.global_step, loaded.manifest.step
-            )));
-        }
-        if st.config_hash != self.st.config_hash {
-            let mut changes = changed_keys(&st.config, &self.st.config);
-            if changes.is_empty() {
-                changes.push(format!(
-                    "(config hash {} → {})",
-                    st.config_hash, self.st.config_hash
-                ));
-            }
-            return Err(TrainError::ConfigChanged {
-                checkpoint: name,
-                changes,
-            });
-        }
-        if st.threads != self.tc.threads {
-            if self.tc.deterministic {
-                return Err(bad(format!(
-                    "threads: the checkpoint was made with {} threads and this run has {}; with \
-                     deterministic: true the results depend on the thread count (accepted: \
-                     threads: {}, or deterministic: false)",
-                    st.threads, self.tc.threads, st.threads
-                )));
-            }
-            tracing::warn!(
-                saved = st.threads,
-                now = self.tc.threads,
-                "thread count changed since the checkpoint; results will differ from an uninterrupted run"
-            );
-        }
-        if st.data_fingerprint != self.st.data_fingerprint {
-            return Err(bad(format!(
-                "the data differ from the checkpoint's (fingerprint {} now, {} then): the data \
-                 file changed since the run started",
-                self.st.data_fingerprint, st.data_fingerprint
-            )));
-        }
-        if st.device != self.st.device {
-            tracing::warn!(saved = %st.device, now = %self.st.device, "device changed since the checkpoint; results will not be bit-identical");
-        }
-
-        // Model: every variable, nothing else.
-        let mut saved: BTreeMap<String, Tensor> = read_safetensors(MODEL_FILE, file(MODEL_FILE)?)?
-            .into_iter()
-            .collect();
-        let vars = named_state(&self.vs);
-        let names: BTreeSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some(extra) = saved.keys().find(|k| !names.contains(k.as_str())) {
-            return Err(bad(format!(
-                "{MODEL_FILE}: tensor {extra} is not a variable of this model"
-            )));
-        }
-        tch::no_grad(|| -> Result<(), TrainError> {
-            for (n, mut var) in vars {
-                let t = saved
-                    .remove(&n)
-                    .ok_or_else(|| bad(format!("{MODEL_FILE}: variable {n} is missing")))?;
-                if t.size() != var.size() || t.kind() != var.kind() {
-                    return Err(bad(format!(
-                        "{MODEL_FILE}: {n} is {:?} {:?}, the model's is {:?} {:?}",
-                        t.kind(),
-                        t.size(),
-                        var.kind(),
-                        var.size()
-                    )));
-                }
-                var.f_copy_(&t).map_err(|e| {
-                    bad(format!(
-                        "{MODEL_FILE}: {n}: {}",
-                        super::tensors::torch_message(&e)
-                    ))
-                })?;
-            }
-            Ok(())
-        })?;
-
-        self.opt.load_state(
-            &st.optimizer,
-            read_safetensors(OPTIMIZER_FILE, file(OPTIMIZER_FILE)?)?,
-        )?;
-        self.sched.load_state(st.scheduler.clone()).map_err(&bad)?;
-
-        // The reference batch of the checkpoint, and its loss.
-        let mut refs: BTreeMap<String, Tensor> =
-            read_safetensors(REFERENCE_FILE, file(REFERENCE_FILE)?)?
-                .into_iter()
-                .collect();
-        let (Some(x), Some(y)) = (refs.remove("x"), refs.remove("y")) else {
-            return Err(bad(format!("{REFERENCE_FILE}: tensors x and y expected")));
-        };
-        self.reference = (x, y);
-        let stored_bits = loaded
-            .manifest
-            .extra
-            .get("reference_loss_bits")
-            .and_then(|v| v.as_str())
-            .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-            .ok_or_else(|| bad("the manifest has no reference_loss_bits in extra".into()))?;
-        let stored = f32::from_bits(stored_bits);
-        let found = self.reference_loss();
-        let exact = self.device == Device::Cpu && st.device == "cpu";
-        let ok = if exact {
-            found.to_bits() == stored_bits
-        } else {
-            (found - stored).abs() <= 1e-3 * stored.abs().max(1e-6)
-        };
-        if !ok {
-            return Err(TrainError::ReferenceLoss {
-                checkpoint: name,
-                stored,
-                stored_bits,
-                found,
-                found_bits: found.to_bits(),
-            });
-        }
-
-        let rng = unhex(&st.rng.cpu_state)
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| {
-                bad(format!(
-                    "{STATE_FILE}: rng.cpu_state is not a hex byte string"
-                ))
-            })?;
-        ffi::set_rng_state(Generator::Cpu, &Tensor::from_slice(&rng))?;
-
-        self.pos = Position {
-            epoch: st.epoch,
-            batch_in_epoch: st.batch_in_epoch,
-        };
-        if self.pos.batch_in_epoch >= self.loader.batches_per_epoch() {
-            return Err(bad(format!(
-                "data position {}/{} is past the end of an epoch of {} batches",
-                st.epoch,
-                st.batch_in_epoch,
-                self.loader.batches_per_epoch()
-            )));
-        }
-        // Keep this run's view of the config (safe keys may differ); the rest is the saved state.
-        let (config_hash, config, versions_now) = (
-            self.st.config_hash.clone(),
-            self.st.config.clone(),
-            versions(),
-        );
-        self.st = TrainerState {
-            config_hash,
-            config,
-            versions: versions_now,
-            threads: self.tc.threads,
-            device: device_name(self.device),
-            ..st
-        };
-        self.committed = Some(self.st.global_step);
-        tracing::info!(checkpoint = %name, step = self.st.global_step, epoch = self.st.epoch, batch_in_epoch = self.st.batch_in_epoch, reference_loss = found, "resumed; reference loss reproduced");
-        Ok(())
     }
 
     /// The model's loss on the reference batch (eval mode, no grad), as f32.
@@ -606,6 +453,8 @@ impl Trainer {
         tch::no_grad(|| self.model.loss(&x, &y, false)).double_value(&[]) as f32
     }
 
+    /// Train from the current state until the end (committing the final step) or until `stop`
+    /// answers true at a step boundary (committing that step); see [`run`].
     fn train(&mut self, store: &mut Store, stop: &dyn Fn() -> bool) -> Result<Outcome, TrainError> {
         let mut commits = 0u32;
         let mut last_commit = Instant::now();
@@ -630,46 +479,12 @@ impl Trainer {
             let started = Instant::now();
             let (loss, lr) = self.step()?;
             let gs = self.st.global_step;
-            let samples = self.tc.batch_size * self.tc.grad_accum;
-            let secs = started.elapsed().as_secs_f64();
-            let mut m = serde_json::Map::new();
-            m.insert("loss".into(), json!(loss));
-            m.insert("lr".into(), json!(lr));
-            m.insert(
-                "samples_per_s".into(),
-                json!(samples as f64 / secs.max(1e-9)),
-            );
-            if let Some(e) = self.tc.eval.clone() {
-                if gs.is_multiple_of(e.every_steps.0) {
-                    let v = self.evaluate(e.batches.0);
-                    self.st.last_eval = Some(v);
-                    self.sched.observe(v);
-                    self.st.scheduler = self.sched.state().clone();
-                    if self.st.best.as_ref().is_none_or(|b| v < b.value) {
-                        self.st.best = Some(BestMetric {
-                            metric: e.metric.clone(),
-                            value: v,
-                            step: gs,
-                        });
-                    }
-                    m.insert(e.metric.clone(), json!(v));
-                }
-            }
-            let line =
-                json!({"ts": now_rfc3339(), "step": gs, "epoch": self.st.epoch, "metrics": m});
-            writeln!(self.metrics, "{line}").map_err(|source| TrainError::Io {
-                what: format!("append to {METRICS_FILE}"),
-                source,
-            })?;
-            progress.show(gs, loss, lr, samples as f64 / secs.max(1e-9));
-            let due = self
-                .tc
-                .checkpoint_every_steps
-                .is_some_and(|n| gs.is_multiple_of(n))
-                || self
-                    .tc
-                    .checkpoint_every_seconds
-                    .is_some_and(|s| last_commit.elapsed().as_secs() >= s);
+            let samples = (self.tc.batch_size * self.tc.grad_accum) as f64;
+            let samples_per_s = samples / started.elapsed().as_secs_f64().max(1e-9);
+            let eval = self.evaluate_if_due(gs);
+            self.log_metrics(gs, loss, lr, samples_per_s, eval)?;
+            progress.show(gs, loss, lr, samples_per_s);
+            let due = self.commit_due(gs, last_commit, eval.is_some());
             if due && gs < self.total {
                 match self.commit(store) {
                     Ok(()) => {
@@ -693,7 +508,61 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step (over `grad_accum` micro-batches); returns (mean loss, lr).
+    /// At an eval step, evaluate: feed the scheduler, track `best` (without `keep_best`; with it
+    /// `best` follows the commits), and keep the value for the checkpoint of this step alone.
+    /// Returns the value, or `None` when `gs` is not an eval step.
+    fn evaluate_if_due(&mut self, gs: u64) -> Option<f64> {
+        let e = self.tc.eval.clone()?;
+        if !gs.is_multiple_of(e.every_steps.0) {
+            return None;
+        }
+        let v = self.evaluate(e.batches.0);
+        self.eval_at = Some((gs, v));
+        self.st.last_eval = Some(v);
+        self.sched.observe(v);
+        self.st.scheduler = self.sched.state().clone();
+        if self.tc.keep_best.is_none() {
+            note_best(&mut self.st.best, &e.metric, Mode::Min, v, gs);
+        }
+        Some(v)
+    }
+
+    /// Append the line of step `gs` to `metrics.jsonl` (with the eval metric at eval steps).
+    fn log_metrics(
+        &mut self,
+        gs: u64,
+        loss: f64,
+        lr: f64,
+        samples_per_s: f64,
+        eval: Option<f64>,
+    ) -> Result<(), TrainError> {
+        let mut m = serde_json::Map::new();
+        m.insert("loss".into(), json!(loss));
+        m.insert("lr".into(), json!(lr));
+        m.insert("samples_per_s".into(), json!(samples_per_s));
+        if let (Some(v), Some(e)) = (eval, &self.tc.eval) {
+            m.insert(e.metric.clone(), json!(v));
+        }
+        let line = json!({"ts": now_rfc3339(), "step": gs, "epoch": self.st.epoch, "metrics": m});
+        writeln!(self.metrics, "{line}").map_err(|source| TrainError::Io {
+            what: format!("append to {METRICS_FILE}"),
+            source,
+        })
+    }
+
+    /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, or
+    /// because it is an eval step whose value `keep_best` monitors.
+    fn commit_due(&self, gs: u64, last_commit: Instant, evaluated: bool) -> bool {
+        self.tc
+            .checkpoint_every_steps
+            .is_some_and(|n| gs.is_multiple_of(n))
+            || self
+                .tc
+                .checkpoint_every_seconds
+                .is_some_and(|s| last_commit.elapsed().as_secs() >= s)
+            || (evaluated && self.tc.commits_at_eval())
+    }
+
     /// The checkpoint a stop or the end must leave: commit the current step unless it already
     /// is. A failure here is always an error (`on_save_error` applies to periodic saves only).
     /// Returns the number of commits made (0 or 1).
@@ -708,9 +577,10 @@ impl Trainer {
         Ok(1)
     }
 
+    /// One optimizer step (over `grad_accum` micro-batches); returns (mean loss, lr).
     fn step(&mut self) -> Result<(f64, f64), TrainError> {
         let gs = self.st.global_step;
-        tch::manual_seed(seed_i64(derive_seed(self.tc.seed, STREAM_STEP, gs + 1)));
+        tch::manual_seed(seeds::step_seed(self.tc.seed, gs));
         let lr = self.sched.lr(gs);
         self.opt.zero_grad()?;
         let accum = self.tc.grad_accum;
@@ -767,8 +637,53 @@ impl Trainer {
         sum / nb as f64
     }
 
-    /// Commit the current state as the checkpoint of the current global step.
+    /// Commit the current state as the checkpoint of the current global step. With `keep_best`,
+    /// `best` first takes this checkpoint's monitored value when it is at least as good (and
+    /// goes back if the commit fails), so the state it records names what retention keeps.
     fn commit(&mut self, store: &mut Store) -> Result<(), StorageError> {
+        let metrics = self.checkpoint_metrics();
+        let best_before = self.st.best.clone();
+        if let Some(b) = &self.tc.keep_best {
+            if let Some(&v) = metrics.get(&b.monitor) {
+                note_best(
+                    &mut self.st.best,
+                    &b.monitor,
+                    b.mode,
+                    v,
+                    self.st.global_step,
+                );
+            }
+        }
+        let result = self.write_checkpoint(store, metrics);
+        if result.is_err() {
+            self.st.best = best_before;
+        }
+        result
+    }
+
+    /// The manifest metrics of the checkpoint of the current step: its `loss` and `lr`, and the
+    /// eval metric only when it was measured at this very step.
+    fn checkpoint_metrics(&self) -> BTreeMap<String, f64> {
+        let step = self.st.global_step;
+        let mut metrics = BTreeMap::new();
+        if let Some(l) = self.st.last_loss {
+            metrics.insert("loss".to_owned(), l);
+        }
+        if let (Some(e), Some((at, v))) = (&self.tc.eval, self.eval_at) {
+            if at == step && v.is_finite() {
+                metrics.insert(e.metric.clone(), v);
+            }
+        }
+        metrics.insert("lr".to_owned(), self.sched.lr(step.saturating_sub(1)));
+        metrics
+    }
+
+    /// Write the current state with `metrics` through the store's commit protocol.
+    fn write_checkpoint(
+        &mut self,
+        store: &mut Store,
+        metrics: BTreeMap<String, f64>,
+    ) -> Result<(), StorageError> {
         let invalid = |e: &dyn std::fmt::Display| StorageError::Invalid(e.to_string());
         let step = self.st.global_step;
         let rng = ffi::rng_state(Generator::Cpu).map_err(|e| invalid(&e))?;
@@ -819,19 +734,6 @@ impl Trainer {
             },
         );
         snap.add(STATE_FILE, FileSource::Bytes(state.into()));
-        let mut metrics = BTreeMap::new();
-        if let Some(l) = self.st.last_loss {
-            metrics.insert("loss".to_owned(), l);
-        }
-        if let Some(v) = self.st.last_eval.filter(|v| v.is_finite()) {
-            let key = self
-                .tc
-                .eval
-                .as_ref()
-                .map_or("val_loss".to_owned(), |e| e.metric.clone());
-            metrics.insert(key, v);
-        }
-        metrics.insert("lr".to_owned(), self.sched.lr(step.saturating_sub(1)));
         let mut extra = serde_json::Map::new();
         extra.insert("reference_loss".into(), json!(ref_loss as f64));
         extra.insert(
@@ -851,6 +753,28 @@ impl Trainer {
         self.committed = Some(step);
         tracing::info!(checkpoint = %report.name, bytes = report.bytes, seconds = report.seconds, "checkpoint committed");
         Ok(())
+    }
+}
+
+/// Make `(metric, v, step)` the best when `best` tracks another metric or `v` is at least as
+/// good under `mode` (ties go to the newer step, as retention's do). A non-finite `v` never is.
+fn note_best(best: &mut Option<BestMetric>, metric: &str, mode: Mode, v: f64, step: u64) {
+    if !v.is_finite() {
+        return;
+    }
+    let better = match best.as_ref() {
+        Some(b) if b.metric == metric => match mode {
+            Mode::Min => v <= b.value,
+            Mode::Max => v >= b.value,
+        },
+        _ => true,
+    };
+    if better {
+        *best = Some(BestMetric {
+            metric: metric.to_owned(),
+            value: v,
+            step,
+        });
     }
 }
 
@@ -956,5 +880,33 @@ impl ProgressLine {
                 "progress"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_follows_the_mode_and_ties_go_to_the_newer_step() {
+        let steps = |mode, values: &[(u64, f64)]| {
+            let mut best = None;
+            for &(step, v) in values {
+                note_best(&mut best, "val_loss", mode, v, step);
+            }
+            best.map(|b: BestMetric| (b.step, b.value))
+        };
+        let seen = [(10, 0.5), (20, 0.3), (30, f64::NAN), (40, 0.7), (50, 0.3)];
+        assert_eq!(steps(Mode::Min, &seen), Some((50, 0.3)));
+        assert_eq!(steps(Mode::Max, &seen), Some((40, 0.7)));
+        assert_eq!(steps(Mode::Min, &[(10, f64::NAN)]), None);
+        // A best of another metric (the monitor changed) is replaced.
+        let mut best = Some(BestMetric {
+            metric: "loss".into(),
+            value: 0.1,
+            step: 5,
+        });
+        note_best(&mut best, "val_loss", Mode::Min, 0.9, 10);
+        assert_eq!(best.map(|b| b.step), Some(10));
     }
 }

@@ -18,6 +18,10 @@ mod sbatch_template;
 mod slurm_e2e;
 mod supervisor_rules;
 #[cfg(feature = "torch")]
+mod train_best;
+#[cfg(feature = "torch")]
+mod train_fallback;
+#[cfg(feature = "torch")]
 mod train_kill;
 #[cfg(feature = "torch")]
 mod train_resume;

@@ -267,9 +267,8 @@ fn changed_config_and_threads_are_refused_on_resume() {
     let out = allocation(&dir, &safe, None).unwrap();
     assert!(out.completed && out.last_step == 20, "{out:?}");
 
-    // A checkpoint whose model does not reproduce its recorded reference loss is refused.
+    // A checkpoint whose model does not reproduce its recorded reference loss does not restore.
     // (MANIFEST.json is not among the files it checksums: edit its recorded value in place.)
-    let mut store = open(&dir, &safe);
     let manifest_path = dir.join("checkpoints/step-000000000020/MANIFEST.json");
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
@@ -277,12 +276,21 @@ fn changed_config_and_threads_are_refused_on_resume() {
     let bits = u32::from_str_radix(bits.trim_start_matches("0x"), 16).unwrap();
     manifest["extra"]["reference_loss_bits"] = serde_json::json!(format!("{:#010x}", bits ^ 1));
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
-    let e = run(&safe, &mut store, &Resume::Auto, &|| false)
-        .unwrap_err()
-        .to_string();
+    // Asked for by path, it is the only candidate: nothing restores.
+    let mut store = open(&dir, &safe);
+    let from = Resume::From(manifest_path.parent().unwrap().to_path_buf());
+    let e = run(&safe, &mut store, &from, &|| false).unwrap_err();
+    assert!(matches!(e, TrainError::NothingRestores { .. }), "{e:?}");
+    let e = e.to_string();
     assert!(
-        e.starts_with("checkpoint step-000000000020: the reference loss recomputed"),
+        e.contains("step-000000000020/model.safetensors: the reference loss recomputed"),
         "{e}"
+    );
+    // Resuming automatically, it is refused and the run goes on from the checkpoint before it.
+    let out = run(&safe, &mut store, &Resume::Auto, &|| false).unwrap();
+    assert!(
+        out.completed && out.last_step == 20 && out.commits == 1,
+        "{out:?}"
     );
 }
 
