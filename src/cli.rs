@@ -574,7 +574,8 @@ fn failure_of(e: crate::train::trainer::TrainError, cfg: &crate::config::JobConf
     use crate::train::trainer::TrainError as E;
     let stop_on_save_error = cfg.checkpoint.on_save_error == crate::config::OnSaveError::Stop;
     let kind = match &e {
-        E::Config(_) | E::ConfigChanged { .. } => FailureKind::ConfigRefused,
+        // The config (or thread count, data, --resume) does not fit the run: the user's to fix.
+        E::Config(_) | E::ConfigChanged { .. } | E::Resume { .. } => FailureKind::ConfigRefused,
         E::Save { .. } if stop_on_save_error => FailureKind::SaveFailed,
         E::Load(StorageError::NothingValid { .. } | StorageError::Corrupt { .. }) => {
             FailureKind::NothingRestores

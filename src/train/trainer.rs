@@ -749,9 +749,9 @@ impl Trainer {
             versions: versions(),
             extra,
         };
-        let report = store.commit(&snap, &meta)?;
+        // The store logs the commit (once, with its duration).
+        store.commit(&snap, &meta)?;
         self.committed = Some(step);
-        tracing::info!(checkpoint = %report.name, bytes = report.bytes, seconds = report.seconds, "checkpoint committed");
         Ok(())
     }
 }

@@ -222,7 +222,7 @@ fn a_supervisor_killed_with_sigkill_takes_its_child_along() {
     let alive = |pid: i32| {
         // A zombie still has a /proc entry; its state is Z.
         fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.split(' ').nth(2).is_some_and(|st| st == "Z"))
+            .map(|s| s.split(' ').nth(2).is_none_or(|st| st != "Z"))
             .unwrap_or(false)
     };
     assert!(alive(pid));

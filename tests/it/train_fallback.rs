@@ -247,14 +247,8 @@ fn nothing_restores_names_every_checkpoint_tried() {
     }
     let o = train(&cfg, &run);
     let out = text(&o);
-    assert!(!o.status.success(), "{out}");
-    // Exit 3 (nothing restores: retrying cannot help) is the supervisor's mapping of
-    // FailureKind::NothingRestores; until it lands, the code is only checked to be an error.
-    if o.status.code() == Some(11) {
-        eprintln!("note: exit code 11: the supervisor does not map NothingRestores to 3 yet");
-    } else {
-        assert_eq!(o.status.code(), Some(3), "{out}");
-    }
+    // Exit 3, decision stop: retrying cannot help, so no requeue (not 11).
+    assert_eq!(o.status.code(), Some(3), "{out}");
     let failure = out
         .lines()
         .find(|l| l.contains("no checkpoint") && l.contains("restores"))
