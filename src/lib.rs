@@ -2,10 +2,13 @@
 //!
 //! Layers (dependencies flow one way, top to bottom):
 //! - [`cli`]: clap definitions; each command is a thin call into the layers below.
-//! - [`config`]: the job config (`job.yaml`), parsed strictly.
 //! - [`status`] reads a run directory and tells a person what happened and what is safe on disk.
-//! - [`supervision`]: signals, the supervised child, requeue policy (`wrap`).
-//! - [`slurm`]: the scheduler's environment (job id, restart count).
+//! - [`train`] (feature `torch`): the built-in tch trainer, run in-process by the supervisor.
+//! - [`supervision`]: signals, the workload (in-process or a child), the stop sequence, the
+//!   child protocol, the journal's supervisor events and their fold, the requeue policy
+//!   (`wrap`).
+//! - [`slurm`]: the scheduler's environment, `scontrol`/`sbatch`, the sbatch template.
+//! - [`config`]: the job config (`job.yaml`), parsed strictly, read by every layer above.
 //! - [`storage`] knows nothing of torch or Slurm: checkpoint format, atomic commit, verification,
 //!   retention, the run lock and the journal.
 

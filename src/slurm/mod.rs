@@ -1,7 +1,6 @@
-//! Slurm: what the scheduler tells a job through its environment.
-//!
-//! Only reads the environment here; calls to `scontrol`/`sbatch` and template rendering belong
-//! in this module too as they land.
+//! Slurm: what the scheduler tells a job through its environment (`SLURM_JOB_ID`,
+//! `SLURM_RESTART_COUNT`), the `scontrol`/`sbatch` calls the supervisor makes (job state,
+//! KillWait, requeue or resubmit), and [`template`]: the self-resubmitting sbatch script.
 
 use crate::storage::manifest::JobInfo;
 

@@ -63,6 +63,15 @@ struct Stopped {
     warned: bool,
 }
 
+/// What the program's commit requests came to.
+#[derive(Debug, Default)]
+struct SaveOutcome {
+    /// The program said its last commit was the final one.
+    done: bool,
+    /// The first failed commit's error.
+    failed: Option<String>,
+}
+
 /// How the work of this allocation went, whoever did it.
 struct Ran {
     stop: Option<Stopped>,
@@ -219,6 +228,51 @@ impl<'a> Allocation<'a> {
 
     /// A program as a child: the child protocol, the stop sequence, commits of what it stages.
     fn run_program(&mut self, command: &[String]) -> Result<Ran> {
+        let (mut proto, mut child) = self.start_program(command)?;
+        let mut seq = StopSequence::new(self.timing());
+        let mut save = SaveOutcome::default();
+        let exit = self.supervise(&mut proto, &mut child, &mut seq, &mut save)?;
+        let secs = child.started.elapsed().as_secs_f64();
+        self.store.journal().append(&SupervisorEvent::ChildExited {
+            how: exit.describe(),
+            seconds: secs,
+        })?;
+        tracing::info!(how = %exit.describe(), seconds = format!("{secs:.1}"), "program exited");
+        // The final checkpoint, staged as the program stopped.
+        if proto.has_request() {
+            self.answer(&mut proto, &mut save)?;
+        }
+        proto.finish(&mut self.store)?;
+        let stopping = seq.stopping().copied();
+        if let Some(s) = &stopping {
+            self.store
+                .journal()
+                .append(&SupervisorEvent::StopCompleted {
+                    signal: s.signal(seq.timing()).name().into(),
+                    seconds_since_signal: s.at.elapsed().as_secs_f64(),
+                })?;
+        }
+        let failure = match save.failed {
+            Some(e) if self.cfg.checkpoint.on_save_error == OnSaveError::Stop => {
+                Some(Failure::new(FailureKind::SaveFailed, e))
+            }
+            _ => (!exit.success()).then(|| Failure::new(FailureKind::Crash, exit.describe())),
+        };
+        Ok(Ran {
+            stop: stopping.and_then(|s| match s.cause {
+                Cause::Signal(signal) => Some(Stopped {
+                    signal,
+                    warned: s.warned,
+                }),
+                Cause::SaveFailed => None,
+            }),
+            completed: save.done || (stopping.is_none() && exit.success()),
+            failure,
+        })
+    }
+
+    /// Set up the protocol and start the program, resuming from the run's resume point.
+    fn start_program(&mut self, command: &[String]) -> Result<(ChildProtocol, ChildGroup)> {
         let resume = self.store.resume_point()?;
         let resume_step = resume.as_ref().map(|(l, _)| l.step);
         let token = format!(
@@ -226,7 +280,7 @@ impl<'a> Allocation<'a> {
             self.history.previous_allocations + 1,
             std::process::id()
         );
-        let mut proto = ChildProtocol::prepare(
+        let proto = ChildProtocol::prepare(
             &mut self.store,
             &token,
             resume_step,
@@ -244,8 +298,7 @@ impl<'a> Allocation<'a> {
             }
             None => tracing::info!("fresh start: no checkpoint to resume from"),
         }
-        let mut child =
-            ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))?;
+        let child = ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))?;
         self.store
             .journal()
             .append(&SupervisorEvent::ChildStarted {
@@ -254,83 +307,50 @@ impl<'a> Allocation<'a> {
                 resume_from: resume.as_ref().map(|(l, _)| l.name.clone()),
                 resume_step,
             })?;
-
-        let mut seq = StopSequence::new(self.timing());
-        let mut save_failed: Option<String> = None;
-        let mut done = false;
-        let exit = loop {
-            if let Ok(sig) = self.signals.recv_timeout(TICK) {
-                let actions = seq.on(Input::Stop(Cause::Signal(sig)), Instant::now());
-                self.carry_out(&actions, &child)?;
-            }
-            let actions = seq.on(Input::Tick, Instant::now());
-            self.carry_out(&actions, &child)?;
-            if proto.has_request() {
-                match self.answer(&mut proto, &mut done)? {
-                    Some(error) if self.cfg.checkpoint.on_save_error == OnSaveError::Stop => {
-                        save_failed.get_or_insert(error);
-                        let actions = seq.on(Input::Stop(Cause::SaveFailed), Instant::now());
-                        self.carry_out(&actions, &child)?;
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(e) = child.poll()? {
-                break e;
-            }
-        };
-        let secs = child.started.elapsed().as_secs_f64();
-        self.store.journal().append(&SupervisorEvent::ChildExited {
-            how: exit.describe(),
-            seconds: secs,
-        })?;
-        tracing::info!(how = %exit.describe(), seconds = format!("{secs:.1}"), "program exited");
-        // The final checkpoint, staged as the program stopped.
-        if proto.has_request() {
-            if let Some(error) = self.answer(&mut proto, &mut done)? {
-                if self.cfg.checkpoint.on_save_error == OnSaveError::Stop {
-                    save_failed.get_or_insert(error);
-                }
-            }
-        }
-        proto.finish(&mut self.store)?;
-        let stopping = seq.stopping().copied();
-        if let Some(s) = &stopping {
-            self.store
-                .journal()
-                .append(&SupervisorEvent::StopCompleted {
-                    signal: s.signal(seq.timing()).name().into(),
-                    seconds_since_signal: s.at.elapsed().as_secs_f64(),
-                })?;
-        }
-        let failure = match save_failed {
-            Some(e) => Some(Failure::new(FailureKind::SaveFailed, e)),
-            None => (!exit.success()).then(|| Failure::new(FailureKind::Crash, exit.describe())),
-        };
-        Ok(Ran {
-            stop: stopping.and_then(|s| match s.cause {
-                Cause::Signal(signal) => Some(Stopped {
-                    signal,
-                    warned: s.warned,
-                }),
-                Cause::SaveFailed => None,
-            }),
-            completed: done || (stopping.is_none() && exit.success()),
-            failure,
-        })
+        Ok((proto, child))
     }
 
-    /// Answer the program's request; returns the error when the commit failed.
-    fn answer(&mut self, proto: &mut ChildProtocol, done: &mut bool) -> Result<Option<String>> {
-        Ok(match proto.answer(&mut self.store)? {
-            Answer::Committed { done: d, .. } => {
-                *done |= d;
-                None
+    /// The loop while the program runs: signals and ticks into the stop sequence, its actions
+    /// carried out, requests answered. Returns how the program exited.
+    fn supervise(
+        &mut self,
+        proto: &mut ChildProtocol,
+        child: &mut ChildGroup,
+        seq: &mut StopSequence,
+        save: &mut SaveOutcome,
+    ) -> Result<super::child::Exit> {
+        loop {
+            if let Ok(sig) = self.signals.recv_timeout(TICK) {
+                let actions = seq.on(Input::Stop(Cause::Signal(sig)), Instant::now());
+                self.carry_out(&actions, child)?;
             }
-            Answer::Refused { .. } => None,
+            let actions = seq.on(Input::Tick, Instant::now());
+            self.carry_out(&actions, child)?;
+            if proto.has_request()
+                && self.answer(proto, save)?
+                && self.cfg.checkpoint.on_save_error == OnSaveError::Stop
+            {
+                let actions = seq.on(Input::Stop(Cause::SaveFailed), Instant::now());
+                self.carry_out(&actions, child)?;
+            }
+            if let Some(e) = child.poll()? {
+                return Ok(e);
+            }
+        }
+    }
+
+    /// Answer the program's request; true when the commit failed.
+    fn answer(&mut self, proto: &mut ChildProtocol, save: &mut SaveOutcome) -> Result<bool> {
+        Ok(match proto.answer(&mut self.store)? {
+            Answer::Committed { done, .. } => {
+                save.done |= done;
+                false
+            }
+            Answer::Refused { .. } => false,
             Answer::Failed { error } => {
                 tracing::error!(%error, "commit of the staged checkpoint failed");
-                Some(error)
+                save.failed.get_or_insert(error);
+                true
             }
         })
     }
