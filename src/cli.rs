@@ -30,10 +30,12 @@ use crate::supervision::workload::{Failure, FailureKind, InProcess, InProcessEnd
         checksums, so whatever instant a job is killed, `last_checkpoint` names a complete \
         checkpoint that verifies.\n\n\
         Logs go to stderr; set HPC_CKPT_LOG (e.g. `debug`, `hpc_ckpt=trace`) to change the level.",
-    after_help = "Exit codes: 0 done, 1 error, 2 usage, 3 corrupt checkpoint found, 4 run dir \
-        locked by another writer, 5 not enough disk space, 6 invalid input, 7 invalid job config; \
+    after_help = "Exit codes: 0 done, 1 error, 2 usage, 3 corrupt checkpoint found (train: no \
+        checkpoint restores), 4 run dir locked by another writer, 5 not enough disk space, 6 \
+        invalid input, 7 invalid job config (train: a resume refused for a changed config); \
         wrap/train: 10 requeued, 11 work left but no requeue possible here (run again), 12 \
-        stopped by policy, 13 crash loop. See the README."
+        stopped by policy (a user's cancel, max_restarts, a failed save under on_save_error: \
+        stop), 13 crash loop. Exits 3, 7 and 12 are never requeued. See the README."
 )]
 pub struct Cli {
     #[command(subcommand)]
