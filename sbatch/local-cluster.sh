@@ -320,7 +320,10 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 JobRequeue=1
-KillWait=5
+# From TERM to KILL (Slurm's default is 30 s). A PyTorch program needs ~2 s to tear its
+# interpreter down after its final checkpoint, more on a loaded 2-core machine: 5 s was too
+# tight for the e2e tests' TERM endings.
+KillWait=15
 MinJobAge=$MIN_JOB_AGE
 ReturnToService=2
 InactiveLimit=0
@@ -379,13 +382,13 @@ cancel_all_jobs() {
     log "cancelling jobs: ${ids//$'\n'/ }"
     # shellcheck disable=SC2086
     SLURM_CONF=$CONF timeout 10 scancel $ids 2>/dev/null || true
-    # TERM, then KILL after KillWait=5 s; allow some slack.
-    for ((i = 0; i < 100; i++)); do
+    # TERM, then KILL after KillWait=15 s; allow some slack.
+    for ((i = 0; i < 150; i++)); do
         ids=$(SLURM_CONF=$CONF timeout 10 squeue -h -o %A 2>/dev/null || true)
         [[ -z $ids ]] && return 0
         sleep 0.2
     done
-    log "warning: jobs still listed after 20 s: ${ids//$'\n'/ }"
+    log "warning: jobs still listed after 30 s: ${ids//$'\n'/ }"
 }
 
 stop_daemons() {

@@ -238,7 +238,9 @@ impl ChildProtocol {
             .append(true)
             .open(&path)
             .with_context(|| format!("open {}", path.display()))?;
-        writeln!(f, "{line}").with_context(|| format!("append to {}", path.display()))?;
+        // One write of the whole line (O_APPEND): a kill never leaves half a line behind.
+        f.write_all(format!("{line}\n").as_bytes())
+            .with_context(|| format!("append to {}", path.display()))?;
         for e in fs::read_dir(&self.staging)?.flatten() {
             let p = e.path();
             let _ = if p.is_dir() {

@@ -544,10 +544,13 @@ impl Trainer {
             m.insert(e.metric.clone(), json!(v));
         }
         let line = json!({"ts": now_rfc3339(), "step": gs, "epoch": self.st.epoch, "metrics": m});
-        writeln!(self.metrics, "{line}").map_err(|source| TrainError::Io {
-            what: format!("append to {METRICS_FILE}"),
-            source,
-        })
+        // One write of the whole line (O_APPEND): a kill never leaves half a line behind.
+        self.metrics
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|source| TrainError::Io {
+                what: format!("append to {METRICS_FILE}"),
+                source,
+            })
     }
 
     /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, or

@@ -17,6 +17,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::storage::journal::{FaultRecord, StoreEvent};
 use crate::storage::run_dir::Listed;
 use crate::storage::verify;
 use crate::storage::Fault;
@@ -106,17 +107,12 @@ fn refuse(store: &mut Store, r: Refused, all: &mut Vec<Refused>) -> Result<(), T
     for f in &r.faults {
         tracing::error!(checkpoint = %dir.display(), file = %f.file, reason = %f.reason, "checkpoint refused");
     }
-    let faults: Vec<_> = r
-        .faults
-        .iter()
-        .map(|f| json!({"file": f.file, "reason": f.reason}))
-        .collect();
     store
         .journal()
-        .record(
-            "checkpoint_refused",
-            json!({"checkpoint": r.checkpoint, "faults": faults}),
-        )
+        .append(&StoreEvent::CheckpointRefused {
+            checkpoint: r.checkpoint.clone(),
+            faults: r.faults.iter().map(FaultRecord::from).collect(),
+        })
         .map_err(TrainError::Load)?;
     all.push(r);
     Ok(())
@@ -125,17 +121,20 @@ fn refuse(store: &mut Store, r: Refused, all: &mut Vec<Refused>) -> Result<(), T
 /// Journal the checkpoint a resume uses (`checkpoint_loaded`), after `fallback` when newer
 /// candidates were refused.
 fn journal_used(store: &mut Store, used: &Listed, fell_back: bool) -> Result<(), TrainError> {
-    let event = json!({"checkpoint": used.name, "step": used.step});
+    let (checkpoint, step) = (used.name.clone(), used.step);
     if fell_back {
         tracing::warn!(checkpoint = %used.name, "FELL BACK to an older checkpoint: the newer ones could not be used (see the errors above)");
         store
             .journal()
-            .record("fallback", event.clone())
+            .append(&StoreEvent::Fallback {
+                checkpoint: checkpoint.clone(),
+                step,
+            })
             .map_err(TrainError::Load)?;
     }
     store
         .journal()
-        .record("checkpoint_loaded", event)
+        .append(&StoreEvent::CheckpointLoaded { checkpoint, step })
         .map_err(TrainError::Load)
 }
 
@@ -146,10 +145,9 @@ fn nothing_restores(store: &mut Store, tried: Vec<Refused>) -> TrainError {
         searched: store.run_dir().root().to_path_buf(),
         tried,
     };
-    if let Err(j) = store
-        .journal()
-        .record("load_failed", json!({"detail": e.to_string()}))
-    {
+    if let Err(j) = store.journal().append(&StoreEvent::LoadFailed {
+        detail: e.to_string(),
+    }) {
         tracing::error!(error = %j, "cannot journal load_failed");
     }
     e
