@@ -38,6 +38,12 @@ cargo test --no-default-features --test it -- fault_injection:: python_interop::
 step "cargo test (default features: everything, the trainer included)"
 cargo test --all-targets 2>&1 | tee -a "$LOG"
 
-# One closing line over every runner above (cargo's per-binary lines end on empty harnesses).
+step "Python package hpc_ckpt (pytest, the real target/debug/hpc-ckpt): state, protocol, the example and the HF Trainer / Lightning callbacks under wrap"
+.venv/bin/python -m pytest tests/python -q -p no:cacheprovider 2>&1 | tee -a "$LOG"
+
+# One closing line over every runner above (cargo's per-binary lines end on empty harnesses;
+# pytest's summary is "[N failed, ]N passed[, N errors] in Ts").
 awk '/^test result:/ { p += $4; f += $6 } /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
+     !/^test result:/ && !/^[0-9]+ passed, [0-9]+ failed/ && /^=* *[0-9]+ (passed|failed|errors?)(,.*)? in [0-9.]+s/ {
+         for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed,?$/) p += $i; if ($(i+1) ~ /^(failed|errors?),?$/) f += $i } }
      END { printf "\nci: %d passed, %d failed\n", p, f; exit (f > 0) }' "$LOG"

@@ -4,11 +4,14 @@
 # Usage: tests/setup-python.sh [--torch] [--print-libtorch]
 #
 #   (no flags)        create <repo>/.venv if missing; install the pinned
-#                     safetensors + numpy into it.
+#                     safetensors + numpy + pytest into it, and the Python
+#                     package hpc_ckpt (src/python, editable).
 #   --torch           also install the pinned torch (the PyPI wheel, ~4.7 GB
 #                     with its nvidia-* dependencies). Its torch/ directory is
 #                     a complete libtorch (lib/libtorch_cpu.so, include/) and is
-#                     what LIBTORCH should point at for the tch crate.
+#                     what LIBTORCH should point at for the tch crate. Also the
+#                     pinned transformers + accelerate and lightning that the
+#                     hpc_ckpt integration tests (tests/python/test_*.py) use.
 #   --print-libtorch  implies --torch; always print the LIBTORCH directory on
 #                     stdout (even when nothing had to be installed), e.g.
 #                       export LIBTORCH="$(tests/setup-python.sh --print-libtorch)"
@@ -22,6 +25,11 @@ set -euo pipefail
 SAFETENSORS_VERSION=0.8.0
 NUMPY_VERSION=2.4.6
 TORCH_VERSION=2.13.0
+PYTEST_VERSION=9.2.0
+# The framework integrations' tests (--torch only); these versions work with torch 2.13.0.
+TRANSFORMERS_VERSION=5.24.0
+ACCELERATE_VERSION=1.15.0
+LIGHTNING_VERSION=2.6.6
 # Below this much free space (GiB) on the venv's filesystem, pip runs with
 # --no-cache-dir (the torch download alone is ~4.7 GB; a cache doubles that).
 MIN_FREE_GIB_FOR_CACHE=20
@@ -74,13 +82,50 @@ sys.exit(0 if v.split("+")[0] == sys.argv[1] else 1)
 PYEOF
 }
 
+# Cheap checks by package metadata (no imports). The package must be the editable install of
+# this checkout's src/python at the version its pyproject.toml names.
+PKG_DIR="$REPO/src/python"
+PKG_VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$PKG_DIR/pyproject.toml" | head -n 1)"
+pins_ok() {  # pins_ok NAME==VERSION ...
+    "$PY" - "$@" >/dev/null 2>&1 <<'PYEOF'
+import sys, importlib.metadata as md
+for pin in sys.argv[1:]:
+    name, want = pin.split("==")
+    if md.version(name).split("+")[0] != want:
+        sys.exit(1)
+PYEOF
+}
+pkg_ok() {
+    "$PY" - "$PKG_VERSION" "$PKG_DIR" >/dev/null 2>&1 <<'PYEOF'
+import sys, json, os, importlib.metadata as md
+from urllib.parse import unquote, urlparse
+d = md.distribution("hpc-ckpt")
+url = json.loads(d.read_text("direct_url.json") or "{}")
+where = os.path.realpath(unquote(urlparse(url.get("url", "")).path))
+ok = (d.version == sys.argv[1] and url.get("dir_info", {}).get("editable")
+      and where == os.path.realpath(sys.argv[2]))
+import hpc_ckpt  # cheap (torch is imported lazily); a stale editable finder shows here
+ok = ok and os.path.realpath(hpc_ckpt.__file__ or "") == os.path.join(where, "hpc_ckpt", "__init__.py")
+sys.exit(0 if ok else 1)
+PYEOF
+}
+
 pkgs=()
 base_ok || pkgs+=("safetensors==$SAFETENSORS_VERSION" "numpy==$NUMPY_VERSION")
+pins_ok "pytest==$PYTEST_VERSION" || pkgs+=("pytest==$PYTEST_VERSION")
 if (( want_torch )) && ! torch_ok; then
     # Installed together with the base pins so pip keeps them consistent.
     pkgs+=("torch==$TORCH_VERSION")
     [[ " ${pkgs[*]} " == *" numpy=="* ]] || pkgs+=("safetensors==$SAFETENSORS_VERSION" "numpy==$NUMPY_VERSION")
 fi
+frameworks=("transformers==$TRANSFORMERS_VERSION" "accelerate==$ACCELERATE_VERSION" "lightning==$LIGHTNING_VERSION")
+if (( want_torch )) && ! pins_ok "${frameworks[@]}"; then
+    # With torch pinned in the same run (when it is missing) so pip never swaps it.
+    pkgs+=("${frameworks[@]}")
+    [[ " ${pkgs[*]} " == *" torch=="* ]] || pkgs+=("torch==$TORCH_VERSION")
+fi
+# The package last, editable, in the same pip run as the pins (its deps are satisfied by them).
+pkg_ok || pkgs+=(-e "$PKG_DIR")
 
 # --- install ------------------------------------------------------------------
 if (( ${#pkgs[@]} )); then
@@ -99,6 +144,11 @@ if (( ${#pkgs[@]} )); then
     fi
     say "installed ${pkgs[*]} in $((SECONDS - start)) s"
     base_ok || die "after install: safetensors $SAFETENSORS_VERSION / numpy $NUMPY_VERSION still not importable"
+    pins_ok "pytest==$PYTEST_VERSION" || die "after install: pytest $PYTEST_VERSION not installed"
+    pkg_ok || die "after install: hpc_ckpt $PKG_VERSION is not the editable install of $PKG_DIR"
+    if (( want_torch )); then
+        pins_ok "${frameworks[@]}" || die "after install: ${frameworks[*]} not all installed"
+    fi
     if (( want_torch )); then
         torch_ok || die "after install: torch $TORCH_VERSION still not installed"
     fi

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Child-protocol (v1) harness for examples/python/train.py, without the wrapper.
+"""Child-protocol (v1) harness for examples/python/train.py (built on the hpc_ckpt package),
+without the wrapper.
 
     .venv/bin/python tests/python/child_protocol_harness.py [--jobs J] [--keep]
 
@@ -104,8 +105,9 @@ class Run:
     def _commit(self):
         with open(self.request) as f:
             req = json.load(f)
-        check(set(req) == {"step", "epoch", "metrics"}, f"request keys {sorted(req)}")
-        step, epoch, metrics = req["step"], req["epoch"], req["metrics"]
+        check(set(req) == {"step", "epoch", "metrics", "done"}, f"request keys {sorted(req)}")
+        step, epoch, metrics, done = req["step"], req["epoch"], req["metrics"], req["done"]
+        check(done is (step == STEPS), f"request step {step} with done={done!r}")
         check(isinstance(step, int) and step >= 0, f"bad step {step!r}")
         check(isinstance(epoch, int) and epoch >= 0, f"bad epoch {epoch!r}")
         check(isinstance(metrics, dict) and all(
@@ -120,8 +122,12 @@ class Run:
         check(set(COMPARED) <= set(names), f"staged files {names}")
         with open(os.path.join(self.staging, "trainer_state.json")) as f:
             ts = json.load(f)
-        check(ts["counters"]["global_step"] == step, "request step != staged global_step")
-        check(ts["counters"]["epoch"] == epoch, "request epoch != staged epoch")
+        check(ts["format"] == "hpc-ckpt-python/1", f"trainer_state format {ts.get('format')!r}")
+        check(ts["step"] == step, "request step != staged step")
+        check(ts["epoch"] == epoch, "request epoch != staged epoch")
+        check(ts["stateful"]["loader"]["epoch"] == epoch == step // STEPS_PER_EPOCH
+              and ts["stateful"]["loader"]["position"] == step % STEPS_PER_EPOCH,
+              f"staged data position {ts['stateful']['loader']} != step {step}")
         final = os.path.join(self.ckpts, f"step-{step:012d}")
         check(not os.path.exists(final), f"duplicate checkpoint for step {step}")
         tmp = final + ".tmp"

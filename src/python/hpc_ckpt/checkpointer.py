@@ -1,0 +1,415 @@
+"""``Checkpointer``: complete PyTorch training state, saved and resumed in a few lines.
+
+    ck = hpc_ckpt.Checkpointer(model=model, optimizer=opt, scheduler=sched, every_steps=100)
+    start = ck.restore()                  # the step to run next: 0 on a fresh start
+    for step in range(start, total):
+        ...train one step...
+        ck.step_done(step + 1, metrics={"loss": loss})   # saves on cadence or on the stop signal
+        if ck.should_stop():
+            break
+    ck.finish()                           # the final checkpoint, or the end of a stop
+
+A checkpoint at step N holds the state after N optimizer steps; ``restore()`` returns N.
+Files (all plain names, no pickle): ``model.safetensors``, ``optimizer.safetensors``,
+``rng.safetensors``, ``trainer_state.json`` (counters, scheduler, scaler, data position, RNG of
+Python and numpy, best metric, metrics, config, extras, versions; no timestamps, so identical
+states give identical bytes), ``state.safetensors`` when extras or stateful objects hold tensors,
+``reference_batch.safetensors`` with a reference batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+
+from . import state as S
+from ._codec import TensorSink, decode, dumps, encode, is_tensor, loads_file, torch_module
+from .errors import (ConfigMismatchError, IncompatibleCheckpointError, NotSerializableError,
+                     ReferenceMismatchError)
+from .protocol import log
+from .session import Session, SignalSpec
+
+FORMAT = "hpc-ckpt-python/1"
+STATE_FILE = "trainer_state.json"
+
+
+def _named(obj: Any, what: str) -> Dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, Mapping):
+        for k in obj:
+            if not isinstance(k, str) or not k or not all(c.isalnum() or c in "_-" for c in k):
+                raise ValueError(f"{what} names must be letters, digits, '_' or '-': {k!r}")
+        return dict(obj)
+    return {"": obj}
+
+
+def _file(kind: str, name: str) -> str:
+    return f"{kind}.safetensors" if not name else f"{kind}-{name}.safetensors"
+
+
+def _save_tensors(path: str, tensors: Mapping[str, Any]) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    save_file(dict(tensors), path, metadata={"format": "pt"})
+
+
+def _load_tensors(path: str, where: str) -> Dict[str, Any]:
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    if not os.path.isfile(path):
+        raise IncompatibleCheckpointError(f"{where}: {os.path.basename(path)} is missing")
+    tensors: Dict[str, Any] = load_file(path, device="cpu")
+    return tensors
+
+
+def _bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+class Checkpointer:
+    """Saves and restores a training run's complete state through ``hpc-ckpt``.
+
+    Args:
+        model: an ``nn.Module``, or ``{name: module}`` (e.g. a model and its EMA).
+        optimizer: an optimizer, or ``{name: optimizer}``.
+        scheduler: an LR scheduler, or ``{name: scheduler}``; its state must be JSON-able.
+        scaler: an AMP ``GradScaler`` (enabled or not).
+        loader: a resumable data loader (:class:`hpc_ckpt.ResumableLoader`, or anything with
+            ``state_dict``/``load_state_dict``); it also supplies the epoch.
+        rngs: extra random generators ``{name: gen}`` (``random.Random``, numpy ``Generator``
+            or ``RandomState``, ``torch.Generator``). Python's ``random``, numpy's global state,
+            torch's CPU generator and every CUDA device's are always saved.
+        stateful: other objects with ``state_dict``/``load_state_dict`` ``{name: obj}``.
+        extra: a dict of your own JSON-able values (tensors allowed); restored in place.
+        config: what must match between a checkpoint and the run resuming from it (JSON);
+            a mismatch raises :class:`ConfigMismatchError` unless ``allow_config_change`` or the
+            key is in ``mutable_config``.
+        every_steps / every_seconds: the save cadence of :meth:`step_done` (besides the stop
+            signal and :meth:`finish`).
+        total_steps: the last step, if known: :meth:`step_done` makes no periodic save there,
+            so the final checkpoint is the one :meth:`finish` commits marked done.
+        monitor / mode: the metric whose best value (``min``/``max``) and step are tracked.
+        reference_batch / reference_loss: after a load, ``reference_loss(reference_batch)`` is
+            recomputed (models in eval mode, no grad) and compared bit for bit (CPU) with the
+            value stored at save time.
+        run_dir, signals, binary, commit_args, resume, on_commit_error, verbose: see
+            :class:`hpc_ckpt.Session`.
+    """
+
+    def __init__(self, model: Any = None, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
+                 *, loader: Any = None, rngs: Optional[Mapping[str, Any]] = None,
+                 stateful: Optional[Mapping[str, Any]] = None,
+                 extra: Optional[MutableMapping[str, Any]] = None,
+                 config: Optional[Mapping[str, Any]] = None, allow_config_change: bool = False,
+                 mutable_config: Sequence[str] = (),
+                 every_steps: Optional[int] = None, every_seconds: Optional[float] = None,
+                 total_steps: Optional[int] = None, monitor: Optional[str] = None, mode: str = "min",
+                 reference_batch: Any = None, reference_loss: Optional[Callable[[Any], Any]] = None,
+                 run_dir: Optional[str] = None, signals: Optional[Sequence[SignalSpec]] = None,
+                 binary: Optional[str] = None, commit_args: Sequence[str] = (), resume: bool = True,
+                 on_commit_error: str = "raise", verbose: bool = True,
+                 session: Optional[Session] = None) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError("mode must be 'min' or 'max'")
+        if (reference_batch is None) != (reference_loss is None):
+            raise ValueError("give both reference_batch and reference_loss, or neither")
+        if every_steps is not None and every_steps < 1:
+            raise ValueError("every_steps must be >= 1")
+        self.models = _named(model, "model")
+        self.optimizers = _named(optimizer, "optimizer")
+        self.schedulers = _named(scheduler, "scheduler")
+        self.scaler = scaler
+        self.loader = loader
+        self.rngs = dict(rngs or {})
+        self.stateful = dict(stateful or {})
+        if loader is not None:
+            if "loader" in self.stateful:
+                raise ValueError("stateful['loader'] clashes with loader=")
+            self.stateful["loader"] = loader
+        self.extra: MutableMapping[str, Any] = extra if extra is not None else {}
+        self.config = dict(config) if config is not None else None
+        self.allow_config_change = allow_config_change
+        self.mutable_config = set(mutable_config)
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.total_steps = total_steps
+        self.monitor, self.mode = monitor, mode
+        self.reference_batch, self.reference_loss = reference_batch, reference_loss
+
+        self.step = 0
+        self.epoch: Optional[int] = None
+        self.metrics: Dict[str, Any] = {}
+        self._step_metrics: Dict[str, Any] = {}
+        self.best: Optional[Dict[str, Any]] = None  # {"value": v, "step": s}
+        self._stopped = False
+        self._finished = False
+        self._last_save = time.monotonic()
+        self.session = session or Session(run_dir=run_dir, signals=signals, binary=binary,
+                                          commit_args=commit_args, resume=resume,
+                                          on_commit_error=on_commit_error, verbose=verbose)
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ protocol-facing
+    @property
+    def resume_from(self) -> Optional[str]:
+        return self.session.resume_from
+
+    def restore(self) -> int:
+        """Load the checkpoint to resume from, if any; returns the step to run next (0: fresh).
+
+        RNG states are set last, so call this after building everything, right before the loop.
+        """
+        path = self.session.resume_from
+        if path is None:
+            return 0
+        self.load(path)
+        self.session.committed_step = self.step
+        if self.verbose:
+            log(f"resumed from {path} at step={self.step} epoch={self.epoch}")
+        return self.step
+
+    def step_done(self, step: int, *, epoch: Optional[int] = None,
+                  metrics: Optional[Mapping[str, Any]] = None) -> None:
+        """Record that ``step`` optimizer steps are done; save if due or if a stop signal came.
+
+        ``epoch``: completed epochs (default: the loader's, else unchanged). ``metrics``: numbers
+        (tensors are read with ``.item()``) measured at this step: sent with this step's commit
+        request (what ``keep_best`` retention sees), and kept in :attr:`metrics` (the latest value
+        of each, saved and restored).
+        """
+        self.step = int(step)
+        self._step_metrics = {}
+        if epoch is not None:
+            self.epoch = int(epoch)
+        elif self.loader is not None and hasattr(self.loader, "epoch"):
+            self.epoch = int(self.loader.epoch)
+        if metrics:
+            for k, v in metrics.items():
+                self._step_metrics[k] = float(v.detach().cpu().item()) if is_tensor(v) else v
+            self.metrics.update(self._step_metrics)
+            self._update_best()
+        if self._stopped:
+            return
+        if self.session.stop_requested:
+            self._stop()
+            return
+        due = (self.every_steps is not None and self.step % self.every_steps == 0) or \
+              (self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds)
+        if self.total_steps is not None and self.step >= self.total_steps:
+            due = False  # finish() commits it, marked done
+        if due and not self.session.covered(self.step):
+            self.save(reason="periodic")
+
+    def should_stop(self) -> bool:
+        """True once a stop signal came: the current state is then committed (or requested);
+        leave the loop and call :meth:`finish` (the process should exit 0)."""
+        if not self._stopped and self.session.stop_requested:
+            self._stop()
+        return self._stopped
+
+    def _stop(self) -> None:
+        if self.session.enabled and not self.session.covered(self.step):
+            self.save(reason=self.session.stop_reason)
+        self.session.wait()
+        self._stopped = True
+
+    def finish(self) -> bool:
+        """End of training: True if it completed (the final state is committed as done),
+        False after a stop signal (its checkpoint committed). Restores the signal handlers."""
+        if self._finished:
+            return not self._stopped
+        try:
+            if self._stopped or self.session.stop_requested:
+                self.should_stop()
+            elif self.session.enabled and not self.session.covered(self.step):
+                self.save(done=True, reason="final")
+        finally:
+            self._finished = True
+            self.session.close()
+        return not self._stopped
+
+    def close(self) -> None:
+        """Restore the signal handlers (no save). :meth:`finish` does this too."""
+        self._finished = True
+        self.session.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: object) -> None:
+        self.close()
+
+    def request_stop(self) -> None:
+        """Act as if the stop signal had arrived (e.g. from an early-stopping rule)."""
+        self.session.request_stop()
+
+    def save(self, *, done: bool = False, reason: str = "manual") -> None:
+        """Stage the current state and ask for its commit as :attr:`step` now."""
+        self.session.commit(self.step, self.write, epoch=self.epoch, metrics=self._step_metrics,
+                            done=done, reason=reason)
+        self._last_save = time.monotonic()
+
+    # ------------------------------------------------------------------ state <-> files
+    def _update_best(self) -> None:
+        if self.monitor is None or self.monitor not in self.metrics:
+            return
+        v = self.metrics[self.monitor]
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return
+        if math.isnan(v):
+            return
+        b = self.best
+        if b is None or (v < b["value"] if self.mode == "min" else v > b["value"]):
+            self.best = {"value": v, "step": self.step}
+
+    def state(self) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
+        """(trainer_state.json content, {file name: tensors}) of the current state."""
+        files: Dict[str, Dict[str, Any]] = {}
+        st: Dict[str, Any] = {"format": FORMAT, "versions": S.versions(), "step": self.step,
+                              "epoch": self.epoch}
+        st["metrics"] = encode(self.metrics, "metrics", None, "metrics must be numbers or JSON values")
+        st["best"] = None if self.monitor is None else {"monitor": self.monitor, "mode": self.mode,
+                                                         **(encode(self.best, "best", None) or {})}
+        st["config"] = None if self.config is None else encode(self.config, "config", None)
+        st["model"] = {}
+        for name, m in self.models.items():
+            st["model"][name], files[_file("model", name)] = S.model_state(m)
+        st["optimizer"] = {}
+        for name, o in self.optimizers.items():
+            js, t = S.stateful_state(o, "optimizer" + (f"-{name}" if name else ""))
+            st["optimizer"][name] = js
+            files[_file("optimizer", name)] = t
+        st["scheduler"] = {n: S.scheduler_state(s, f"scheduler{'.' + n if n else ''}")
+                           for n, s in self.schedulers.items()}
+        aux = TensorSink()
+        st["scaler"] = None if self.scaler is None else encode(self.scaler.state_dict(), "scaler", aux)
+        st["stateful"] = {n: encode(o.state_dict(), f"stateful.{n}", aux,
+                                    f"{type(o).__name__}.state_dict() must be JSON-able or tensors")
+                          for n, o in self.stateful.items()}
+        st["extra"] = encode(dict(self.extra), "extra", aux, "extra must be JSON-able or tensors")
+        if aux.tensors:
+            files["state.safetensors"], aliases = S.dedupe_tensors(aux.tensors)
+            if aliases:
+                raise NotSerializableError("extra/stateful", aliases, "two entries share one tensor")
+        st["reference"] = None
+        if self.reference_batch is not None:
+            sink = TensorSink()
+            st["reference"] = {"batch": encode(self.reference_batch, "batch", sink),
+                               **self._reference_value(self.reference_batch)}
+            files["reference_batch.safetensors"] = S.dedupe_tensors(sink.tensors)[0]
+        # RNG last, and nothing above may consume randomness (the reference runs in fork_rng).
+        st["rng"], files["rng.safetensors"] = S.rng_state(self.rngs, cuda=True)
+        return st, files
+
+    def write(self, directory: str) -> None:
+        """Write the current state's files into ``directory`` (what a commit stages)."""
+        st, files = self.state()
+        for name, tensors in files.items():
+            _save_tensors(os.path.join(directory, name), tensors)
+        with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as f:
+            f.write(dumps(st))
+
+    def load(self, path: str) -> None:
+        """Load every registered object's state from checkpoint dir ``path``."""
+        where = f"checkpoint {path}"
+        sp = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(sp):
+            raise IncompatibleCheckpointError(f"{where}: no {STATE_FILE} (not written by hpc_ckpt.Checkpointer?)")
+        st = loads_file(sp)
+        if st.get("format") != FORMAT:
+            raise IncompatibleCheckpointError(f"{where}: format {st.get('format')!r}, expected {FORMAT!r}")
+        self._check_config(st.get("config"), where)
+        for kind, mine in (("model", self.models), ("optimizer", self.optimizers),
+                           ("scheduler", self.schedulers)):
+            saved = set(st.get(kind, {}))
+            if saved != set(mine):
+                raise IncompatibleCheckpointError(
+                    f"{where}: {kind}s {sorted(saved)} saved, {sorted(mine)} given (names of {kind}=...)")
+        for name, m in self.models.items():
+            S.load_model(m, st["model"][name], _load_tensors(os.path.join(path, _file("model", name)), where),
+                         where)
+        for name, o in self.optimizers.items():
+            S.load_stateful(o, st["optimizer"][name],
+                            _load_tensors(os.path.join(path, _file("optimizer", name)), where), where)
+        for name, s in self.schedulers.items():
+            S.load_stateful(s, st["scheduler"][name], {}, where)
+        aux = _load_tensors(os.path.join(path, "state.safetensors"), where) \
+            if os.path.isfile(os.path.join(path, "state.safetensors")) else {}
+        if self.scaler is not None:
+            if st.get("scaler") is None:
+                raise IncompatibleCheckpointError(f"{where}: no GradScaler state saved")
+            S.load_stateful(self.scaler, st["scaler"], aux, where)
+        saved = st.get("stateful", {})
+        missing = sorted(set(self.stateful) - set(saved))
+        if missing:
+            raise IncompatibleCheckpointError(f"{where}: no state for {missing} in the checkpoint")
+        for name, o in self.stateful.items():
+            S.load_stateful(o, saved[name], aux, where)
+        S.apply_extra(self.extra, decode(st.get("extra", {}), aux))
+        self.step = int(st["step"])
+        self.epoch = st.get("epoch")
+        self.metrics = decode(st.get("metrics") or {})
+        b = st.get("best")
+        self.best = {"value": decode(b["value"]), "step": b["step"]} if b and "value" in b else None
+        ref = st.get("reference")
+        if self.reference_batch is not None and ref is not None:
+            batch = decode(ref["batch"], _load_tensors(os.path.join(path, "reference_batch.safetensors"), where))
+            self._check_reference(ref, batch, where)
+        S.load_rng(st["rng"], _load_tensors(os.path.join(path, "rng.safetensors"), where), self.rngs, where, log)
+
+    def _check_config(self, saved: Any, where: str) -> None:
+        if self.config is None:
+            return
+        now = decode(encode(self.config, "config", None))
+        saved = decode(saved) if saved is not None else {}
+        changed = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
+                   if saved.get(k) != now.get(k) and k not in self.mutable_config}
+        if changed:
+            if not self.allow_config_change:
+                raise ConfigMismatchError(where, changed)
+            log(f"WARNING: {where} was made with another config: {changed} (allowed)")
+
+    # ------------------------------------------------------------------ reference batch
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        torch = torch_module()
+        flags: List[Tuple[Any, bool]] = [(m, m.training) for model in self.models.values()
+                                         for m in model.modules()]
+        devices: List[int] = []
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            devices = list(range(torch.cuda.device_count()))
+        try:
+            for model in self.models.values():
+                model.eval()
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                yield
+        finally:
+            for m, f in flags:
+                m.training = f
+
+    def _reference_value(self, batch: Any) -> Dict[str, Any]:
+        assert self.reference_loss is not None
+        with self._eval_mode():
+            loss = self.reference_loss(batch)
+        dev = str(loss.device) if is_tensor(loss) else "cpu"
+        v = float(loss.detach().cpu().double().item()) if is_tensor(loss) else float(loss)
+        return {"loss": encode(v, "loss", None), "loss_bits": _bits(v).hex(), "device": dev}
+
+    def _check_reference(self, ref: Mapping[str, Any], batch: Any, where: str) -> None:
+        now = self._reference_value(batch)
+        if now["loss_bits"] == ref["loss_bits"]:
+            return
+        a, b = decode(ref["loss"]), decode(now["loss"])
+        if ref.get("device", "cpu") != "cpu" or now["device"] != "cpu":
+            if math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6):
+                return  # accelerator kernels need not be bit-reproducible
+        raise ReferenceMismatchError(
+            f"{where}: the reference batch's loss is {b!r} after the load, {a!r} when saved "
+            f"(device {now['device']}): the restored model does not compute what was saved")

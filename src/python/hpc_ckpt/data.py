@@ -1,0 +1,124 @@
+"""A data loader that resumes at the exact next batch, mid-epoch.
+
+The order of epoch ``e`` is a permutation derived from ``(seed, e)`` only, and the loader counts
+the batches it has handed to the training loop (in the main process, so DataLoader workers
+prefetching ahead do not matter). Its ``state_dict()`` is that position; after
+``load_state_dict()`` the next batch is the one an uninterrupted run would have seen next.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List
+
+from ._codec import torch_module
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def _mix(*xs: int) -> int:
+    h = 0x243F6A8885A308D3
+    for x in xs:
+        h = ((h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 + _MIX) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class ResumableLoader:
+    """Batches of ``dataset`` in an order fixed by ``(seed, epoch)``, resumable mid-epoch.
+
+    ``for batch in loader`` runs the rest of the current epoch (all of it on a fresh start), then
+    the next ``for`` starts the next epoch. Extra keyword arguments (``num_workers``,
+    ``collate_fn``, ``pin_memory``, ...) go to the ``torch.utils.data.DataLoader`` it builds.
+    Use ``loader.epoch`` as the epoch counter: it is restored with the position.
+
+    Randomness inside DataLoader *worker processes* is not checkpointed (no library can reach
+    it); with ``num_workers > 0`` the workers are seeded from ``(seed, epoch, position)``, so
+    make augmentation in workers a function of that seed or of the sample index.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, **dataloader_kwargs: Any) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        for k in ("sampler", "batch_sampler", "shuffle", "generator"):
+            if k in dataloader_kwargs:
+                raise TypeError(f"ResumableLoader chooses the order itself: {k}= is not accepted")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.kwargs = dataloader_kwargs
+        self._epoch = 0
+        self._position = 0  # batches of the current epoch handed out
+
+    # -- geometry
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to (= completed epochs)."""
+        return self._epoch + (1 if len(self) and self._position >= len(self) else 0)
+
+    @property
+    def position(self) -> int:
+        """Batches of :attr:`epoch` already handed out."""
+        return 0 if len(self) and self._position >= len(self) else self._position
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch (a no-op if it is the current epoch)."""
+        if epoch != self.epoch:
+            self._epoch, self._position = int(epoch), 0
+
+    def order(self, epoch: int) -> List[int]:
+        """The sample indices of ``epoch``, in order."""
+        torch = torch_module()
+        n = self.num_samples
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, 1))
+        order: List[int] = torch.randperm(n, generator=g).tolist()
+        return order
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._run()
+
+    def _run(self) -> Iterator[Any]:
+        torch = torch_module()
+        if len(self) and self._position >= len(self):
+            self._epoch, self._position = self._epoch + 1, 0
+        epoch, start = self._epoch, self._position
+        order = self.order(epoch)
+        bs = self.batch_size
+        batches = [order[i * bs:(i + 1) * bs] for i in range(start, len(self))]
+        # A dedicated generator: creating the iterator draws its base seed from it, never from
+        # the global torch RNG (which the training loop's checkpoint captures).
+        gen = torch.Generator().manual_seed(_mix(self.seed, epoch, start, 2))
+        dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, generator=gen,
+                                         **self.kwargs)
+        for batch in dl:
+            if self._epoch != epoch:  # set_epoch / load_state_dict while iterating: stop
+                return
+            self._position += 1
+            yield batch
+
+    # -- state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_samples": self.num_samples, "batch_size": self.batch_size,
+                "shuffle": self.shuffle, "drop_last": self.drop_last}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        mine = self.state_dict()
+        diff = {k: (sd.get(k), mine[k]) for k in ("seed", "num_samples", "batch_size", "shuffle", "drop_last")
+                if k in sd and sd[k] != mine[k]}
+        if diff:
+            raise ValueError(f"the data loader differs from the checkpoint's (saved, now): {diff}")
+        self._epoch, self._position = int(sd["epoch"]), int(sd["position"])
+

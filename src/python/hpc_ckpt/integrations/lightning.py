@@ -1,0 +1,174 @@
+"""Lightning under ``hpc-ckpt wrap``.
+
+    from hpc_ckpt.integrations.lightning import HpcCkptCallback
+    cb = HpcCkptCallback(every_n_steps=100)
+    trainer = L.Trainer(callbacks=[cb], ...)
+    trainer.fit(model, train_dataloaders=hpc_ckpt.ResumableLoader(ds, 32, seed=0),
+                ckpt_path=cb.resume_from)                  # None on a fresh start
+
+At the end of an optimizer step (every ``every_n_steps``, on the stop signal, and at the end of
+training) the callback writes ``trainer.save_checkpoint(<staging>/lightning.ckpt)`` and asks for
+its commit; on the stop signal it also sets ``trainer.should_stop``, so ``fit`` returns and the
+script should exit 0. The next allocation resumes through ``fit(ckpt_path=...)``: Lightning
+restores the model, optimizers, schedulers, precision plugin (GradScaler), loops (counters,
+position in the epoch) and the state of *resumable* data loaders. Lightning does not save random
+states; this callback does (Python, numpy, torch CPU and CUDA, in its own entry of the
+checkpoint) and sets them back when training starts. A plain ``DataLoader`` with ``shuffle=True``
+is not resumable mid-epoch (Lightning warns): use :class:`hpc_ckpt.ResumableLoader` (or any
+loader with ``state_dict``/``load_state_dict``).
+
+``lightning.ckpt`` is Lightning's own format (torch.save; Lightning loads it with
+``torch.load(weights_only=None)``, which torch >= 2.6 treats as ``weights_only=True``: no code
+runs). The callback keeps the job's stop signals to itself (Lightning's SIGTERM handler would
+otherwise raise ``SIGTERMException`` out of ``fit``, and its Slurm auto-requeue would requeue a
+second time): give the Trainer ``plugins=[SLURMEnvironment(auto_requeue=False)]`` on Slurm.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - the older package name
+    import pytorch_lightning as pl
+
+from ..protocol import log
+from ..session import Session
+
+CKPT_FILE = "lightning.ckpt"
+
+
+def capture_rng() -> Dict[str, Any]:
+    """Random states as plain lists and tensors (loadable with ``weights_only=True``)."""
+    version, words, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    st: Dict[str, Any] = {
+        "python": [version, list(words), gauss],
+        "numpy": [name, key.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def restore_rng(st: Dict[str, Any]) -> None:
+    v, words, gauss = st["python"]
+    random.setstate((v, tuple(words), gauss))
+    name, key, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(st["torch"])
+    cuda = st.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+class HpcCkptCallback(pl.Callback):  # type: ignore[misc]
+    """Commits Lightning checkpoints through ``hpc-ckpt``, stops on its signal, restores RNG.
+
+    Args:
+        every_n_steps: also save every N optimizer steps (None: only on the stop signal and at
+            the end of training).
+        save_final: save (and commit, marked done) when training ends without a stop signal.
+        restore_rng: set the saved random states back when training resumes.
+        session: a :class:`hpc_ckpt.Session`; otherwise one is made from ``session_kwargs``.
+    """
+
+    def __init__(self, every_n_steps: Optional[int] = None, *, save_final: bool = True,
+                 restore_rng: bool = True, session: Optional[Session] = None, **session_kwargs: Any) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError("every_n_steps must be >= 1")
+        self.session = session or Session(**session_kwargs)
+        self.every_n_steps = every_n_steps
+        self.save_final = save_final
+        self.restore_rng = restore_rng
+        self.stopped = False
+        self._rng: Optional[Dict[str, Any]] = None
+
+    @property
+    def resume_from(self) -> Optional[str]:
+        """Pass this to ``trainer.fit(..., ckpt_path=...)``."""
+        d = self.session.resume_from
+        if d is None:
+            return None
+        path = os.path.join(d, CKPT_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{d} holds no {CKPT_FILE}: not a checkpoint of this callback")
+        return path
+
+    # -- the callback's own entry in Lightning's checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rng": capture_rng()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._rng = state_dict.get("rng")
+
+    # -- hooks
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.session.reclaim_signals()  # after Lightning's signal connector installed its own
+        if self.session.resume_from is not None and trainer.global_step > 0:
+            self.session.committed_step = trainer.global_step
+        if self._rng is not None and self.restore_rng:
+            restore_rng(self._rng)  # last thing before the first batch is fetched
+        self._rng = None
+
+    def _save(self, trainer: Any, *, done: bool, reason: str, wait: bool = False) -> None:
+        step = trainer.global_step
+
+        def write(d: str) -> None:
+            trainer.save_checkpoint(os.path.join(d, CKPT_FILE))
+
+        # completed epochs: the epoch the next batch belongs to
+        epoch = trainer.current_epoch + (1 if trainer.is_last_batch and trainer.training else 0)
+        self.session.commit(step, write, epoch=epoch, done=done, reason=reason,
+                            metrics=_metrics(trainer), wait=wait)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.session.enabled or self.stopped:
+            return
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # not an optimizer-step boundary: the accumulated gradients are not saved
+        step = trainer.global_step
+        if self.session.stop_requested:
+            self.stopped = True
+            trainer.should_stop = True
+            if not self.session.covered(step):
+                self._save(trainer, done=False, reason=self.session.stop_reason)
+            self.session.wait()
+            return
+        final = trainer.max_steps is not None and trainer.max_steps >= 0 and step >= trainer.max_steps
+        if final and self.save_final:
+            if not self.session.covered(step):
+                self._save(trainer, done=True, reason="final")
+        elif self.every_n_steps and step % self.every_n_steps == 0 and not self.session.covered(step):
+            self._save(trainer, done=False, reason="periodic")
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.session.enabled and self.save_final and not self.stopped and not self.session.stop_requested \
+                and not self.session.covered(trainer.global_step):
+            self._save(trainer, done=True, reason="final")
+        self.session.wait()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.session.close()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self.session.close()  # after Lightning put back the handlers it replaced
+
+
+def _metrics(trainer: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in trainer.callback_metrics.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            log(f"metric {k!r} is not a number: not sent")
+    return out

@@ -1,0 +1,90 @@
+"""transformers.Trainer (tiny GPT-2 from a config) + hpc_ckpt's callback under `hpc-ckpt wrap`:
+stopped twice by USR1 mid-epoch and resumed through the Trainer's own resume path, the final
+weights are byte-identical to an uninterrupted run, and so are the optimizer, scheduler and RNG
+state and every step's loss."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from conftest import JOBS, PY, WrapRun, read, require, verify
+
+STEPS = 24  # 2 epochs x 12 optimizer steps (192 sequences, batch 8, gradient accumulation 2)
+
+
+def run_of(hpc_bin: str, root, delay: float) -> WrapRun:
+    return WrapRun(hpc_bin, str(root / "run"),
+                   [PY, os.path.join(JOBS, "hf_train.py"), "--output-dir", str(root / "hf-out"),
+                    "--step-delay", str(delay)])
+
+
+def torch_state(path: str):
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():  # what the Trainer does: weights_only, numpy's RNG state allowed
+        return torch.load(path, weights_only=True)
+
+
+def assert_same(a, b, where: str) -> None:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        bits = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+        assert torch.equal(bits(a), bits(b)), f"{where}: bytes differ"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        import numpy as np
+
+        if isinstance(a, np.ndarray):
+            assert np.array_equal(a, b), where
+        else:
+            assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_hf_trainer_two_usr1_stops_byte_identical(hpc_bin, tmp_path):
+    require("transformers")
+    ref = run_of(hpc_bin, tmp_path / "straight", 0.0)
+    run = run_of(hpc_bin, tmp_path / "stopped", 0.15)
+    with ThreadPoolExecutor(max_workers=2) as ex:  # independent runs, side by side
+        done = [ex.submit(ref.run_to_end, []), ex.submit(run.run_to_end, [(6, "USR1"), (16, "USR1")])]
+    for f in done:
+        f.result()
+    assert ref.commits() == [5, 10, 15, 20, STEPS], ref.commits()
+
+    stops = [max(inc.losses) for inc in run.history[:-1]]
+    assert any(s % 12 and s % 5 for s in stops), f"no stop mid-epoch and off the save cadence: {stops}"
+    assert all(s in run.commits() for s in stops), (stops, run.commits())
+    # each allocation resumed at the step after the one its predecessor committed on the signal
+    assert [min(inc.losses) for inc in run.history[1:]] == [s + 1 for s in stops]
+
+    a, b = ref.newest(), run.newest()
+    assert os.path.basename(a) == os.path.basename(b) == f"step-{STEPS:012d}"
+    verify(hpc_bin, b)
+    assert read(os.path.join(a, "model.safetensors")) == read(os.path.join(b, "model.safetensors")), \
+        "final weights differ from the uninterrupted run's"
+    for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        assert_same(torch_state(os.path.join(a, f)), torch_state(os.path.join(b, f)), f)
+    assert not os.path.exists(os.path.join(b, "training_args.bin")), "a full pickle was committed"
+
+    want = {n: v[0] for n, v in ref.all_losses().items()}
+    got = run.all_losses()
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in got.values())
+    bad = [(n, want[n], v[0]) for n, v in got.items() if v[0] != want[n]]
+    assert not bad, f"losses differ at {len(bad)} steps, first {bad[:3]}"
+    with open(os.path.join(b, "trainer_state.json")) as f:
+        st = json.load(f)
+    assert st["global_step"] == STEPS
+    # the commit requests carried the Trainer's metrics and epochs
+    last = run.journal("checkpoint_committed")[-1]
+    assert last["step"] == STEPS and last["epoch"] == 2 and "loss" in last["metrics"], last
