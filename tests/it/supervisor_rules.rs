@@ -12,8 +12,12 @@
 //! - each commit is logged once.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+#[cfg(feature = "torch")]
+use std::path::PathBuf;
+#[cfg(feature = "torch")]
+use std::process::Command;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -276,8 +280,10 @@ fn big_mlp(on_save_error: &str) -> String {
 }
 
 /// A mounted tmpfs of `size`, unmounted on drop; None where this machine cannot mount one.
+#[cfg(feature = "torch")]
 struct Tmpfs(PathBuf);
 
+#[cfg(feature = "torch")]
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
         fs::create_dir_all(at).unwrap();
@@ -297,6 +303,7 @@ impl Tmpfs {
     }
 }
 
+#[cfg(feature = "torch")]
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
