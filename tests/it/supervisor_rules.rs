@@ -276,8 +276,10 @@ fn big_mlp(on_save_error: &str) -> String {
 }
 
 /// A mounted tmpfs of `size`, unmounted on drop; None where this machine cannot mount one.
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 struct Tmpfs(PathBuf);
 
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
         fs::create_dir_all(at).unwrap();
