@@ -154,6 +154,11 @@ impl Team {
         Ok(ended)
     }
 
+    /// Whether member `i` has ended.
+    pub fn ended(&self, i: u32) -> bool {
+        self.exits.get(i as usize).is_some_and(Option::is_some)
+    }
+
     /// Whether every member has ended.
     pub fn done(&self) -> bool {
         self.exits.iter().all(Option::is_some)

@@ -464,19 +464,33 @@ impl ChildProtocol {
         Ok((!kept.is_empty()).then(|| kept.join(", ")))
     }
 
-    /// The allocation is over. A multi-rank request set that never completed is answered (not
-    /// committed: the journal names the ranks that never asked) and its files kept aside; files
-    /// staged with no request are kept aside; the staging dirs and answer files are removed.
-    pub fn finish(self, store: &mut Store) -> Result<Option<String>> {
+    /// Whether rank `rank` has a request waiting.
+    pub fn has_asked(&self, rank: u32) -> bool {
+        self.slots[rank as usize].has_request()
+    }
+
+    /// Settle a multi-rank request set that can no longer complete (the caller knows the ranks
+    /// that did not ask have ended): nothing is committed, the journal names the ranks that
+    /// never asked (`ranks_incomplete`), the askers are answered and their files kept aside.
+    /// Returns the reason when there was such a set.
+    pub fn settle_incomplete(&self, store: &mut Store) -> Result<Option<String>> {
         let asked: Vec<u32> = self
             .slots
             .iter()
             .filter(|s| s.has_request())
             .map(|s| s.rank)
             .collect();
-        if !asked.is_empty() && asked.len() < self.slots.len() {
-            self.incomplete(store, &asked)?;
+        if asked.is_empty() || asked.len() == self.slots.len() {
+            return Ok(None);
         }
+        self.incomplete(store, &asked).map(Some)
+    }
+
+    /// The allocation is over (every rank has ended): a request set that never completed is
+    /// settled ([`Self::settle_incomplete`]); files staged with no request are kept aside; the
+    /// staging dirs and answer files are removed.
+    pub fn finish(self, store: &mut Store) -> Result<Option<String>> {
+        self.settle_incomplete(store)?;
         let mut kept = Vec::new();
         for slot in &self.slots {
             kept.extend(keep_aside(
@@ -499,7 +513,7 @@ impl ChildProtocol {
     }
 
     /// Some ranks asked for a commit, others never did: nothing is committed.
-    fn incomplete(&self, store: &mut Store, asked: &[u32]) -> Result<()> {
+    fn incomplete(&self, store: &mut Store, asked: &[u32]) -> Result<String> {
         let missing: Vec<u32> = self
             .slots
             .iter()
@@ -532,7 +546,7 @@ impl ChildProtocol {
             let kept = slot.keep(store, step, &reason)?;
             slot.reply(&json!({"ok": false, "error": with_kept(&reason, kept.as_deref())}))?;
         }
-        Ok(())
+        Ok(reason)
     }
 }
 

@@ -82,6 +82,8 @@ struct SaveOutcome {
     done: bool,
     /// The first failed commit's error.
     failed: Option<String>,
+    /// A multi-rank commit some ranks never asked for: the last state is not committed.
+    incomplete: Option<String>,
 }
 
 /// How the work of this allocation went, whoever did it.
@@ -269,6 +271,9 @@ impl<'a> Allocation<'a> {
         if proto.has_request() {
             self.answer(&mut proto, &mut save)?;
         }
+        if let Some(reason) = proto.settle_incomplete(&mut self.store)? {
+            save.incomplete.get_or_insert(reason);
+        }
         proto.finish(&mut self.store)?;
         let stopping = seq.stopping().copied();
         if let Some(s) = &stopping {
@@ -284,7 +289,12 @@ impl<'a> Allocation<'a> {
             Some(e) if self.cfg.checkpoint.on_save_error == OnSaveError::Stop => {
                 Some(Failure::new(FailureKind::SaveFailed, e))
             }
-            _ => (!exit.success()).then(|| Failure::new(FailureKind::Crash, how)),
+            _ if !exit.success() => Some(Failure::new(FailureKind::Crash, how)),
+            // Every rank exited 0, but not every rank's last state was committed: not complete.
+            _ => save
+                .incomplete
+                .clone()
+                .map(|r| Failure::new(FailureKind::Crash, r)),
         };
         Ok(Ran {
             stop: stopping.and_then(|s| match s.cause {
@@ -294,7 +304,8 @@ impl<'a> Allocation<'a> {
                 }),
                 Cause::SaveFailed => None,
             }),
-            completed: save.done || (stopping.is_none() && exit.success()),
+            completed: save.incomplete.is_none()
+                && (save.done || (stopping.is_none() && exit.success())),
             failure,
         })
     }
@@ -454,6 +465,15 @@ impl<'a> Allocation<'a> {
                         how: exit.describe(),
                     })?;
                     team.signal(Signal::SIGKILL);
+                }
+            }
+            // A local rank that ended without asking while a peer waits for an answer: that
+            // commit can never happen; answer now rather than leave the peer waiting.
+            if launch == Launch::Local
+                && (0..proto.world_size()).any(|r| team.ended(r) && !proto.has_asked(r))
+            {
+                if let Some(reason) = proto.settle_incomplete(&mut self.store)? {
+                    save.incomplete.get_or_insert(reason);
                 }
             }
             if team.done() {
