@@ -262,9 +262,14 @@ fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, RenderErro
             opt(name, sbatch_word(key, v)?.into());
         }
     }
+    // A world size given only as `distributed.world_size` still asks Slurm for one task a rank.
+    let ntasks = s.ntasks.or_else(|| {
+        let w = cfg.distributed.world_size.filter(|w| *w > 1)?;
+        s.ntasks_per_node.is_none().then_some(w)
+    });
     for (name, v) in [
         ("nodes", s.nodes),
-        ("ntasks", s.ntasks),
+        ("ntasks", ntasks),
         ("ntasks-per-node", s.ntasks_per_node),
         ("cpus-per-task", s.cpus_per_task),
     ] {
@@ -622,6 +627,20 @@ mod tests {
         );
         // Deterministic.
         assert_eq!(out, render_at(&cfg("name: mini\n"), "/w"));
+    }
+
+    #[test]
+    fn a_world_size_alone_asks_for_one_task_a_rank() {
+        let out = render_at(&cfg("name: x\ndistributed:\n  world_size: 2\n"), "/w");
+        assert!(out.contains("\n#SBATCH --ntasks=2\n"), "{out}");
+        let out = render_at(
+            &cfg("name: x\nslurm:\n  nodes: 2\n  ntasks_per_node: 2\ndistributed:\n  world_size: 4\n"),
+            "/w",
+        );
+        assert!(
+            !out.contains("--ntasks=") && out.contains("--ntasks-per-node=2"),
+            "{out}"
+        );
     }
 
     #[test]
