@@ -638,7 +638,7 @@ mod tests {
             "/w",
         );
         assert!(
-            !out.contains("--ntasks=") && out.contains("--ntasks-per-node=2"),
+            !out.contains("#SBATCH --ntasks=") && out.contains("#SBATCH --ntasks-per-node=2"),
             "{out}"
         );
     }
