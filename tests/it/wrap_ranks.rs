@@ -369,3 +369,59 @@ fn sharded_state_refuses_another_world_size_and_replicated_state_loads_anywhere(
     );
     assert_eq!(manifest(&replicated, 6)["extra"]["world_size"], 3);
 }
+
+/// `distributed.launcher: command`: the program starts its ranks itself, each through the
+/// `hpc-ckpt rank` shim (as torchrun would with `--no-python hpc-ckpt rank -- …`); the shim
+/// takes the launcher's RANK/WORLD_SIZE and refuses a launcher that disagrees on the world size.
+#[test]
+fn a_launcher_that_starts_its_own_ranks_goes_through_the_shim() {
+    let job = Job::new();
+    let run_dir = job.run_dir("run");
+    let cfg = job.tmp.path().join("cmd.yaml");
+    std::fs::write(
+        &cfg,
+        "name: cmd\ndistributed: {world_size: 2, launcher: command}\n",
+    )
+    .unwrap();
+    let launch = |world: u32| {
+        format!(
+            "for r in 0 1; do RANK=$r WORLD_SIZE={world} {} rank -- bash {} 6 3 0 & done; wait",
+            bin().display(),
+            job.program.display()
+        )
+    };
+    let o = Command::new(bin())
+        .args(["wrap", "--config", cfg.to_str().unwrap()])
+        .args(["--run-dir", run_dir.to_str().unwrap(), "--", "bash", "-c"])
+        .arg(launch(2))
+        .env("SYNC_ROOT", job.tmp.path().join("sync"))
+        .env_remove("SLURM_JOB_ID")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(checkpoint_files(&run_dir, 6).len(), 5);
+    assert_eq!(
+        events(&journal(&run_dir), "child_started")[0]["launcher"],
+        "command"
+    );
+
+    let o = Command::new(bin())
+        .args(["wrap", "--config", cfg.to_str().unwrap()])
+        .args([
+            "--run-dir",
+            job.run_dir("bad").to_str().unwrap(),
+            "--",
+            "bash",
+            "-c",
+        ])
+        .arg(launch(3))
+        .env("SYNC_ROOT", job.tmp.path().join("sync"))
+        .env_remove("SLURM_JOB_ID")
+        .output()
+        .unwrap();
+    assert!(
+        text(&o).contains("the launcher started 3 ranks (RANK/WORLD_SIZE) but the job has 2"),
+        "{}",
+        text(&o)
+    );
+}
