@@ -79,6 +79,11 @@ pub enum Command {
     /// exact: an interrupted run ends byte-identical to an uninterrupted one (CPU).
     #[cfg(feature = "torch")]
     Train(TrainArgs),
+    /// Internal: start one rank of a multi-rank `wrap` job (run by srun or a torchrun-style
+    /// launcher as `hpc-ckpt rank -- CMD`): sets HPC_CKPT_RANK, HPC_CKPT_STAGING and
+    /// HPC_CKPT_COMMIT_REQUEST from SLURM_PROCID (or RANK), then execs CMD.
+    #[command(hide = true)]
+    Rank(RankArgs),
     /// Write the self-resubmitting sbatch script for a job config.
     ///
     /// Renders templates/auto_resume.sbatch from the config's `slurm:` section: the #SBATCH
@@ -125,8 +130,20 @@ pub struct WrapCliArgs {
     /// The run directory (overrides the config's `run_dir`).
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// Ranks of the job (overrides `distributed.world_size`): outside Slurm the supervisor
+    /// starts N copies of the program itself, inside a Slurm job one `srun` step of N tasks.
+    /// Each rank gets HPC_CKPT_RANK, HPC_CKPT_WORLD_SIZE and its own staging dir and request.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ranks: Option<u32>,
     /// The program and its arguments (default: the config's `command`).
     #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RankArgs {
+    /// The rank's program and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -263,6 +280,7 @@ pub fn run(cli: Cli) -> i32 {
         #[cfg(feature = "torch")]
         Command::Train(a) => train(a),
         Command::Sbatch(a) => sbatch(a),
+        Command::Rank(a) => Err(crate::supervision::ranks::exec_rank(&a.command)),
     };
     match result {
         Ok(code) => code,
@@ -441,6 +459,18 @@ fn wrap(a: WrapCliArgs) -> Result<i32> {
                 .map_err(anyhow::Error::msg)?
         }
     };
+    let mut config = config;
+    if let Some(n) = a.ranks {
+        config
+            .set_world_size(n)
+            .map_err(|message| crate::config::ConfigError {
+                file: a
+                    .config
+                    .as_ref()
+                    .map_or("--ranks".into(), |p| p.display().to_string()),
+                message,
+            })?;
+    }
     let run_dir = a.run_dir.clone().unwrap_or_else(|| config.run_dir());
     let command = if a.command.is_empty() {
         config
@@ -468,6 +498,18 @@ fn workload_of(
 ) -> Result<Workload> {
     if !is_builtin(&command) {
         return Ok(Workload::Program(command));
+    }
+    if cfg.world_size() > 1 {
+        return Err(crate::config::ConfigError {
+            file: file.map_or("job config".into(), |f| f.display().to_string()),
+            message: format!(
+                "the built-in trainer runs as one rank, and this job has {} \
+                 (distributed.world_size / slurm.ntasks / slurm.nodes): wrap a multi-rank \
+                 program instead (e.g. `-- python ddp_train.py`)",
+                cfg.world_size()
+            ),
+        }
+        .into());
     }
     builtin_trainer(cfg, file, resume)
 }
@@ -592,7 +634,7 @@ fn failure_of(e: crate::train::trainer::TrainError, cfg: &crate::config::JobConf
 fn train(a: TrainArgs) -> Result<i32> {
     let config = crate::config::JobConfig::load(&a.config)?;
     let run_dir = a.run_dir.clone().unwrap_or_else(|| config.run_dir());
-    let workload = builtin_trainer(&config, Some(&a.config), &a.resume)?;
+    let workload = workload_of(vec!["train".into()], &config, Some(&a.config), &a.resume)?;
     crate::supervision::wrap::run(crate::supervision::wrap::WrapArgs {
         config,
         run_dir,

@@ -41,6 +41,9 @@ pub struct JobConfig {
     pub signals: SignalConfig,
     #[serde(default)]
     pub slurm: SlurmConfig,
+    /// Skipped when default, so the frozen `config.yaml` of a 1-rank run reads as before.
+    #[serde(default, skip_serializing_if = "DistributedConfig::is_default")]
+    pub distributed: DistributedConfig,
 
     // The built-in trainer's keys (validated by the trainer, feature `torch`).
     #[serde(default)]
@@ -199,6 +202,55 @@ impl Default for SignalConfig {
     }
 }
 
+/// How the ranks of a multi-rank job start (`distributed.launcher`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Launcher {
+    /// `srun` inside a Slurm job, `local` outside one (a 1-rank job: the program alone, as ever).
+    #[default]
+    Auto,
+    /// `srun --ntasks=N --kill-on-bad-exit=1 hpc-ckpt rank -- CMD`: one step of N tasks.
+    Srun,
+    /// The supervisor starts the N ranks itself on this machine (tests, one node, no Slurm).
+    Local,
+    /// The command is its own launcher (e.g. `torchrun`) and starts `hpc-ckpt rank -- …` per
+    /// rank; the supervisor starts it once.
+    Command,
+}
+
+impl Launcher {
+    pub fn name(self) -> &'static str {
+        match self {
+            Launcher::Auto => "auto",
+            Launcher::Srun => "srun",
+            Launcher::Local => "local",
+            Launcher::Command => "command",
+        }
+    }
+}
+
+/// The `distributed:` section: how many ranks the job has and how they start.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedConfig {
+    /// Ranks of the job. Default: `slurm.ntasks`, else `slurm.nodes` × `slurm.ntasks_per_node`
+    /// (1 per node), else 1.
+    #[serde(default)]
+    pub world_size: Option<u32>,
+    #[serde(default)]
+    pub launcher: Launcher,
+    /// The program reshards per-rank (sharded) state itself: resuming a sharded checkpoint with
+    /// another world size is allowed (it reads `HPC_CKPT_RESUME_WORLD_SIZE`). Off: refused.
+    #[serde(default)]
+    pub reshard: bool,
+}
+
+impl DistributedConfig {
+    fn is_default(&self) -> bool {
+        *self == DistributedConfig::default()
+    }
+}
+
 /// The `slurm:` section: the allocation `hpc-ckpt sbatch` asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,8 +264,11 @@ pub struct SlurmConfig {
     pub time: Option<String>,
     #[serde(default)]
     pub nodes: Option<u32>,
+    /// Tasks of the job: each is one rank (see `distributed`).
     #[serde(default)]
     pub ntasks: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ntasks_per_node: Option<u32>,
     #[serde(default)]
     pub cpus_per_task: Option<u32>,
     /// Memory per node, e.g. `16G`, `4000M`.
@@ -222,6 +277,9 @@ pub struct SlurmConfig {
     /// GPUs per node, e.g. `1` or `a100:2`.
     #[serde(default)]
     pub gpus: Option<String>,
+    /// GPUs per task (rank), e.g. `1` or `a100:1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_task: Option<String>,
     #[serde(default)]
     pub account: Option<String>,
     #[serde(default)]
@@ -297,7 +355,64 @@ impl JobConfig {
         if self.requeue.max_no_progress == 0 {
             return Err("requeue.max_no_progress: must be at least 1".into());
         }
-        self.slurm.validate()
+        self.slurm.validate()?;
+        self.validate_world_size()
+    }
+
+    /// The ranks Slurm's options imply (`ntasks`, else `nodes` × `ntasks_per_node`), if any.
+    fn slurm_tasks(&self) -> Option<u32> {
+        let s = &self.slurm;
+        s.ntasks.or_else(|| {
+            let per_node = s.ntasks_per_node?;
+            Some(s.nodes.unwrap_or(1).saturating_mul(per_node))
+        })
+    }
+
+    fn validate_world_size(&self) -> Result<(), String> {
+        let d = &self.distributed;
+        if d.world_size == Some(0) {
+            return Err("distributed.world_size: must be at least 1".into());
+        }
+        if let (Some(w), Some(t)) = (d.world_size, self.slurm_tasks()) {
+            if w != t {
+                return Err(format!(
+                    "distributed.world_size: {w} ranks, but the slurm section asks for {t} tasks \
+                     (one rank per task): make them agree, or leave world_size out"
+                ));
+            }
+        }
+        if let (Some(n), Some(per)) = (self.slurm.ntasks, self.slurm.ntasks_per_node) {
+            if n > per.saturating_mul(self.slurm.nodes.unwrap_or(u32::MAX)) {
+                return Err(format!(
+                    "slurm.ntasks: {n} tasks do not fit on {} node(s) × {per} tasks per node",
+                    self.slurm.nodes.unwrap_or(1)
+                ));
+            }
+        }
+        if self.world_size() == 1 && d.launcher == Launcher::Command {
+            return Err(
+                "distributed.launcher: `command` starts ranks through the program's own \
+                 launcher; set distributed.world_size to the number of ranks it starts"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Set the world size (`wrap --ranks N`), checked like the file's own.
+    pub fn set_world_size(&mut self, n: u32) -> Result<(), String> {
+        self.distributed.world_size = Some(n);
+        self.validate_world_size()
+            .map_err(|e| format!("--ranks {n}: {e}"))
+    }
+
+    /// The job's ranks: `distributed.world_size`, else what the slurm section implies, else 1.
+    pub fn world_size(&self) -> u32 {
+        self.distributed
+            .world_size
+            .or_else(|| self.slurm_tasks())
+            .or(self.slurm.nodes)
+            .unwrap_or(1)
     }
 
     /// The run directory (config's, else `runs/<name>`).
@@ -369,6 +484,9 @@ impl SlurmConfig {
         if let Some(v) = &self.gpus {
             check_sbatch_value("slurm.gpus", v, ":")?;
         }
+        if let Some(v) = &self.gpus_per_task {
+            check_sbatch_value("slurm.gpus_per_task", v, ":")?;
+        }
         if let Some(v) = &self.account {
             check_sbatch_value("slurm.account", v, "")?;
         }
@@ -381,6 +499,7 @@ impl SlurmConfig {
         for (n, k) in [
             ("slurm.nodes", self.nodes),
             ("slurm.ntasks", self.ntasks),
+            ("slurm.ntasks_per_node", self.ntasks_per_node),
             ("slurm.cpus_per_task", self.cpus_per_task),
         ] {
             if k == Some(0) {
@@ -442,5 +561,45 @@ mod tests {
         assert!(e.contains("slurm.extra[0]"), "{e}");
         let e = JobConfig::parse("name: x\nslurm:\n  time: 'soon'\n").unwrap_err();
         assert!(e.contains("slurm.time"), "{e}");
+    }
+
+    #[test]
+    fn world_size_comes_from_distributed_or_slurm_and_they_must_agree() {
+        let ws = |y: &str| {
+            JobConfig::parse(&format!("name: x\n{y}"))
+                .unwrap()
+                .world_size()
+        };
+        assert_eq!(ws(""), 1);
+        assert_eq!(ws("distributed:\n  world_size: 3\n"), 3);
+        assert_eq!(ws("slurm:\n  ntasks: 4\n"), 4);
+        assert_eq!(
+            ws("slurm:\n  nodes: 2\n"),
+            2,
+            "one task per node, as Slurm does"
+        );
+        assert_eq!(ws("slurm:\n  nodes: 2\n  ntasks_per_node: 3\n"), 6);
+        assert_eq!(
+            ws("slurm:\n  ntasks: 2\ndistributed:\n  world_size: 2\n  launcher: local\n"),
+            2
+        );
+        let e = JobConfig::parse("name: x\nslurm:\n  ntasks: 2\ndistributed:\n  world_size: 3\n")
+            .unwrap_err();
+        assert!(
+            e.contains("distributed.world_size") && e.contains("2 tasks"),
+            "{e}"
+        );
+        let e = JobConfig::parse("name: x\ndistributed:\n  world_size: 0\n").unwrap_err();
+        assert!(e.contains("distributed.world_size"), "{e}");
+        let e = JobConfig::parse("name: x\ndistributed:\n  launcher: mpi\n").unwrap_err();
+        assert!(e.contains("distributed.launcher"), "{e}");
+        let e = JobConfig::parse("name: x\nslurm:\n  ntasks_per_node: 0\n").unwrap_err();
+        assert!(e.contains("slurm.ntasks_per_node"), "{e}");
+        let e =
+            JobConfig::parse("name: x\nslurm:\n  nodes: 1\n  ntasks: 3\n  ntasks_per_node: 2\n")
+                .unwrap_err();
+        assert!(e.contains("slurm.ntasks"), "{e}");
+        let e = JobConfig::parse("name: x\nslurm:\n  gpus_per_task: 'a b'\n").unwrap_err();
+        assert!(e.contains("slurm.gpus_per_task"), "{e}");
     }
 }

@@ -22,6 +22,7 @@ use crate::storage::run_dir::{Resolution, RunDir};
 use crate::storage::verify;
 use crate::supervision::events::Stamped;
 use crate::supervision::history::{self, Allocation};
+use crate::supervision::{protocol, ranks};
 
 pub const SCHEMA: &str = "hpc-ckpt-status/1";
 const JOURNAL_TAIL: usize = 10;
@@ -97,6 +98,26 @@ pub struct AllocationStatus {
     pub steps_redone: u64,
     /// Commit requests it refused (e.g. a step older than the newest checkpoint).
     pub refused_requests: Vec<String>,
+    /// Ranks of its program (null: one).
+    pub world_size: Option<u32>,
+    /// Multi-rank commits that did not happen because some ranks never asked: which.
+    pub incomplete_commits: Vec<IncompleteStatus>,
+    /// Ranks that failed (named when the supervisor started the ranks itself).
+    pub failed_ranks: Vec<RankFailure>,
+}
+
+/// A multi-rank commit some ranks asked for and others never did (nothing was committed).
+#[derive(Debug, Serialize)]
+pub struct IncompleteStatus {
+    pub step: Option<u64>,
+    pub missing_ranks: Vec<u32>,
+    pub requested_ranks: Vec<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RankFailure {
+    pub rank: u32,
+    pub how: String,
 }
 
 impl AllocationStatus {
@@ -121,6 +142,24 @@ impl AllocationStatus {
             signal_to_checkpoint_seconds: a.signal_to_checkpoint_seconds,
             steps_redone: a.steps_redone,
             refused_requests: a.refused_requests.clone(),
+            world_size: a.world_size,
+            incomplete_commits: a
+                .incomplete
+                .iter()
+                .map(|i| IncompleteStatus {
+                    step: i.step,
+                    missing_ranks: i.missing.clone(),
+                    requested_ranks: i.requested.clone(),
+                })
+                .collect(),
+            failed_ranks: a
+                .failed_ranks
+                .iter()
+                .map(|(rank, how)| RankFailure {
+                    rank: *rank,
+                    how: how.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -194,6 +233,10 @@ pub struct CheckpointStatus {
     /// `true`/`false` when verified in this call, `null` when only the manifest was read.
     pub verified: Option<bool>,
     pub faults: Vec<String>,
+    /// Ranks that wrote it (null: one).
+    pub world_size: Option<u32>,
+    /// A multi-rank checkpoint's bytes by rank (index = rank); empty for one rank.
+    pub rank_bytes: Vec<u64>,
 }
 
 /// The best checkpoint by the monitored metric.
@@ -436,9 +479,28 @@ fn checkpoint_rows(
                 roles: roles.get(&l.name).cloned().unwrap_or_default(),
                 verified,
                 faults,
+                world_size: m.map(|m| protocol::world_of(m).0).filter(|w| *w > 1),
+                rank_bytes: m.map(rank_bytes).unwrap_or_default(),
             }
         })
         .collect()
+}
+
+/// A multi-rank checkpoint's bytes by rank, from its `rank<NNNNN>.` file names.
+fn rank_bytes(m: &Manifest) -> Vec<u64> {
+    let (world, _) = protocol::world_of(m);
+    if world <= 1 {
+        return Vec::new();
+    }
+    let mut by_rank = vec![0u64; world as usize];
+    for f in &m.files {
+        if let Some((r, _)) = ranks::parse_rank_file(&f.name) {
+            if let Some(b) = by_rank.get_mut(r as usize) {
+                *b += f.size;
+            }
+        }
+    }
+    by_rank
 }
 
 /// The best checkpoint by `keep_best`'s metric, among those that record it.
@@ -742,6 +804,15 @@ fn render_checkpoints(o: &mut String, r: &StatusReport) {
             dash(metrics),
             dash(roles),
         );
+        if let Some(w) = c.world_size {
+            let per: Vec<String> = c
+                .rank_bytes
+                .iter()
+                .enumerate()
+                .map(|(r, b)| format!("rank {r} {}", human_bytes(*b)))
+                .collect();
+            let _ = writeln!(o, "    {w} ranks: {}", per.join(", "));
+        }
     }
 }
 
@@ -773,6 +844,19 @@ fn render_allocations(o: &mut String, r: &StatusReport) {
             a.decision.as_deref().unwrap_or("-"),
             a.reason.as_deref().unwrap_or("")
         );
+        let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        for f in &a.failed_ranks {
+            let _ = writeln!(o, "      rank {} failed: {}", f.rank, f.how);
+        }
+        for i in &a.incomplete_commits {
+            let _ = writeln!(
+                o,
+                "      NOT committed{}: rank(s) {} never asked (rank(s) {} did)",
+                i.step.map(|s| format!(" (step {s})")).unwrap_or_default(),
+                list(&i.missing_ranks),
+                list(&i.requested_ranks)
+            );
+        }
     }
 }
 

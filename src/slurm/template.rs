@@ -220,15 +220,17 @@ fn absolute(workdir: &Path, p: &Path) -> PathBuf {
 }
 
 /// Options that the rendered script sets itself; `slurm.extra` may not set them again.
-const RESERVED: [&str; 15] = [
+const RESERVED: [&str; 17] = [
     "job-name",
     "partition",
     "time",
     "nodes",
     "ntasks",
+    "ntasks-per-node",
     "cpus-per-task",
     "mem",
     "gpus",
+    "gpus-per-task",
     "account",
     "qos",
     "output",
@@ -260,9 +262,15 @@ fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, RenderErro
             opt(name, sbatch_word(key, v)?.into());
         }
     }
+    // A world size given only as `distributed.world_size` still asks Slurm for one task a rank.
+    let ntasks = s.ntasks.or_else(|| {
+        let w = cfg.distributed.world_size.filter(|w| *w > 1)?;
+        s.ntasks_per_node.is_none().then_some(w)
+    });
     for (name, v) in [
         ("nodes", s.nodes),
-        ("ntasks", s.ntasks),
+        ("ntasks", ntasks),
+        ("ntasks-per-node", s.ntasks_per_node),
         ("cpus-per-task", s.cpus_per_task),
     ] {
         if let Some(v) = v {
@@ -272,6 +280,7 @@ fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, RenderErro
     let words = [
         ("mem", "slurm.mem", &s.mem),
         ("gpus", "slurm.gpus", &s.gpus),
+        ("gpus-per-task", "slurm.gpus_per_task", &s.gpus_per_task),
         ("account", "slurm.account", &s.account),
         ("qos", "slurm.qos", &s.qos),
     ];
@@ -567,8 +576,8 @@ mod tests {
     #[test]
     fn every_sbatch_option_appears_once() {
         let c = cfg("name: full\nrun_dir: ./out/./full\nslurm:\n  job_name: jn\n  partition: low\n  \
-                     time: '1-00:00:00'\n  nodes: 2\n  ntasks: 4\n  cpus_per_task: 8\n  mem: 16G\n  \
-                     gpus: 'a100:2'\n  account: acc\n  qos: normal\n  extra: ['--exclusive', \
+                     time: '1-00:00:00'\n  nodes: 2\n  ntasks: 4\n  ntasks_per_node: 2\n  cpus_per_task: 8\n  \
+                     mem: 16G\n  gpus: 'a100:2'\n  gpus_per_task: '1'\n  account: acc\n  qos: normal\n  extra: ['--exclusive', \
                      '--constraint=a100']\n");
         let out = render_at(&c, "/work/");
         let lines = sbatch_lines(&out);
@@ -580,9 +589,11 @@ mod tests {
                 "#SBATCH --time=1-00:00:00",
                 "#SBATCH --nodes=2",
                 "#SBATCH --ntasks=4",
+                "#SBATCH --ntasks-per-node=2",
                 "#SBATCH --cpus-per-task=8",
                 "#SBATCH --mem=16G",
                 "#SBATCH --gpus=a100:2",
+                "#SBATCH --gpus-per-task=1",
                 "#SBATCH --account=acc",
                 "#SBATCH --qos=normal",
                 "#SBATCH --output=/work/out/full/slurm-%j.out",
@@ -616,6 +627,20 @@ mod tests {
         );
         // Deterministic.
         assert_eq!(out, render_at(&cfg("name: mini\n"), "/w"));
+    }
+
+    #[test]
+    fn a_world_size_alone_asks_for_one_task_a_rank() {
+        let out = render_at(&cfg("name: x\ndistributed:\n  world_size: 2\n"), "/w");
+        assert!(out.contains("\n#SBATCH --ntasks=2\n"), "{out}");
+        let out = render_at(
+            &cfg("name: x\nslurm:\n  nodes: 2\n  ntasks_per_node: 2\ndistributed:\n  world_size: 4\n"),
+            "/w",
+        );
+        assert!(
+            !out.contains("#SBATCH --ntasks=") && out.contains("#SBATCH --ntasks-per-node=2"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! into the run dir beside the next allocation's. The death signal reaches the direct child only;
 //! what it started itself (a shell's children, data-loader workers) must watch its own parent —
 //! inside Slurm, the job's cgroup ends them with the step.
+//!
+//! A [`Team`] is every group of one program: the only one (a 1-rank program, `srun`, a
+//! launcher), or one per rank when the supervisor starts the ranks itself. Signals go to every
+//! group; the team has ended when every member has.
 
 use std::process::{Child, Command, ExitStatus};
 use std::time::Instant;
@@ -99,6 +103,94 @@ impl ChildGroup {
     /// Non-blocking: the exit, if the child has ended.
     pub fn poll(&mut self) -> std::io::Result<Option<Exit>> {
         Ok(self.child.try_wait()?.map(Exit::from_status))
+    }
+}
+
+/// The process groups of one program, by rank (one member unless ranks are started locally).
+pub struct Team {
+    members: Vec<ChildGroup>,
+    /// How each member ended, once it has.
+    exits: Vec<Option<Exit>>,
+    /// Members in the order they ended.
+    order: Vec<usize>,
+    pub started: Instant,
+}
+
+impl Team {
+    pub fn new(members: Vec<ChildGroup>) -> Team {
+        Team {
+            exits: vec![None; members.len()],
+            order: Vec::new(),
+            members,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(ChildGroup::pid).collect()
+    }
+
+    /// Send `sig` to every member's group that is still running.
+    pub fn signal(&self, sig: Signal) {
+        for (m, e) in self.members.iter().zip(&self.exits) {
+            if e.is_none() {
+                m.signal(sig);
+            }
+        }
+    }
+
+    /// Non-blocking: reap the members that ended; returns them (index, exit).
+    pub fn poll(&mut self) -> std::io::Result<Vec<(u32, Exit)>> {
+        let mut ended = Vec::new();
+        for (i, m) in self.members.iter_mut().enumerate() {
+            if self.exits[i].is_none() {
+                if let Some(e) = m.poll()? {
+                    self.exits[i] = Some(e);
+                    self.order.push(i);
+                    ended.push((i as u32, e));
+                }
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Whether member `i` has ended.
+    pub fn ended(&self, i: u32) -> bool {
+        self.exits.get(i as usize).is_some_and(Option::is_some)
+    }
+
+    /// Whether every member has ended.
+    pub fn done(&self) -> bool {
+        self.exits.iter().all(Option::is_some)
+    }
+
+    /// Whether some member is still running.
+    pub fn running(&self) -> bool {
+        !self.done()
+    }
+
+    /// The program's exit: the first member to fail, else success.
+    pub fn exit(&self) -> Exit {
+        self.order
+            .iter()
+            .filter_map(|&i| self.exits[i])
+            .find(|e| !e.success())
+            .unwrap_or(Exit::Code(0))
+    }
+
+    /// How the program ended, in words (per rank when there are several, first to end first).
+    pub fn describe(&self) -> String {
+        if self.members.len() == 1 {
+            return self.exits[0].map_or("still running".into(), Exit::describe);
+        }
+        if self.exits.iter().all(|e| e.is_some_and(Exit::success)) {
+            return "every rank: exit code 0".into();
+        }
+        self.order
+            .iter()
+            .filter_map(|&i| self.exits[i].map(|e| format!("rank {i}: {}", e.describe())))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 

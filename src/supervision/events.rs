@@ -37,6 +37,26 @@ pub enum SupervisorEvent {
         resume_from: Option<String>,
         #[serde(default)]
         resume_step: Option<u64>,
+        /// Ranks of a multi-rank job (absent: 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        world_size: Option<u32>,
+        /// How the ranks were started: `srun`, `local`, `command` (absent: a 1-rank program).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        launcher: Option<String>,
+        /// Every process the supervisor started, by rank (`local`), else the launcher's.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pids: Vec<u32>,
+    },
+    /// A rank of a locally started multi-rank job failed; its peers were then killed (a peer
+    /// left alone would wait in a collective forever).
+    RankFailed { rank: u32, how: String },
+    /// Some ranks asked for a commit and others never did: nothing was committed.
+    RanksIncomplete {
+        #[serde(default)]
+        step: Option<u64>,
+        missing: Vec<u32>,
+        requested: Vec<u32>,
+        reason: String,
     },
     /// A stop signal arrived (`repeat`: not the first of this allocation).
     SignalReceived {

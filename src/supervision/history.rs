@@ -37,6 +37,20 @@ pub struct Allocation {
     pub kept: Vec<Kept>,
     /// Commit requests it refused.
     pub refused_requests: Vec<String>,
+    /// Ranks of its program (None: a 1-rank program or the built-in trainer).
+    pub world_size: Option<u32>,
+    /// Multi-rank commits that never happened because some ranks never asked.
+    pub incomplete: Vec<Incomplete>,
+    /// Ranks that failed (a locally started job names them; under srun, srun's log does).
+    pub failed_ranks: Vec<(u32, String)>,
+}
+
+/// A multi-rank commit some ranks asked for and others never did: nothing was committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incomplete {
+    pub step: Option<u64>,
+    pub missing: Vec<u32>,
+    pub requested: Vec<u32>,
 }
 
 /// Staged files kept aside (never deleted) because they could not be committed.
@@ -129,8 +143,25 @@ fn apply(
         Event::Supervisor(SupervisorEvent::ChildStarted {
             in_process: false,
             resume_step,
+            world_size,
             ..
-        }) => resumed(a, *resume_step),
+        }) => {
+            a.world_size = *world_size;
+            resumed(a, *resume_step)
+        }
+        Event::Supervisor(SupervisorEvent::RanksIncomplete {
+            step,
+            missing,
+            requested,
+            ..
+        }) => a.incomplete.push(Incomplete {
+            step: *step,
+            missing: missing.clone(),
+            requested: requested.clone(),
+        }),
+        Event::Supervisor(SupervisorEvent::RankFailed { rank, how }) => {
+            a.failed_ranks.push((*rank, how.clone()))
+        }
         // The built-in trainer picks its checkpoint itself: the one it loaded.
         Event::Store(StoreEvent::CheckpointLoaded { step, .. }) if a.new_checkpoints == 0 => {
             resumed(a, Some(*step))
@@ -275,5 +306,37 @@ mod tests {
         let a = &chain.allocations[0];
         assert_eq!(a.refused_requests, vec!["older".to_string()]);
         assert_eq!(a.kept[0].files, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn rank_facts_belong_to_their_allocation() {
+        let chain = fold(&[
+            start(),
+            ev(
+                json!({"event": "child_started", "pid": 1, "world_size": 2, "launcher": "local",
+                      "pids": [1, 2]}),
+            ),
+            ev(json!({"event": "rank_failed", "rank": 1, "how": "killed by signal SIGKILL"})),
+            ev(
+                json!({"event": "ranks_incomplete", "step": 40, "missing": [1], "requested": [0],
+                      "reason": "r"}),
+            ),
+            end("requeue"),
+        ]);
+        let a = &chain.allocations[0];
+        assert_eq!(a.world_size, Some(2));
+        assert_eq!(
+            a.failed_ranks,
+            vec![(1, "killed by signal SIGKILL".to_string())]
+        );
+        assert_eq!(
+            a.incomplete,
+            vec![Incomplete {
+                step: Some(40),
+                missing: vec![1],
+                requested: vec![0]
+            }]
+        );
+        assert_eq!(chain.history().no_progress_streak, 1);
     }
 }

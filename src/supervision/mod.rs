@@ -4,7 +4,10 @@
 //! - [`child`]: the supervised program in its own process group, dying with its supervisor.
 //! - [`workload`]: what runs (built-in trainer in-process, or a program) and how it can fail.
 //! - [`stop`]: the stop sequence (forward, grace, TERM, KILL) as a state machine.
-//! - [`protocol`]: the child protocol: staging, commit requests, answers, kept files.
+//! - [`protocol`]: the child protocol: staging, commit requests, answers, kept files — per rank,
+//!   with one coordinated commit of every rank's files.
+//! - [`ranks`]: the ranks of a multi-rank job: how they start (`srun`, locally, the program's
+//!   own launcher), each rank's environment (`hpc-ckpt rank`), per-rank file names.
 //! - [`events`] and [`history`]: the supervisor's journal events and the one fold from the
 //!   journal to allocations (read by the policy and by `status`).
 //! - [`policy`]: whether to requeue, from the allocation's outcome and the run's history.
@@ -15,6 +18,7 @@ pub mod events;
 pub mod history;
 pub mod policy;
 pub mod protocol;
+pub mod ranks;
 pub mod signals;
 pub mod stop;
 pub mod workload;

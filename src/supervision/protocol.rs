@@ -5,6 +5,10 @@
 //! `staging/<token>.request`), so files or requests an earlier program left — an orphan of a
 //! killed supervisor included — can never be committed by a later allocation.
 //!
+//! A multi-rank job has one staging dir and request file per rank (`staging/<token>-rNNNNN/`,
+//! `staging/<token>-rNNNNN.request`, see [`super::ranks`]); its ranks' requests are answered
+//! together, by one commit of every rank's files, once every rank has asked for the same step.
+//!
 //! Guarantees:
 //! - every request is answered (`<request>.result`, then the request is removed: the
 //!   acknowledgement), commit or not;
@@ -13,7 +17,10 @@
 //! - staged files are never thrown away: what cannot be committed (a failed or refused commit,
 //!   files staged with no request, files an earlier allocation left) is moved aside into
 //!   `kept/<time>-<token>/`, named in an ERROR log line and journaled (`staged_kept`), and
-//!   `status` prints the `hpc-ckpt commit` command that would import it.
+//!   `status` prints the `hpc-ckpt commit` command that would import it;
+//! - a multi-rank checkpoint holds the files of every rank or does not exist: ranks asking for
+//!   different steps are refused, and ranks that never ask leave nothing committed (journaled
+//!   as `ranks_incomplete`, naming them).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -26,6 +33,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::events::SupervisorEvent;
+use super::ranks;
 use crate::storage::fsutil::{fsync_dir, read_bounded, replace_file_durable};
 use crate::storage::journal::now_rfc3339;
 use crate::storage::manifest::JobInfo;
@@ -52,6 +60,9 @@ pub struct Request {
     /// The program says this is its final checkpoint: training is complete.
     #[serde(default)]
     pub done: bool,
+    /// This rank's files are a shard of the state (they load only with the same world size).
+    #[serde(default)]
+    pub sharded: bool,
 }
 
 /// How a request was answered.
@@ -71,93 +82,18 @@ pub enum Answer {
     },
 }
 
-/// One allocation's side of the protocol.
+/// One rank's staging dir and request file (the only one of a 1-rank job).
 #[derive(Debug)]
-pub struct ChildProtocol {
-    run_dir: PathBuf,
+struct Slot {
+    rank: u32,
     token: String,
     staging: PathBuf,
     request: PathBuf,
-    /// Requests for steps below this are refused.
-    floor: Option<u64>,
-    allow_backwards: bool,
-    job: Option<JobInfo>,
 }
 
-impl ChildProtocol {
-    /// Set up this allocation's staging dir. Whatever earlier allocations left in `staging/` is
-    /// kept aside first (never committed, never deleted). `resume_step` is the step the program
-    /// resumes from (the floor of what it may commit).
-    pub fn prepare(
-        store: &mut Store,
-        token: &str,
-        resume_step: Option<u64>,
-        allow_backwards: bool,
-        job: Option<JobInfo>,
-    ) -> Result<ChildProtocol> {
-        let run_dir = store.run_dir().root().to_path_buf();
-        let root = run_dir.join(STAGING_DIR);
-        keep_leftovers(store, &root)?;
-        let staging = root.join(token);
-        fs::create_dir_all(&staging).with_context(|| format!("create {}", staging.display()))?;
-        Ok(ChildProtocol {
-            request: root.join(format!("{token}.request")),
-            run_dir,
-            token: token.to_string(),
-            staging,
-            floor: resume_step,
-            allow_backwards,
-            job,
-        })
-    }
-
-    pub fn staging(&self) -> &Path {
-        &self.staging
-    }
-
-    pub fn request_path(&self) -> &Path {
-        &self.request
-    }
-
-    /// The protocol's environment for the program (`HPC_CKPT_RESUME_FROM` is the caller's).
-    pub fn env(&self, signal: &str) -> Vec<(&'static str, OsString)> {
-        vec![
-            ("HPC_CKPT_RUN_DIR", self.run_dir.clone().into()),
-            ("HPC_CKPT_STAGING", self.staging.clone().into()),
-            ("HPC_CKPT_COMMIT_REQUEST", self.request.clone().into()),
-            ("HPC_CKPT_SIGNAL", signal.into()),
-        ]
-    }
-
-    /// Whether a request waits for an answer.
-    pub fn has_request(&self) -> bool {
+impl Slot {
+    fn has_request(&self) -> bool {
         self.request.exists()
-    }
-
-    /// Answer the waiting request: commit the staged files, or refuse, or fail — and in every
-    /// case write the result, empty the staging dir (committed, or kept aside) and remove the
-    /// request. `Err` only when the answer itself cannot be written.
-    pub fn answer(&mut self, store: &mut Store) -> Result<Answer> {
-        let answer = match self.read_request() {
-            Err(error) => {
-                self.keep(
-                    store,
-                    None,
-                    &format!("the commit request was invalid: {error}"),
-                )?;
-                Answer::Failed { error }
-            }
-            Ok(req) => self.commit_or_refuse(store, &req)?,
-        };
-        let result = match &answer {
-            Answer::Committed { name, .. } => json!({"ok": true, "checkpoint": name}),
-            Answer::Refused { reason } => json!({"ok": false, "error": reason}),
-            Answer::Failed { error } => json!({"ok": false, "error": error}),
-        };
-        replace_file_durable(&result_path(&self.request), result.to_string().as_bytes())?;
-        fs::remove_file(&self.request)
-            .with_context(|| format!("remove {}", self.request.display()))?;
-        Ok(answer)
     }
 
     fn read_request(&self) -> std::result::Result<Request, String> {
@@ -166,25 +102,264 @@ impl ChildProtocol {
         serde_json::from_slice(&bytes).map_err(|e| {
             format!(
                 "{}: not a valid commit request ({e}); expected {{\"step\": N, \"epoch\"?: E, \
-                 \"metrics\"?: {{..}}, \"done\"?: bool}}",
+                 \"metrics\"?: {{..}}, \"done\"?: bool, \"sharded\"?: bool}}",
                 self.request.display()
             )
         })
     }
 
-    fn commit_or_refuse(&mut self, store: &mut Store, req: &Request) -> Result<Answer> {
+    fn is_empty(&self) -> bool {
+        fs::read_dir(&self.staging).map_or(true, |mut d| d.next().is_none())
+    }
+
+    /// Write the answer, then remove the request (the acknowledgement).
+    fn reply(&self, result: &serde_json::Value) -> Result<()> {
+        replace_file_durable(&result_path(&self.request), result.to_string().as_bytes())?;
+        fs::remove_file(&self.request).with_context(|| format!("remove {}", self.request.display()))
+    }
+
+    /// Move whatever is staged aside (see [`keep_aside`]) and recreate the staging dir.
+    fn keep(&self, store: &mut Store, step: Option<u64>, reason: &str) -> Result<Option<String>> {
+        let kept = keep_aside(store, &self.staging, &self.token, step, reason)?;
+        if kept.is_some() {
+            fs::create_dir_all(&self.staging)
+                .with_context(|| format!("create {}", self.staging.display()))?;
+        }
+        Ok(kept)
+    }
+
+    fn clear(&self) -> Result<()> {
+        for e in fs::read_dir(&self.staging)?.flatten() {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+        }
+        Ok(())
+    }
+}
+
+/// One allocation's side of the protocol, for every rank of the job.
+///
+/// A multi-rank job commits only when every rank has asked for the same step: the staged files
+/// of all ranks (`rank<NNNNN>.<name>`, see [`ranks::rank_file`]) go into ONE checkpoint with one
+/// manifest (`extra.world_size`), so a checkpoint never holds the files of only some ranks.
+/// Every rank's request is answered with the same outcome.
+#[derive(Debug)]
+pub struct ChildProtocol {
+    run_dir: PathBuf,
+    token: String,
+    slots: Vec<Slot>,
+    /// Requests for steps below this are refused.
+    floor: Option<u64>,
+    allow_backwards: bool,
+    job: Option<JobInfo>,
+}
+
+impl ChildProtocol {
+    /// Set up this allocation's staging dirs, one per rank. Whatever earlier allocations left in
+    /// `staging/` is kept aside first (never committed, never deleted). `resume_step` is the
+    /// step the program resumes from (the floor of what it may commit).
+    pub fn prepare(
+        store: &mut Store,
+        token: &str,
+        world_size: u32,
+        resume_step: Option<u64>,
+        allow_backwards: bool,
+        job: Option<JobInfo>,
+    ) -> Result<ChildProtocol> {
+        let run_dir = store.run_dir().root().to_path_buf();
+        let root = run_dir.join(STAGING_DIR);
+        keep_leftovers(store, &root)?;
+        let mut slots = Vec::new();
+        for rank in 0..world_size.max(1) {
+            let t = ranks::rank_token(token, rank, world_size);
+            let staging = root.join(&t);
+            fs::create_dir_all(&staging)
+                .with_context(|| format!("create {}", staging.display()))?;
+            slots.push(Slot {
+                rank,
+                request: root.join(format!("{t}.request")),
+                token: t,
+                staging,
+            });
+        }
+        Ok(ChildProtocol {
+            run_dir,
+            token: token.to_string(),
+            slots,
+            floor: resume_step,
+            allow_backwards,
+            job,
+        })
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// Rank `rank`'s staging dir.
+    pub fn staging_of(&self, rank: u32) -> &Path {
+        &self.slots[rank as usize].staging
+    }
+
+    /// Rank `rank`'s request file.
+    pub fn request_of(&self, rank: u32) -> &Path {
+        &self.slots[rank as usize].request
+    }
+
+    /// The staging dir of a 1-rank job (rank 0's).
+    pub fn staging(&self) -> &Path {
+        self.staging_of(0)
+    }
+
+    /// The request file of a 1-rank job (rank 0's).
+    pub fn request_path(&self) -> &Path {
+        self.request_of(0)
+    }
+
+    /// The protocol's environment for the program, the same for every rank
+    /// (`HPC_CKPT_RESUME_FROM` is the caller's). A 1-rank job gets its staging and request here;
+    /// a multi-rank one gets the world size and the prefix `hpc-ckpt rank` derives them from.
+    pub fn env(&self, signal: &str) -> Vec<(&'static str, OsString)> {
+        let mut env = vec![
+            ("HPC_CKPT_RUN_DIR", self.run_dir.clone().into()),
+            ("HPC_CKPT_SIGNAL", signal.into()),
+        ];
+        if self.world_size() == 1 {
+            env.push(("HPC_CKPT_STAGING", self.staging().into()));
+            env.push(("HPC_CKPT_COMMIT_REQUEST", self.request_path().into()));
+        } else {
+            let prefix = self.run_dir.join(STAGING_DIR).join(&self.token);
+            env.push((ranks::ENV_WORLD_SIZE, self.world_size().to_string().into()));
+            env.push((ranks::ENV_RANK_PREFIX, prefix.into()));
+        }
+        env
+    }
+
+    /// What rank `rank` gets besides [`Self::env`] when the supervisor starts it itself.
+    pub fn rank_env(&self, rank: u32) -> Vec<(&'static str, OsString)> {
+        let s = &self.slots[rank as usize];
+        vec![
+            (ranks::ENV_RANK, rank.to_string().into()),
+            ("HPC_CKPT_STAGING", s.staging.clone().into()),
+            ("HPC_CKPT_COMMIT_REQUEST", s.request.clone().into()),
+        ]
+    }
+
+    /// Whether a request waits for an answer: every rank has asked (the only rank, for a 1-rank
+    /// job). A multi-rank request set that never completes is settled by [`Self::finish`].
+    pub fn has_request(&self) -> bool {
+        self.slots.iter().all(Slot::has_request)
+    }
+
+    /// Answer the waiting requests of every rank: commit the staged files, or refuse, or fail —
+    /// and in every case write each rank's result, empty its staging dir (committed, or kept
+    /// aside) and remove its request. `Err` only when an answer itself cannot be written.
+    pub fn answer(&mut self, store: &mut Store) -> Result<Answer> {
+        let requests: Vec<_> = self.slots.iter().map(Slot::read_request).collect();
+        let answer = match self.agreed(&requests) {
+            Err(Answer::Failed { error }) => {
+                let kept = self.keep_all(
+                    store,
+                    None,
+                    &format!("the commit request was invalid: {error}"),
+                )?;
+                Answer::Failed {
+                    error: with_kept(&error, kept.as_deref()),
+                }
+            }
+            Err(Answer::Refused { reason }) => {
+                tracing::error!(%reason, "commit requests refused");
+                store.journal().append(&SupervisorEvent::RequestRefused {
+                    step: None,
+                    reason: reason.clone(),
+                })?;
+                let kept = self.keep_all(store, None, &reason)?;
+                Answer::Refused {
+                    reason: with_kept(&reason, kept.as_deref()),
+                }
+            }
+            Err(other) => other,
+            Ok((req, sharded)) => self.commit_or_refuse(store, &req, sharded)?,
+        };
+        let result = match &answer {
+            Answer::Committed { name, .. } => json!({"ok": true, "checkpoint": name}),
+            Answer::Refused { reason } => json!({"ok": false, "error": reason}),
+            Answer::Failed { error } => json!({"ok": false, "error": error}),
+        };
+        for slot in &self.slots {
+            slot.reply(&result)?;
+        }
+        Ok(answer)
+    }
+
+    /// The one request of all ranks (rank 0's epoch, metrics and `done`; sharded when any rank
+    /// says so), or why there is none: an invalid request fails, different steps are refused.
+    fn agreed(
+        &self,
+        requests: &[std::result::Result<Request, String>],
+    ) -> std::result::Result<(Request, bool), Answer> {
+        let errors: Vec<String> = requests
+            .iter()
+            .zip(&self.slots)
+            .filter_map(|(r, s)| r.as_ref().err().map(|e| (s.rank, e)))
+            .map(|(rank, e)| self.of_rank(rank, e))
+            .collect();
+        if !errors.is_empty() {
+            return Err(Answer::Failed {
+                error: errors.join("; "),
+            });
+        }
+        let reqs: Vec<&Request> = requests.iter().flatten().collect();
+        let lead = reqs[0].clone();
+        if reqs.iter().any(|r| r.step != lead.step) {
+            let steps: Vec<String> = reqs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| format!("rank {i}: step {}", r.step))
+                .collect();
+            return Err(Answer::Refused {
+                reason: format!(
+                    "the ranks asked for different steps ({}): a checkpoint holds one step of \
+                     every rank, so nothing was committed. The ranks must agree on the step at \
+                     which they save (e.g. an all_reduce of the stop flag at each step boundary)",
+                    steps.join(", ")
+                ),
+            });
+        }
+        let sharded = reqs.iter().any(|r| r.sharded);
+        Ok((lead, sharded))
+    }
+
+    fn of_rank(&self, rank: u32, msg: &str) -> String {
+        if self.world_size() == 1 {
+            msg.to_string()
+        } else {
+            format!("rank {rank}: {msg}")
+        }
+    }
+
+    fn commit_or_refuse(
+        &mut self,
+        store: &mut Store,
+        req: &Request,
+        sharded: bool,
+    ) -> Result<Answer> {
         if let Some(reason) = self.refusal(req.step) {
             tracing::error!(step = req.step, %reason, "commit request refused");
             store.journal().append(&SupervisorEvent::RequestRefused {
                 step: Some(req.step),
                 reason: reason.clone(),
             })?;
-            let kept = self.keep(store, Some(req.step), &reason)?;
+            let kept = self.keep_all(store, Some(req.step), &reason)?;
             return Ok(Answer::Refused {
                 reason: with_kept(&reason, kept.as_deref()),
             });
         }
-        match self.commit(store, req) {
+        match self.commit(store, req, sharded) {
             Ok(name) => {
                 self.floor = Some(self.floor.map_or(req.step, |f| f.max(req.step)));
                 Ok(Answer::Committed {
@@ -194,7 +369,7 @@ impl ChildProtocol {
             }
             Err(e) => {
                 let error = format!("{e:#}");
-                let kept = self.keep(
+                let kept = self.keep_all(
                     store,
                     Some(req.step),
                     &format!("the commit failed: {error}"),
@@ -221,13 +396,43 @@ impl ChildProtocol {
         ))
     }
 
-    fn commit(&mut self, store: &mut Store, req: &Request) -> Result<String> {
-        let snapshot = Snapshot::from_dir(&self.staging)?;
+    /// The files of every rank as one snapshot (a multi-rank job's under `rank<NNNNN>.` names).
+    fn snapshot(&self) -> Result<Snapshot<'static>> {
+        if self.world_size() == 1 {
+            return Ok(Snapshot::from_dir(self.staging())?);
+        }
+        let mut all = Snapshot::new();
+        for slot in self.slots.iter().filter(|s| !s.is_empty()) {
+            let snap =
+                Snapshot::from_dir(&slot.staging).with_context(|| format!("rank {}", slot.rank))?;
+            for (name, src) in snap.files {
+                all.add(ranks::rank_file(slot.rank, &name), src);
+            }
+        }
+        anyhow::ensure!(
+            !all.files.is_empty(),
+            "no rank staged any file (in {}-r*)",
+            self.run_dir.join(STAGING_DIR).join(&self.token).display()
+        );
+        Ok(all)
+    }
+
+    fn commit(&mut self, store: &mut Store, req: &Request, sharded: bool) -> Result<String> {
+        let snapshot = self.snapshot()?;
+        let mut extra = serde_json::Map::new();
+        if self.world_size() > 1 {
+            extra.insert(EXTRA_WORLD_SIZE.into(), json!(self.world_size()));
+            extra.insert(EXTRA_RANK_FILES.into(), json!("rank{rank:05}.{name}"));
+        }
+        if sharded {
+            extra.insert(EXTRA_SHARDED.into(), json!(true));
+        }
         let meta = CommitMeta {
             step: req.step,
             epoch: req.epoch,
             metrics: req.metrics.clone(),
             job: self.job.clone(),
+            extra,
             ..Default::default()
         };
         let report = store.commit(&snapshot, &meta)?;
@@ -241,47 +446,133 @@ impl ChildProtocol {
         // One write of the whole line (O_APPEND): a kill never leaves half a line behind.
         f.write_all(format!("{line}\n").as_bytes())
             .with_context(|| format!("append to {}", path.display()))?;
-        for e in fs::read_dir(&self.staging)?.flatten() {
-            let p = e.path();
-            let _ = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
+        for slot in &self.slots {
+            slot.clear()?;
         }
         Ok(report.name)
     }
 
-    /// Move whatever is staged aside (see [`keep_aside`]); a no-op when nothing is staged.
-    /// Returns the kept dir, relative to the run dir.
-    fn keep(&self, store: &mut Store, step: Option<u64>, reason: &str) -> Result<Option<String>> {
-        let kept = keep_aside(store, &self.staging, &self.token, step, reason)?;
-        if kept.is_some() {
-            fs::create_dir_all(&self.staging)
-                .with_context(|| format!("create {}", self.staging.display()))?;
+    /// Keep aside what every rank staged; the kept dirs, relative to the run dir, joined.
+    fn keep_all(
+        &self,
+        store: &mut Store,
+        step: Option<u64>,
+        reason: &str,
+    ) -> Result<Option<String>> {
+        let mut kept = Vec::new();
+        for slot in &self.slots {
+            kept.extend(slot.keep(store, step, reason)?);
         }
-        Ok(kept)
+        Ok((!kept.is_empty()).then(|| kept.join(", ")))
     }
 
-    /// The allocation is over: keep aside files staged with no request, remove this
-    /// allocation's staging dir and answer files.
-    pub fn finish(self, store: &mut Store) -> Result<Option<String>> {
-        let kept = keep_aside(
-            store,
-            &self.staging,
-            &self.token,
-            None,
-            &format!(
-                "the program staged files but wrote no commit request ({}): nothing was committed",
-                self.request.display()
-            ),
-        )?;
-        let _ = fs::remove_dir(&self.staging);
-        for p in [result_path(&self.request), tmp_path(&self.request)] {
-            let _ = fs::remove_file(p);
-        }
-        Ok(kept)
+    /// Whether rank `rank` has a request waiting.
+    pub fn has_asked(&self, rank: u32) -> bool {
+        self.slots[rank as usize].has_request()
     }
+
+    /// Settle a multi-rank request set that can no longer complete (the caller knows the ranks
+    /// that did not ask have ended): nothing is committed, the journal names the ranks that
+    /// never asked (`ranks_incomplete`), the askers are answered and their files kept aside.
+    /// Returns the reason when there was such a set.
+    pub fn settle_incomplete(&self, store: &mut Store) -> Result<Option<String>> {
+        let asked: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|s| s.has_request())
+            .map(|s| s.rank)
+            .collect();
+        if asked.is_empty() || asked.len() == self.slots.len() {
+            return Ok(None);
+        }
+        self.incomplete(store, &asked).map(Some)
+    }
+
+    /// The allocation is over (every rank has ended): a request set that never completed is
+    /// settled ([`Self::settle_incomplete`]); files staged with no request are kept aside; the
+    /// staging dirs and answer files are removed.
+    pub fn finish(self, store: &mut Store) -> Result<Option<String>> {
+        self.settle_incomplete(store)?;
+        let mut kept = Vec::new();
+        for slot in &self.slots {
+            kept.extend(keep_aside(
+                store,
+                &slot.staging,
+                &slot.token,
+                None,
+                &format!(
+                    "the program staged files but wrote no commit request ({}): nothing was \
+                     committed",
+                    slot.request.display()
+                ),
+            )?);
+            let _ = fs::remove_dir(&slot.staging);
+            for p in [result_path(&slot.request), tmp_path(&slot.request)] {
+                let _ = fs::remove_file(p);
+            }
+        }
+        Ok((!kept.is_empty()).then(|| kept.join(", ")))
+    }
+
+    /// Some ranks asked for a commit, others never did: nothing is committed.
+    fn incomplete(&self, store: &mut Store, asked: &[u32]) -> Result<String> {
+        let missing: Vec<u32> = self
+            .slots
+            .iter()
+            .map(|s| s.rank)
+            .filter(|r| !asked.contains(r))
+            .collect();
+        let step = self
+            .slots
+            .iter()
+            .filter(|s| s.has_request())
+            .find_map(|s| s.read_request().ok())
+            .map(|r| r.step);
+        let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        let reason = format!(
+            "rank(s) {} asked for a commit{} but rank(s) {} never did before the program ended: \
+             nothing was committed (a checkpoint holds every rank's files); the previous \
+             checkpoint stays the resume point",
+            list(asked),
+            step.map(|s| format!(" of step {s}")).unwrap_or_default(),
+            list(&missing)
+        );
+        tracing::error!(%reason, "incomplete multi-rank checkpoint");
+        store.journal().append(&SupervisorEvent::RanksIncomplete {
+            step,
+            missing: missing.clone(),
+            requested: asked.to_vec(),
+            reason: reason.clone(),
+        })?;
+        for slot in self.slots.iter().filter(|s| s.has_request()) {
+            let kept = slot.keep(store, step, &reason)?;
+            slot.reply(&json!({"ok": false, "error": with_kept(&reason, kept.as_deref())}))?;
+        }
+        Ok(reason)
+    }
+}
+
+/// Manifest `extra` key: the number of ranks that wrote a multi-rank checkpoint (absent: 1).
+pub const EXTRA_WORLD_SIZE: &str = "world_size";
+/// Manifest `extra` key: how per-rank files are named.
+pub const EXTRA_RANK_FILES: &str = "rank_files";
+/// Manifest `extra` key: a rank said its files are a shard (they load only with the same
+/// world size, unless the program reshards).
+pub const EXTRA_SHARDED: &str = "sharded";
+
+/// The world size and sharding a manifest records.
+pub fn world_of(manifest: &crate::storage::Manifest) -> (u32, bool) {
+    let world = manifest
+        .extra
+        .get(EXTRA_WORLD_SIZE)
+        .and_then(|v| v.as_u64())
+        .map_or(1, |w| w as u32);
+    let sharded = manifest
+        .extra
+        .get(EXTRA_SHARDED)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    (world, sharded)
 }
 
 /// Keep aside whatever earlier allocations left under `staging/` (their staged files; an
@@ -425,7 +716,7 @@ mod tests {
     fn a_request_older_than_the_resume_point_is_refused_and_its_files_kept() {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
-        let mut p = ChildProtocol::prepare(&mut s, "a1", Some(200), false, None).unwrap();
+        let mut p = ChildProtocol::prepare(&mut s, "a1", 1, Some(200), false, None).unwrap();
         stage_and_request(&p, 50);
         let a = p.answer(&mut s).unwrap();
         let Answer::Refused { reason } = a else {
@@ -456,7 +747,7 @@ mod tests {
     fn going_back_is_allowed_only_when_configured() {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
-        let mut p = ChildProtocol::prepare(&mut s, "a1", Some(200), true, None).unwrap();
+        let mut p = ChildProtocol::prepare(&mut s, "a1", 1, Some(200), true, None).unwrap();
         stage_and_request(&p, 50);
         assert!(matches!(
             p.answer(&mut s).unwrap(),
@@ -468,7 +759,7 @@ mod tests {
     fn files_staged_without_a_request_are_kept_not_deleted() {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
-        let p = ChildProtocol::prepare(&mut s, "a1", None, false, None).unwrap();
+        let p = ChildProtocol::prepare(&mut s, "a1", 1, None, false, None).unwrap();
         fs::write(p.staging().join("model.safetensors"), b"weights").unwrap();
         let kept = p.finish(&mut s).unwrap().expect("kept");
         assert_eq!(
@@ -487,10 +778,10 @@ mod tests {
     fn a_later_allocation_keeps_what_an_earlier_one_left_and_never_commits_it() {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
-        let p = ChildProtocol::prepare(&mut s, "a1", None, false, None).unwrap();
+        let p = ChildProtocol::prepare(&mut s, "a1", 1, None, false, None).unwrap();
         stage_and_request(&p, 7);
         drop(p); // the supervisor died before answering
-        let p2 = ChildProtocol::prepare(&mut s, "a2", None, false, None).unwrap();
+        let p2 = ChildProtocol::prepare(&mut s, "a2", 1, None, false, None).unwrap();
         assert!(!p2.has_request());
         assert!(s.run_dir().list().is_empty(), "never committed");
         let ev = kept_events(d.path());
@@ -512,7 +803,7 @@ mod tests {
     fn a_failed_commit_keeps_the_files_and_says_where() {
         let d = tempfile::tempdir().unwrap();
         let mut s = store(d.path());
-        let mut p = ChildProtocol::prepare(&mut s, "a1", None, false, None).unwrap();
+        let mut p = ChildProtocol::prepare(&mut s, "a1", 1, None, false, None).unwrap();
         fs::write(p.staging().join("MANIFEST.json"), b"{}").unwrap();
         fs::write(p.request_path(), "{\"step\": 3}").unwrap();
         let Answer::Failed { error } = p.answer(&mut s).unwrap() else {
@@ -525,5 +816,106 @@ mod tests {
         assert_eq!(kept_events(d.path()).len(), 1);
         fs::write(p.request_path(), "{\"stp\": 3}").unwrap();
         assert!(matches!(p.answer(&mut s).unwrap(), Answer::Failed { .. }));
+    }
+
+    fn stage_rank(p: &ChildProtocol, rank: u32, step: u64, files: &[&str]) {
+        for f in files {
+            fs::write(p.staging_of(rank).join(f), format!("{rank}:{f}:{step}")).unwrap();
+        }
+        fs::write(p.request_of(rank), format!("{{\"step\": {step}}}")).unwrap();
+    }
+
+    #[test]
+    fn ranks_commit_together_into_one_checkpoint_once_all_have_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = store(d.path());
+        let mut p = ChildProtocol::prepare(&mut s, "a1", 2, None, false, None).unwrap();
+        assert!(p.staging_of(1).ends_with("staging/a1-r00001"));
+        stage_rank(&p, 0, 10, &["model.bin", "rng.bin"]);
+        assert!(!p.has_request(), "rank 1 has not asked yet");
+        stage_rank(&p, 1, 10, &["rng.bin"]);
+        assert!(p.has_request());
+        let Answer::Committed { name, .. } = p.answer(&mut s).unwrap() else {
+            panic!()
+        };
+        let m =
+            crate::storage::verify::verify_checkpoint(&s.run_dir().checkpoints_dir().join(&name))
+                .unwrap();
+        let names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "rank00000.model.bin",
+                "rank00000.rng.bin",
+                "rank00001.rng.bin"
+            ]
+        );
+        assert_eq!(world_of(&m), (2, false));
+        for r in 0..2 {
+            assert!(!p.request_of(r).exists(), "answered");
+            let res = fs::read_to_string(result_path(p.request_of(r))).unwrap();
+            assert!(res.contains("\"ok\":true"), "{res}");
+            assert!(
+                p.staging_of(r).read_dir().unwrap().next().is_none(),
+                "emptied"
+            );
+        }
+        // A rank may stage nothing (replicated state from rank 0 alone), and say sharded.
+        stage_rank(&p, 0, 20, &["model.bin"]);
+        fs::write(p.request_of(1), "{\"step\": 20, \"sharded\": true}").unwrap();
+        assert!(matches!(
+            p.answer(&mut s).unwrap(),
+            Answer::Committed { .. }
+        ));
+        let (l, m) = s.resume_point().unwrap().unwrap();
+        assert_eq!((l.step, world_of(&m)), (20, (2, true)));
+    }
+
+    #[test]
+    fn ranks_asking_for_different_steps_are_refused_and_their_files_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = store(d.path());
+        let mut p = ChildProtocol::prepare(&mut s, "a1", 2, None, false, None).unwrap();
+        stage_rank(&p, 0, 10, &["w.bin"]);
+        stage_rank(&p, 1, 12, &["w.bin"]);
+        let Answer::Refused { reason } = p.answer(&mut s).unwrap() else {
+            panic!()
+        };
+        assert!(
+            reason.contains("rank 0: step 10, rank 1: step 12") && reason.contains("kept in"),
+            "{reason}"
+        );
+        assert!(s.run_dir().list().is_empty());
+        assert_eq!(kept_events(d.path()).len(), 2, "each rank's files kept");
+        let res = fs::read_to_string(result_path(p.request_of(1))).unwrap();
+        assert!(res.contains("different steps"), "{res}");
+    }
+
+    #[test]
+    fn a_rank_that_never_asks_leaves_nothing_committed_and_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = store(d.path());
+        let p = ChildProtocol::prepare(&mut s, "a1", 3, None, false, None).unwrap();
+        stage_rank(&p, 0, 10, &["w.bin"]);
+        stage_rank(&p, 2, 10, &["w.bin"]);
+        fs::write(p.staging_of(1).join("w.bin"), b"half").unwrap(); // staged, never asked
+        let req0 = p.request_of(0).to_path_buf();
+        p.finish(&mut s).unwrap();
+        assert!(s.run_dir().list().is_empty(), "nothing committed");
+        let j = crate::storage::journal::read_all(d.path()).0;
+        let inc: Vec<_> = j
+            .iter()
+            .filter(|e| e["event"] == "ranks_incomplete")
+            .collect();
+        assert_eq!(inc.len(), 1, "{j:?}");
+        assert_eq!(inc[0]["missing"], json!([1]));
+        assert_eq!(inc[0]["requested"], json!([0, 2]));
+        assert_eq!(inc[0]["step"], 10);
+        assert_eq!(
+            kept_events(d.path()).len(),
+            3,
+            "every rank's staged files kept"
+        );
+        assert!(!req0.exists(), "answered");
     }
 }

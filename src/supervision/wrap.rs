@@ -14,11 +14,12 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::Receiver;
 use nix::sys::signal::Signal;
 
-use super::child::ChildGroup;
+use super::child::{ChildGroup, Team};
 use super::events::{self, Event, SupervisorEvent};
 use super::history::{self, Chain};
 use super::policy::{self, Decision, Ending, History};
-use super::protocol::{Answer, ChildProtocol};
+use super::protocol::{self, Answer, ChildProtocol};
+use super::ranks::{self, Launch};
 use super::signals::{self, Sig};
 use super::stop::{Action, Cause, Input, StopSequence, StopTiming};
 use super::workload::{Failure, FailureKind, InProcess, InProcessEnd, Workload};
@@ -32,6 +33,17 @@ use crate::storage::Store;
 
 /// The run's frozen copy of the job config.
 pub const CONFIG_FILE: &str = "config.yaml";
+/// Protocol variables a child must never inherit from the supervisor's own environment.
+const INHERITED_PROTOCOL_ENV: [&str; 8] = [
+    "HPC_CKPT_RESUME_FROM",
+    "HPC_CKPT_STAGING",
+    "HPC_CKPT_COMMIT_REQUEST",
+    ranks::ENV_RANK,
+    ranks::ENV_WORLD_SIZE,
+    ranks::ENV_RANK_PREFIX,
+    ranks::ENV_RESUME_WORLD_SIZE,
+    "HPC_CKPT_RUN_DIR",
+];
 /// Seconds between TERM and KILL when the grace period is over.
 const KILL_AFTER: Duration = Duration::from_secs(10);
 /// Bare TERM (preemption, time limit, scancel) leaves only Slurm's KillWait: cap the grace.
@@ -70,6 +82,8 @@ struct SaveOutcome {
     done: bool,
     /// The first failed commit's error.
     failed: Option<String>,
+    /// A multi-rank commit some ranks never asked for: the last state is not committed.
+    incomplete: Option<String>,
 }
 
 /// How the work of this allocation went, whoever did it.
@@ -181,6 +195,9 @@ impl<'a> Allocation<'a> {
                 in_process: true,
                 resume_from: None,
                 resume_step: None,
+                world_size: None,
+                launcher: None,
+                pids: Vec::new(),
             })?;
         let first: Cell<Option<(Sig, Instant)>> = Cell::new(None);
         let stop = || {
@@ -227,20 +244,35 @@ impl<'a> Allocation<'a> {
     }
 
     /// A program as a child: the child protocol, the stop sequence, commits of what it stages.
+    /// A multi-rank program is the same, with every rank's files committed together.
     fn run_program(&mut self, command: &[String]) -> Result<Ran> {
-        let (mut proto, mut child) = self.start_program(command)?;
+        let (mut proto, mut team, launch) = match self.start_program(command)? {
+            Ok(started) => started,
+            Err(failure) => {
+                tracing::error!(error = %failure, "the program was not started");
+                return Ok(Ran {
+                    stop: None,
+                    failure: Some(failure),
+                    completed: false,
+                });
+            }
+        };
         let mut seq = StopSequence::new(self.timing());
         let mut save = SaveOutcome::default();
-        let exit = self.supervise(&mut proto, &mut child, &mut seq, &mut save)?;
-        let secs = child.started.elapsed().as_secs_f64();
+        self.supervise(&mut proto, &mut team, launch, &mut seq, &mut save)?;
+        let secs = team.started.elapsed().as_secs_f64();
+        let how = team.describe();
         self.store.journal().append(&SupervisorEvent::ChildExited {
-            how: exit.describe(),
+            how: how.clone(),
             seconds: secs,
         })?;
-        tracing::info!(how = %exit.describe(), seconds = format!("{secs:.1}"), "program exited");
+        tracing::info!(%how, seconds = format!("{secs:.1}"), "program exited");
         // The final checkpoint, staged as the program stopped.
         if proto.has_request() {
             self.answer(&mut proto, &mut save)?;
+        }
+        if let Some(reason) = proto.settle_incomplete(&mut self.store)? {
+            save.incomplete.get_or_insert(reason);
         }
         proto.finish(&mut self.store)?;
         let stopping = seq.stopping().copied();
@@ -252,11 +284,17 @@ impl<'a> Allocation<'a> {
                     seconds_since_signal: s.at.elapsed().as_secs_f64(),
                 })?;
         }
+        let exit = team.exit();
         let failure = match save.failed {
             Some(e) if self.cfg.checkpoint.on_save_error == OnSaveError::Stop => {
                 Some(Failure::new(FailureKind::SaveFailed, e))
             }
-            _ => (!exit.success()).then(|| Failure::new(FailureKind::Crash, exit.describe())),
+            _ if !exit.success() => Some(Failure::new(FailureKind::Crash, how)),
+            // Every rank exited 0, but not every rank's last state was committed: not complete.
+            _ => save
+                .incomplete
+                .clone()
+                .map(|r| Failure::new(FailureKind::Crash, r)),
         };
         Ok(Ran {
             stop: stopping.and_then(|s| match s.cause {
@@ -266,75 +304,180 @@ impl<'a> Allocation<'a> {
                 }),
                 Cause::SaveFailed => None,
             }),
-            completed: save.done || (stopping.is_none() && exit.success()),
+            completed: save.incomplete.is_none()
+                && (save.done || (stopping.is_none() && exit.success())),
             failure,
         })
     }
 
-    /// Set up the protocol and start the program, resuming from the run's resume point.
-    fn start_program(&mut self, command: &[String]) -> Result<(ChildProtocol, ChildGroup)> {
+    /// Set up the protocol and start the program (its ranks), resuming from the run's resume
+    /// point. `Ok(Err(..))`: the program must not start (a sharded checkpoint of another world
+    /// size, which the program does not reshard).
+    fn start_program(
+        &mut self,
+        command: &[String],
+    ) -> Result<std::result::Result<(ChildProtocol, Team, Launch), Failure>> {
         let resume = self.store.resume_point()?;
         let resume_step = resume.as_ref().map(|(l, _)| l.step);
+        let world = self.cfg.world_size();
+        let launch = Launch::resolve(self.cfg.distributed.launcher, world, self.job.is_some());
+        let resume_world = resume.as_ref().map(|(_, m)| protocol::world_of(m));
+        if let (Some((l, _)), Some((saved, sharded))) = (&resume, resume_world) {
+            if saved != world {
+                if sharded && !self.cfg.distributed.reshard {
+                    return Ok(Err(Failure::new(
+                        FailureKind::ConfigRefused,
+                        format!(
+                            "checkpoint {} holds sharded state written by {saved} ranks, and this \
+                             job has {world}: sharded state loads only with the world size that \
+                             wrote it. Run with {saved} ranks, or set distributed.reshard: true \
+                             if the program reshards (it reads HPC_CKPT_RESUME_WORLD_SIZE)",
+                            l.name
+                        ),
+                    )));
+                }
+                tracing::warn!(checkpoint = %l.name, saved_world_size = saved, world_size = world,
+                    sharded, "resuming with another world size (the program sees HPC_CKPT_RESUME_WORLD_SIZE)");
+            }
+        }
         let token = format!(
             "a{:04}-{}",
             self.history.previous_allocations + 1,
             std::process::id()
         );
+        let slots = if launch == Launch::Single { 1 } else { world };
         let proto = ChildProtocol::prepare(
             &mut self.store,
             &token,
+            slots,
             resume_step,
             self.cfg.checkpoint.allow_step_backwards,
             self.job.as_ref().map(|j| j.job_info()),
         )?;
-        let mut cmd = Command::new(&command[0]);
-        cmd.args(&command[1..])
-            .envs(proto.env(self.cfg.signals.child.name()))
-            .env_remove("HPC_CKPT_RESUME_FROM");
-        match &resume {
-            Some((l, _)) => {
-                cmd.env("HPC_CKPT_RESUME_FROM", &l.path);
-                tracing::info!(checkpoint = %l.name, "resuming");
+        let base = |program: &str, args: &[String]| {
+            let mut cmd = Command::new(program);
+            cmd.args(args);
+            for k in INHERITED_PROTOCOL_ENV {
+                cmd.env_remove(k);
             }
+            cmd.envs(proto.env(self.cfg.signals.child.name()));
+            if let (Some((l, _)), Some((saved, _))) = (&resume, resume_world) {
+                cmd.env("HPC_CKPT_RESUME_FROM", &l.path)
+                    .env(ranks::ENV_RESUME_WORLD_SIZE, saved.to_string());
+            }
+            cmd
+        };
+        match &resume {
+            Some((l, _)) => tracing::info!(checkpoint = %l.name, "resuming"),
             None => tracing::info!("fresh start: no checkpoint to resume from"),
         }
-        let child = ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))?;
+        let has = |k: &str| std::env::var_os(k).is_some();
+        let spawn = |cmd: Command| {
+            ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))
+        };
+        let members = match launch {
+            Launch::Single | Launch::Command => vec![spawn(base(&command[0], &command[1..]))?],
+            Launch::Srun => {
+                let exe = std::env::current_exe().context("locate this binary for srun")?;
+                let exe = exe.to_str().context("this binary's path is not UTF-8")?;
+                let line = if slots == 1 {
+                    let mut c = vec![
+                        "srun".to_string(),
+                        "--ntasks=1".into(),
+                        "--export=ALL".into(),
+                    ];
+                    c.extend(command.iter().cloned());
+                    c
+                } else {
+                    ranks::srun_command(world, exe, command)
+                };
+                tracing::info!(command = %line.join(" "), "starting the ranks with srun");
+                let mut cmd = base(&line[0], &line[1..]);
+                if !has("MASTER_ADDR") {
+                    cmd.env("MASTER_ADDR", hostname());
+                }
+                if !has("MASTER_PORT") {
+                    cmd.env("MASTER_PORT", ranks::free_port()?.to_string());
+                }
+                vec![spawn(cmd)?]
+            }
+            Launch::Local => {
+                let port = ranks::free_port()?;
+                let mut members = Vec::new();
+                for rank in 0..world {
+                    let mut cmd = base(&command[0], &command[1..]);
+                    cmd.envs(proto.rank_env(rank))
+                        .envs(ranks::local_dist_env(rank, world, port, has));
+                    members.push(spawn(cmd)?);
+                }
+                members
+            }
+        };
+        let team = Team::new(members);
+        let pids = team.pids();
         self.store
             .journal()
             .append(&SupervisorEvent::ChildStarted {
-                pid: child.pid(),
+                pid: pids[0],
                 in_process: false,
                 resume_from: resume.as_ref().map(|(l, _)| l.name.clone()),
                 resume_step,
+                world_size: (world > 1).then_some(world),
+                launcher: (launch != Launch::Single).then(|| launch.name().to_string()),
+                pids: if pids.len() > 1 { pids } else { Vec::new() },
             })?;
-        Ok((proto, child))
+        Ok(Ok((proto, team, launch)))
     }
 
     /// The loop while the program runs: signals and ticks into the stop sequence, its actions
-    /// carried out, requests answered. Returns how the program exited.
+    /// carried out, requests answered. Returns when every process of the program has ended. A
+    /// locally started rank that fails takes its peers down (as `srun --kill-on-bad-exit`
+    /// does): a peer left alone would wait in a collective forever.
     fn supervise(
         &mut self,
         proto: &mut ChildProtocol,
-        child: &mut ChildGroup,
+        team: &mut Team,
+        launch: Launch,
         seq: &mut StopSequence,
         save: &mut SaveOutcome,
-    ) -> Result<super::child::Exit> {
+    ) -> Result<()> {
+        let mut peers_killed = false;
         loop {
             if let Ok(sig) = self.signals.recv_timeout(TICK) {
                 let actions = seq.on(Input::Stop(Cause::Signal(sig)), Instant::now());
-                self.carry_out(&actions, child)?;
+                self.carry_out(&actions, team)?;
             }
             let actions = seq.on(Input::Tick, Instant::now());
-            self.carry_out(&actions, child)?;
+            self.carry_out(&actions, team)?;
             if proto.has_request()
                 && self.answer(proto, save)?
                 && self.cfg.checkpoint.on_save_error == OnSaveError::Stop
             {
                 let actions = seq.on(Input::Stop(Cause::SaveFailed), Instant::now());
-                self.carry_out(&actions, child)?;
+                self.carry_out(&actions, team)?;
             }
-            if let Some(e) = child.poll()? {
-                return Ok(e);
+            for (rank, exit) in team.poll()? {
+                if launch == Launch::Local && !exit.success() && !peers_killed && team.running() {
+                    peers_killed = true;
+                    tracing::error!(rank, how = %exit.describe(), "a rank failed: killing its peers");
+                    self.store.journal().append(&SupervisorEvent::RankFailed {
+                        rank,
+                        how: exit.describe(),
+                    })?;
+                    team.signal(Signal::SIGKILL);
+                }
+            }
+            // A local rank that ended without asking while a peer waits for an answer: that
+            // commit can never happen; answer now rather than leave the peer waiting.
+            if launch == Launch::Local
+                && (0..proto.world_size()).any(|r| team.ended(r) && !proto.has_asked(r))
+            {
+                if let Some(reason) = proto.settle_incomplete(&mut self.store)? {
+                    save.incomplete.get_or_insert(reason);
+                }
+            }
+            if team.done() {
+                return Ok(());
             }
         }
     }
@@ -356,7 +499,7 @@ impl<'a> Allocation<'a> {
     }
 
     /// Carry out what the stop sequence says.
-    fn carry_out(&mut self, actions: &[Action], child: &ChildGroup) -> Result<()> {
+    fn carry_out(&mut self, actions: &[Action], child: &Team) -> Result<()> {
         for a in actions {
             match *a {
                 Action::Begin {
@@ -393,7 +536,7 @@ impl<'a> Allocation<'a> {
         Ok(())
     }
 
-    fn escalate(&mut self, child: &ChildGroup, sig: Signal) -> Result<()> {
+    fn escalate(&mut self, child: &Team, sig: Signal) -> Result<()> {
         if sig == Signal::SIGKILL {
             tracing::error!("the program ignored TERM: sending KILL (its staged files, if complete, are still committed)");
         } else {

@@ -27,3 +27,4 @@ mod train_kill;
 mod train_resume;
 mod wrap_in_process;
 mod wrap_local;
+mod wrap_ranks;

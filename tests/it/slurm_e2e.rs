@@ -136,7 +136,55 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical_python_child() {
         .into_iter()
         .filter(|a| a != "0.1" && a != "--step-delay")
         .collect();
-    three_interruptions("e2e-three-py", &train_args(steps), &fast, "", steps);
+    three_interruptions(
+        "e2e-three-py",
+        &train_args(steps),
+        &fast,
+        "",
+        steps,
+        SINGLE_FILES,
+    );
+}
+
+/// The files compared with the straight run (a 1-rank program's).
+const SINGLE_FILES: &[&str] = &["model.safetensors", "optimizer.safetensors"];
+
+/// A 2-rank torch.distributed (gloo) DDP job: the supervisor starts the ranks with `srun`, the
+/// warning reaches both through srun, they agree on the stop step with an all_reduce, and every
+/// checkpoint holds both ranks' files. The straight run starts its 2 ranks locally.
+#[test]
+fn three_interruptions_of_a_two_rank_ddp_job_end_byte_identical() {
+    let steps = 120;
+    let ddp = |delay: bool| {
+        let mut v = vec![
+            python().display().to_string(),
+            repo()
+                .join("examples/python/ddp_train.py")
+                .display()
+                .to_string(),
+            "--steps".into(),
+            steps.to_string(),
+            "--checkpoint-every".into(),
+            "15".into(),
+        ];
+        if delay {
+            v.extend(["--step-delay".into(), "0.1".into()]);
+        }
+        v
+    };
+    three_interruptions(
+        "e2e-three-ddp",
+        &ddp(true),
+        &ddp(false),
+        "distributed:\n  world_size: 2\n",
+        steps,
+        &[
+            "rank00000.model.safetensors",
+            "rank00000.optimizer.safetensors",
+            "rank00000.rng.safetensors",
+            "rank00001.rng.safetensors",
+        ],
+    );
 }
 
 /// The built-in trainer (in-process under the supervisor): a small char-level GPT with dropout,
@@ -148,7 +196,14 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical_builtin_trainer() 
                 optimizer: {kind: adamw, lr: 0.001}\nscheduler: {kind: cosine, warmup_steps: 20}\n\
                 checkpoint: {every_steps: 25, keep_last: 3}\n";
     let train = vec!["train".to_string()];
-    three_interruptions("e2e-three-builtin", &train, &train, yaml, 2000);
+    three_interruptions(
+        "e2e-three-builtin",
+        &train,
+        &train,
+        yaml,
+        2000,
+        SINGLE_FILES,
+    );
 }
 
 /// Run `command` straight (outside Slurm, as `straight_command`) and as a Slurm job interrupted
@@ -160,6 +215,7 @@ fn three_interruptions(
     straight_command: &[String],
     extra_yaml: &str,
     steps: u32,
+    files: &[&str],
 ) {
     let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
@@ -240,7 +296,7 @@ fn three_interruptions(
     let final_of = |r: &Path, f: &str| {
         std::fs::read(r.join("checkpoints").join(ckpt(steps as u64)).join(f)).unwrap()
     };
-    for f in ["model.safetensors", "optimizer.safetensors"] {
+    for f in files {
         assert!(
             final_of(&straight, f) == final_of(&run, f),
             "{f} differs from the straight run\n{}",
