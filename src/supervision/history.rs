@@ -125,7 +125,8 @@ pub fn fold(events: &[Stamped]) -> Chain {
     chain
 }
 
-/// One event's effect on the allocation it belongs to. `max_before` is the newest step
+/// One event's effect on the allocation it belongs to. One match arm per event kind: long by
+/// design, so that the whole fold reads in one place. `max_before` is the newest step
 /// committed by anyone before this event.
 fn apply(
     a: &mut Allocation,

@@ -321,24 +321,12 @@ impl<'a> Allocation<'a> {
         let resume_step = resume.as_ref().map(|(l, _)| l.step);
         let world = self.cfg.world_size();
         let launch = Launch::resolve(self.cfg.distributed.launcher, world, self.job.is_some());
-        let resume_world = resume.as_ref().map(|(_, m)| protocol::world_of(m));
-        if let (Some((l, _)), Some((saved, sharded))) = (&resume, resume_world) {
-            if saved != world {
-                if sharded && !self.cfg.distributed.reshard {
-                    return Ok(Err(Failure::new(
-                        FailureKind::ConfigRefused,
-                        format!(
-                            "checkpoint {} holds sharded state written by {saved} ranks, and this \
-                             job has {world}: sharded state loads only with the world size that \
-                             wrote it. Run with {saved} ranks, or set distributed.reshard: true \
-                             if the program reshards (it reads HPC_CKPT_RESUME_WORLD_SIZE)",
-                            l.name
-                        ),
-                    )));
-                }
-                tracing::warn!(checkpoint = %l.name, saved_world_size = saved, world_size = world,
-                    sharded, "resuming with another world size (the program sees HPC_CKPT_RESUME_WORLD_SIZE)");
-            }
+        // The checkpoint to resume from and the world size that wrote it.
+        let resume_from = resume
+            .as_ref()
+            .map(|(l, m)| (l.name.clone(), l.path.clone(), protocol::world_of(m)));
+        if let Some(refusal) = self.refuse_world_size(resume_from.as_ref(), world) {
+            return Ok(Err(refusal));
         }
         let token = format!(
             "a{:04}-{}",
@@ -354,28 +342,94 @@ impl<'a> Allocation<'a> {
             self.cfg.checkpoint.allow_step_backwards,
             self.job.as_ref().map(|j| j.job_info()),
         )?;
-        let base = |program: &str, args: &[String]| {
-            let mut cmd = Command::new(program);
-            cmd.args(args);
-            for k in INHERITED_PROTOCOL_ENV {
-                cmd.env_remove(k);
-            }
-            cmd.envs(proto.env(self.cfg.signals.child.name()));
-            if let (Some((l, _)), Some((saved, _))) = (&resume, resume_world) {
-                cmd.env("HPC_CKPT_RESUME_FROM", &l.path)
-                    .env(ranks::ENV_RESUME_WORLD_SIZE, saved.to_string());
-            }
-            cmd
-        };
-        match &resume {
-            Some((l, _)) => tracing::info!(checkpoint = %l.name, "resuming"),
+        match &resume_from {
+            Some((name, ..)) => tracing::info!(checkpoint = %name, "resuming"),
             None => tracing::info!("fresh start: no checkpoint to resume from"),
         }
+        let resume_env = resume_from.as_ref().map(|(_, p, (w, _))| (p.clone(), *w));
+        let members = self.spawn_members(launch, command, &proto, resume_env.as_ref(), slots)?;
+        let team = Team::new(members);
+        let pids = team.pids();
+        self.store
+            .journal()
+            .append(&SupervisorEvent::ChildStarted {
+                pid: pids[0],
+                in_process: false,
+                resume_from: resume_from.map(|(name, ..)| name),
+                resume_step,
+                world_size: (world > 1).then_some(world),
+                launcher: (launch != Launch::Single).then(|| launch.name().to_string()),
+                pids: if pids.len() > 1 { pids } else { Vec::new() },
+            })?;
+        Ok(Ok((proto, team, launch)))
+    }
+
+    /// Sharded state loads only with the world size that wrote it (unless the program
+    /// reshards); replicated state loads anywhere, with a warning.
+    fn refuse_world_size(
+        &self,
+        resume: Option<&(String, PathBuf, (u32, bool))>,
+        world: u32,
+    ) -> Option<Failure> {
+        let (name, _, (saved, sharded)) = resume?;
+        if *saved == world {
+            return None;
+        }
+        if *sharded && !self.cfg.distributed.reshard {
+            return Some(Failure::new(
+                FailureKind::ConfigRefused,
+                format!(
+                    "checkpoint {name} holds sharded state written by {saved} ranks, and this job \
+                     has {world}: sharded state loads only with the world size that wrote it. Run \
+                     with {saved} ranks, or set distributed.reshard: true if the program reshards \
+                     (it reads HPC_CKPT_RESUME_WORLD_SIZE)"
+                ),
+            ));
+        }
+        tracing::warn!(checkpoint = %name, saved_world_size = saved, world_size = world,
+            sharded, "resuming with another world size (the program sees HPC_CKPT_RESUME_WORLD_SIZE)");
+        None
+    }
+
+    /// A command with the protocol's environment (and the resume point, when there is one).
+    fn program_command(
+        &self,
+        proto: &ChildProtocol,
+        resume: Option<&(PathBuf, u32)>,
+        program: &str,
+        args: &[String],
+    ) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        for k in INHERITED_PROTOCOL_ENV {
+            cmd.env_remove(k);
+        }
+        cmd.envs(proto.env(self.cfg.signals.child.name()));
+        if let Some((path, saved)) = resume {
+            cmd.env("HPC_CKPT_RESUME_FROM", path)
+                .env(ranks::ENV_RESUME_WORLD_SIZE, saved.to_string());
+        }
+        cmd
+    }
+
+    /// Start the program's process groups as the launcher says: one (a single rank, or a
+    /// program that launches its own ranks), `srun` for the job's ranks, or one per local rank.
+    fn spawn_members(
+        &self,
+        launch: Launch,
+        command: &[String],
+        proto: &ChildProtocol,
+        resume: Option<&(PathBuf, u32)>,
+        slots: u32,
+    ) -> Result<Vec<ChildGroup>> {
+        let world = self.cfg.world_size();
         let has = |k: &str| std::env::var_os(k).is_some();
         let spawn = |cmd: Command| {
             ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))
         };
-        let members = match launch {
+        let base =
+            |program: &str, args: &[String]| self.program_command(proto, resume, program, args);
+        Ok(match launch {
             Launch::Single | Launch::Command => vec![spawn(base(&command[0], &command[1..]))?],
             Launch::Srun => {
                 let exe = std::env::current_exe().context("locate this binary for srun")?;
@@ -412,21 +466,7 @@ impl<'a> Allocation<'a> {
                 }
                 members
             }
-        };
-        let team = Team::new(members);
-        let pids = team.pids();
-        self.store
-            .journal()
-            .append(&SupervisorEvent::ChildStarted {
-                pid: pids[0],
-                in_process: false,
-                resume_from: resume.as_ref().map(|(l, _)| l.name.clone()),
-                resume_step,
-                world_size: (world > 1).then_some(world),
-                launcher: (launch != Launch::Single).then(|| launch.name().to_string()),
-                pids: if pids.len() > 1 { pids } else { Vec::new() },
-            })?;
-        Ok(Ok((proto, team, launch)))
+        })
     }
 
     /// The loop while the program runs: signals and ticks into the stop sequence, its actions
