@@ -276,8 +276,11 @@ fn big_mlp(on_save_error: &str) -> String {
 }
 
 /// A mounted tmpfs of `size`, unmounted on drop; None where this machine cannot mount one.
+/// (Only the trainer's tests use it.)
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 struct Tmpfs(PathBuf);
 
+#[cfg_attr(not(feature = "torch"), allow(dead_code))]
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
         fs::create_dir_all(at).unwrap();
