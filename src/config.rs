@@ -104,6 +104,11 @@ pub struct CheckpointConfig {
     pub milestones: Vec<u64>,
     #[serde(default)]
     pub on_save_error: OnSaveError,
+    /// Two-phase saves (the built-in trainer): a save copies the state into host memory and
+    /// training goes on while a background thread commits it; `false`: training waits for each
+    /// commit. The bytes written are the same either way.
+    #[serde(rename = "async", default = "default_async")]
+    pub async_saves: bool,
     /// `wrap`: let a program commit a step older than the newest checkpoint (the pointer then
     /// moves back). Off by default: committed steps only grow, and a request for an older step
     /// (usually a program that restarted from scratch) is refused.
@@ -113,6 +118,10 @@ pub struct CheckpointConfig {
 
 fn default_keep_last() -> Option<usize> {
     Some(3)
+}
+
+fn default_async() -> bool {
+    true
 }
 
 impl Default for CheckpointConfig {
@@ -125,6 +134,7 @@ impl Default for CheckpointConfig {
             periodic: None,
             milestones: Vec::new(),
             on_save_error: OnSaveError::Continue,
+            async_saves: default_async(),
             allow_step_backwards: false,
         }
     }

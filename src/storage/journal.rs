@@ -121,6 +121,13 @@ pub enum StoreEvent {
         replaced: bool,
         #[serde(default)]
         metrics: BTreeMap<String, f64>,
+        /// Seconds the saving program's work stood still for this save (a trainer's saves:
+        /// waiting for the previous persist, copying, and the commit unless in the background).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stall_seconds: Option<f64>,
+        /// Persisted on a background thread (a two-phase save) while training went on.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        background: bool,
     },
     /// Retention deleted a checkpoint.
     CheckpointDeleted { checkpoint: String, reason: String },

@@ -418,6 +418,8 @@ impl Store {
         }
         let bytes = manifest.total_bytes();
         let seconds = started.elapsed().as_secs_f64();
+        let stall_seconds = meta.save.map(|s| s.stall_seconds(seconds));
+        let background = meta.save.is_some_and(|s| s.background);
         tracing::debug!(phase = "journal", "recording commit");
         self.journal.append(&StoreEvent::CheckpointCommitted {
             checkpoint: name.clone(),
@@ -427,8 +429,23 @@ impl Store {
             seconds,
             replaced: renamed == Renamed::Exchanged,
             metrics: meta.metrics.clone(),
+            stall_seconds,
+            background,
         })?;
-        tracing::info!(checkpoint = %name, bytes, seconds = format!("{seconds:.3}"), "checkpoint committed");
+        match (meta.save, stall_seconds) {
+            (Some(save), Some(stall)) => tracing::info!(
+                checkpoint = %name,
+                bytes,
+                seconds = format!("{seconds:.3}"),
+                stall_seconds = format!("{stall:.3}"),
+                waited_seconds = format!("{:.3}", save.wait_seconds),
+                background,
+                "checkpoint committed"
+            ),
+            _ => {
+                tracing::info!(checkpoint = %name, bytes, seconds = format!("{seconds:.3}"), "checkpoint committed")
+            }
+        }
         tracing::debug!(phase = "retention", "applying retention");
         let deleted = self.apply_retention()?;
         Ok(CommitReport {

@@ -58,6 +58,30 @@ pub struct CommitMeta {
     /// Added to the manifest's versions (hpc_ckpt's own is always recorded).
     pub versions: BTreeMap<String, String>,
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// How the save went before the commit began (a trainer's saves; journaled with the commit).
+    pub save: Option<SaveTiming>,
+}
+
+/// What a save cost its caller before the commit began: journaled with the commit, so that the
+/// run's history knows each save's stall (the training time it took).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SaveTiming {
+    /// Persisted on a background thread while the caller went on (phase 2 of a two-phase
+    /// save); false: the caller waited for the commit.
+    pub background: bool,
+    /// Seconds the caller waited for the previous persist to end before it could copy.
+    pub wait_seconds: f64,
+    /// Seconds the copy into host buffers took (phase 1).
+    pub copy_seconds: f64,
+}
+
+impl SaveTiming {
+    /// The caller's stall: the wait and the copy, and the commit itself when not in the
+    /// background (`commit_seconds`).
+    pub fn stall_seconds(&self, commit_seconds: f64) -> f64 {
+        let commit = if self.background { 0.0 } else { commit_seconds };
+        self.wait_seconds + self.copy_seconds + commit
+    }
 }
 
 /// What a successful commit did.

@@ -18,6 +18,8 @@ mod sbatch_template;
 mod slurm_e2e;
 mod supervisor_rules;
 #[cfg(feature = "torch")]
+mod train_async;
+#[cfg(feature = "torch")]
 mod train_best;
 #[cfg(feature = "torch")]
 mod train_fallback;
