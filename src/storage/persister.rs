@@ -212,7 +212,7 @@ impl From<Snapshot<'static>> for Buffers {
                 FileSource::Bytes(bytes) => {
                     b.files.insert(file, bytes.into_owned());
                 }
-                FileSource::CopyOf(_) => {}
+                FileSource::CopyOf(_) | FileSource::Adopt(_) => {}
             }
         }
         b

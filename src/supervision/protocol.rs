@@ -10,6 +10,9 @@
 //!   acknowledgement), commit or not;
 //! - committed steps only grow: a request for a step older than the resume point or than a step
 //!   this allocation committed is refused, unless `checkpoint.allow_step_backwards` is set;
+//! - staged files are adopted, not copied: each is hard-linked into the checkpoint, read once for
+//!   its checksum and fsynced ([`crate::storage::FileSource::Adopt`]); the staging name goes only
+//!   once the commit is durable, so a failed or interrupted commit leaves the files staged;
 //! - staged files are never thrown away: what cannot be committed (a failed or refused commit,
 //!   files staged with no request, files an earlier allocation left) is moved aside into
 //!   `kept/<time>-<token>/`, named in an ERROR log line and journaled (`staged_kept`), and
@@ -222,7 +225,8 @@ impl ChildProtocol {
     }
 
     fn commit(&mut self, store: &mut Store, req: &Request) -> Result<String> {
-        let snapshot = Snapshot::from_dir(&self.staging)?;
+        // Staged in the run dir: adopted (linked in and read once), not copied a second time.
+        let snapshot = Snapshot::adopt_dir(&self.staging)?;
         let meta = CommitMeta {
             step: req.step,
             epoch: req.epoch,

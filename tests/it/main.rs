@@ -8,6 +8,7 @@
 
 mod common;
 
+mod child_adoption;
 mod crash_consistency;
 mod fault_injection;
 #[cfg(feature = "torch")]
