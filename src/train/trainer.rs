@@ -87,7 +87,9 @@ pub const STATE_FORMAT_VERSION: u32 = 1;
 pub const TCH_VERSION: &str = "0.26";
 pub const LIBTORCH_VERSION: &str = "2.13";
 
-/// Samples in the reference batch (at most).
+/// Samples in the reference batch: at most this many, and at most one micro-batch
+/// (`batch_size`), so that its loss — computed in every save's phase 1, while training waits —
+/// costs no more than one micro-batch's forward pass.
 const REFERENCE_SAMPLES: i64 = 16;
 
 /// What a call of [`run`] achieved.
@@ -388,7 +390,10 @@ impl Trainer {
             } else {
                 Split::Val
             };
-            let k = data.len(split).min(REFERENCE_SAMPLES);
+            let k = data
+                .len(split)
+                .min(REFERENCE_SAMPLES)
+                .min(tc.batch_size as i64);
             let idx: Vec<i64> = (0..k).collect();
             data.batch(split, &idx, Device::Cpu)
         };

@@ -212,7 +212,13 @@ impl Trainer {
             Ok((model, optim, reference, state))
         })();
         let (model, optim, reference, state) = files.map_err(|e| restore_best(self, e))?;
+        let copied_at = Instant::now();
         let ref_loss = self.reference_loss();
+        tracing::debug!(
+            step,
+            reference_seconds = copied_at.elapsed().as_secs_f64(),
+            "reference loss computed"
+        );
         let meta_of = |kind: &str| {
             BTreeMap::from([
                 ("format".to_owned(), "hpc-ckpt-trainer".to_owned()),
