@@ -47,6 +47,7 @@ use hpc_ckpt::config::JobConfig;
 use hpc_ckpt::storage::journal::read_all;
 use hpc_ckpt::storage::run_dir::holder;
 use hpc_ckpt::storage::{CommitMeta, RetentionPolicy, Snapshot, Store};
+use hpc_ckpt::supervision::interval::daly;
 use hpc_ckpt::train::trainer::{run, Resume};
 
 #[derive(Parser, Debug)]
@@ -259,7 +260,7 @@ fn bench_train(args: &Args, dir: &Path) -> Result<Value> {
         let cost = med(m, &|t| {
             vec![(t.span - (args.steps - args.warm) as f64 * step_s) / t.saves.max(1) as f64]
         });
-        let tau = hpc_ckpt_daly(stall.max(1e-9), mtbf);
+        let tau = daly(stall.max(1e-9), mtbf);
         println!(
             "| {m} | {v:.4} | {:+.1} % | {stall:.3} | {commit:.3} | {cost:.3} | {tau:.0} | {:.2} % |",
             (none / v - 1.0) * 100.0,
@@ -287,16 +288,6 @@ fn bench_train(args: &Args, dir: &Path) -> Result<Value> {
         ))
         .collect::<BTreeMap<_, _>>());
     Ok(out)
-}
-
-/// Daly's optimum checkpoint interval for a save cost `delta` and an MTBF `m` (the same formula
-/// `checkpoint.interval: auto` uses).
-fn hpc_ckpt_daly(delta: f64, m: f64) -> f64 {
-    if delta >= 2.0 * m {
-        return m;
-    }
-    let r = delta / (2.0 * m);
-    (2.0 * delta * m).sqrt() * (1.0 + r.sqrt() / 3.0 + r / 9.0) - delta
 }
 
 // ---- child ----------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ pub struct CommitMeta {
 
 /// What a save cost its caller before the commit began: journaled with the commit, so that the
 /// run's history knows each save's stall (the training time it took).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SaveTiming {
     /// Persisted on a background thread while the caller went on (phase 2 of a two-phase
     /// save); false: the caller waited for the commit.
@@ -81,6 +81,8 @@ pub struct SaveTiming {
     pub wait_seconds: f64,
     /// Seconds the copy into host buffers took (phase 1).
     pub copy_seconds: f64,
+    /// Why the save came when it did, when the saver chose its interval from data.
+    pub cadence: Option<super::journal::Cadence>,
 }
 
 impl SaveTiming {

@@ -74,6 +74,8 @@ use crate::storage::persister::{self, Persister};
 use crate::storage::retention::Mode;
 use crate::storage::verify::Loaded;
 use crate::storage::{CommitMeta, Fault, FileSource, Snapshot, StorageError, Store};
+use crate::supervision::interval::AutoInterval;
+use crate::supervision::{events, history};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -358,6 +360,10 @@ struct Trainer {
     commits: u32,
     /// The save handed to the persister and not yet durable.
     pending: Option<save::Pending>,
+    /// When the last save began (or training, in this process).
+    last_save: Instant,
+    /// `checkpoint.interval: auto`: the interval from the measured stalls and the run's MTBF.
+    auto: Option<AutoInterval>,
     /// The eval value measured by this process and its step (the checkpoint of that step alone
     /// carries it).
     eval_at: Option<(u64, f64)>,
@@ -458,6 +464,8 @@ impl Trainer {
             committed: None,
             commits: 0,
             pending: None,
+            last_save: Instant::now(),
+            auto: None,
             eval_at: None,
             metrics,
         })
@@ -477,6 +485,18 @@ impl Trainer {
     /// the loop the store belongs to the persister thread ([`persister::scope`]), which also
     /// finishes the persist in flight when training ends with an error.
     fn train(&mut self, store: &mut Store, stop: &dyn Fn() -> bool) -> Result<Outcome, TrainError> {
+        if let Some(prior) = self.tc.checkpoint_auto_mtbf {
+            let chain = history::fold(&events::read(store.run_dir().root()).0);
+            let auto = AutoInterval::from_history(&chain, prior);
+            let r = auto.recommend();
+            tracing::info!(
+                recommended_seconds = format!("{:.0}", r.seconds),
+                reason = %r.reason(),
+                "checkpoint interval: auto"
+            );
+            self.auto = Some(auto);
+        }
+        self.last_save = Instant::now();
         persister::scope(store, |p| self.train_with(p, stop))
     }
 
@@ -489,7 +509,6 @@ impl Trainer {
             save::SaveFailed::Fatal(e) => Err(e),
             save::SaveFailed::Tolerated => Ok(()),
         };
-        let mut last_save = Instant::now();
         let mut progress = ProgressLine::new(self.total);
         if self.st.global_step >= self.total {
             tracing::info!(
@@ -517,9 +536,8 @@ impl Trainer {
             let eval = self.evaluate_if_due(gs);
             self.log_metrics(gs, loss, lr, samples_per_s, eval)?;
             progress.show(gs, loss, lr, samples_per_s);
-            let due = self.commit_due(gs, last_save, eval.is_some());
+            let due = self.commit_due(gs, eval.is_some());
             if due && gs < self.total {
-                last_save = Instant::now();
                 self.save(p, self.tc.checkpoint_async, false)
                     .or_else(fatal)?;
             }
@@ -574,16 +592,21 @@ impl Trainer {
         })
     }
 
-    /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, or
-    /// because it is an eval step whose value `keep_best` monitors.
-    fn commit_due(&self, gs: u64, last_commit: Instant, evaluated: bool) -> bool {
+    /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, by
+    /// the `auto` interval, or because it is an eval step whose value `keep_best` monitors.
+    fn commit_due(&self, gs: u64, evaluated: bool) -> bool {
+        let since = self.last_save.elapsed();
         self.tc
             .checkpoint_every_steps
             .is_some_and(|n| gs.is_multiple_of(n))
             || self
                 .tc
                 .checkpoint_every_seconds
-                .is_some_and(|s| last_commit.elapsed().as_secs() >= s)
+                .is_some_and(|s| since.as_secs() >= s)
+            || self
+                .auto
+                .as_ref()
+                .is_some_and(|a| since.as_secs_f64() >= a.recommend().seconds)
             || (evaluated && self.tc.commits_at_eval())
     }
 

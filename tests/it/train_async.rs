@@ -335,3 +335,54 @@ fn sigkills_during_background_persists_keep_a_verified_pointer_and_resume_exactl
     }
     eprintln!("whole test: {:?}", started.elapsed());
 }
+
+/// `checkpoint.interval: auto`: saves come at Daly's interval (here a tiny MTBF prior, so often),
+/// and each commit journals the recommended and the actual interval and why.
+#[test]
+fn interval_auto_saves_at_the_recommended_interval_and_journals_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("job.yaml");
+    std::fs::write(
+        &cfg,
+        "name: auto\nseed: 1\nthreads: 1\nmodel: {kind: mlp, hidden: [256]}\n\
+         data: {kind: synthetic, samples: 512, features: 64, classes: 10}\n\
+         batch_size: 16\nmax_steps: 4000\noptimizer: {kind: adamw, lr: 0.001}\n\
+         checkpoint: {interval: auto, mtbf: 1s, keep_last: 2}\n",
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let o = train(&cfg, &run)
+        .env("HPC_CKPT_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let log = text(&o);
+    assert!(log.contains("checkpoint interval: auto"), "{log}");
+    let cs = commits(&run);
+    assert!(cs.len() >= 3, "a 1 s MTBF asks for frequent saves: {cs:?}");
+    let first = &cs[0]["cadence"];
+    assert!(
+        first["reason"].as_str().unwrap().contains("assumed")
+            && first["reason"]
+                .as_str()
+                .unwrap()
+                .contains("checkpoint.mtbf prior"),
+        "{first}"
+    );
+    for c in &cs[..cs.len() - 1] {
+        let (rec, actual) = (
+            c["cadence"]["recommended_seconds"].as_f64().unwrap(),
+            c["cadence"]["actual_seconds"].as_f64().unwrap(),
+        );
+        assert!(actual >= rec, "saved before the interval was up: {c}");
+    }
+    // After the first save the stall is measured, no longer assumed.
+    assert!(
+        cs[1]["cadence"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("median of the last"),
+        "{}",
+        cs[1]
+    );
+}

@@ -21,6 +21,7 @@
 use std::time::Instant;
 
 use super::*;
+use crate::storage::journal::Cadence;
 use crate::storage::persister::{Buffers, Persisted, Persister};
 use crate::storage::SaveTiming;
 
@@ -65,6 +66,15 @@ impl Trainer {
                 return Err(SaveFailed::Fatal(e));
             }
         }
+        let cadence = self.auto.as_ref().map(|a| {
+            let r = a.recommend();
+            Cadence {
+                recommended_seconds: r.seconds,
+                actual_seconds: self.last_save.elapsed().as_secs_f64(),
+                reason: r.reason(),
+            }
+        });
+        self.last_save = Instant::now();
         let copy_started = Instant::now();
         let mut buffers = p.buffers();
         let (snapshot, mut meta, best_before) = match self.snapshot(&mut buffers) {
@@ -72,10 +82,12 @@ impl Trainer {
             Err(source) => return Err(self.failed(step, source, must)),
         };
         drop(buffers);
+        let phase1 = waited.waited.as_secs_f64() + copy_started.elapsed().as_secs_f64();
         meta.save = Some(SaveTiming {
             background,
             wait_seconds: waited.waited.as_secs_f64(),
             copy_seconds: copy_started.elapsed().as_secs_f64(),
+            cadence,
         });
         tracing::debug!(
             step,
@@ -90,11 +102,32 @@ impl Trainer {
         }
         self.pending = Some(Pending { step, best_before });
         if background {
+            self.note_stall(phase1);
             return Ok(());
         }
         match p.wait().persisted {
-            Some(done) => self.settle(done, must),
+            Some(done) => {
+                self.note_stall(phase1 + done.seconds);
+                self.settle(done, must)
+            }
             None => unreachable!("a persist was just handed over"),
+        }
+    }
+
+    /// With `interval: auto`, feed a save's stall to the interval; log a changed recommendation.
+    fn note_stall(&mut self, seconds: f64) {
+        let Some(auto) = self.auto.as_mut() else {
+            return;
+        };
+        let before = auto.recommend().seconds;
+        auto.note_stall(seconds);
+        let r = auto.recommend();
+        if (r.seconds - before).abs() > 0.1 * before {
+            tracing::info!(
+                recommended_seconds = format!("{:.0}", r.seconds),
+                reason = %r.reason(),
+                "checkpoint interval changed"
+            );
         }
     }
 
