@@ -107,6 +107,21 @@ pub struct CheckpointConfig {
     pub milestones: Vec<u64>,
     #[serde(default)]
     pub on_save_error: OnSaveError,
+    /// `auto`: the trainer chooses its save interval from data — Daly's optimum for the measured
+    /// save stall and the run's mean time between unannounced interruptions (the journal's, else
+    /// `mtbf`) — instead of `every_steps`/`every_seconds`.
+    #[serde(default)]
+    pub interval: Option<Interval>,
+    /// The prior mean time between unannounced interruptions (killed, node lost, crashed: no
+    /// final save) for `interval: auto`, used until the run has observed one of its own: a
+    /// duration such as `24h`, `90m`, `2days`. Default 24h.
+    #[serde(default)]
+    pub mtbf: Option<String>,
+    /// Two-phase saves (the built-in trainer): a save copies the state into host memory and
+    /// training goes on while a background thread commits it; `false`: training waits for each
+    /// commit. The bytes written are the same either way.
+    #[serde(rename = "async", default = "default_async")]
+    pub async_saves: bool,
     /// `wrap`: let a program commit a step older than the newest checkpoint (the pointer then
     /// moves back). Off by default: committed steps only grow, and a request for an older step
     /// (usually a program that restarted from scratch) is refused.
@@ -114,8 +129,20 @@ pub struct CheckpointConfig {
     pub allow_step_backwards: bool,
 }
 
+/// `checkpoint.interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interval {
+    /// Chosen from data (see [`CheckpointConfig::interval`]).
+    Auto,
+}
+
 fn default_keep_last() -> Option<usize> {
     Some(3)
+}
+
+fn default_async() -> bool {
+    true
 }
 
 impl Default for CheckpointConfig {
@@ -128,12 +155,31 @@ impl Default for CheckpointConfig {
             periodic: None,
             milestones: Vec::new(),
             on_save_error: OnSaveError::Continue,
+            interval: None,
+            mtbf: None,
+            async_saves: default_async(),
             allow_step_backwards: false,
         }
     }
 }
 
 impl CheckpointConfig {
+    /// `mtbf` in seconds (the default when unset).
+    pub fn mtbf_seconds(&self) -> Result<f64, String> {
+        let Some(text) = &self.mtbf else {
+            return Ok(crate::supervision::interval::DEFAULT_MTBF_SECONDS);
+        };
+        let d = humantime::parse_duration(text.trim()).map_err(|e| {
+            format!(
+                "checkpoint.mtbf: {text:?} is not a duration ({e}); accepted: e.g. 24h, 90m, 2days"
+            )
+        })?;
+        if d.as_secs_f64() < 1.0 {
+            return Err(format!("checkpoint.mtbf: {text:?} must be at least 1s"));
+        }
+        Ok(d.as_secs_f64())
+    }
+
     pub fn retention(&self) -> RetentionPolicy {
         RetentionPolicy {
             keep_last: self.keep_last,
@@ -349,6 +395,20 @@ impl JobConfig {
         if ck.every_seconds == Some(0) {
             return Err("checkpoint.every_seconds: must be at least 1".into());
         }
+        if ck.interval == Some(Interval::Auto) {
+            if let Some(k) = [
+                ("every_steps", ck.every_steps),
+                ("every_seconds", ck.every_seconds),
+            ]
+            .iter()
+            .find_map(|(k, v)| v.map(|_| k))
+            {
+                return Err(format!(
+                    "checkpoint.interval: auto chooses the save interval itself; remove                      checkpoint.{k}, or the interval to save on a fixed cadence"
+                ));
+            }
+        }
+        ck.mtbf_seconds()?;
         ck.retention()
             .validate()
             .map_err(|e| format!("checkpoint: {e}"))?;
@@ -561,6 +621,25 @@ mod tests {
         assert!(e.contains("slurm.extra[0]"), "{e}");
         let e = JobConfig::parse("name: x\nslurm:\n  time: 'soon'\n").unwrap_err();
         assert!(e.contains("slurm.time"), "{e}");
+        let e = JobConfig::parse("name: x\ncheckpoint: {interval: often}\n").unwrap_err();
+        assert!(e.contains("checkpoint.interval"), "{e}");
+        let e = JobConfig::parse("name: x\ncheckpoint: {interval: auto, every_steps: 5}\n")
+            .unwrap_err();
+        assert!(
+            e.contains("checkpoint.interval") && e.contains("every_steps"),
+            "{e}"
+        );
+        let e = JobConfig::parse("name: x\ncheckpoint: {mtbf: soon}\n").unwrap_err();
+        assert!(e.starts_with("checkpoint.mtbf"), "{e}");
+    }
+
+    #[test]
+    fn interval_auto_and_its_mtbf_prior() {
+        let c = JobConfig::parse("name: x\ncheckpoint: {interval: auto}\n").unwrap();
+        assert_eq!(c.checkpoint.interval, Some(Interval::Auto));
+        assert_eq!(c.checkpoint.mtbf_seconds().unwrap(), 86400.0);
+        let c = JobConfig::parse("name: x\ncheckpoint: {interval: auto, mtbf: 90m}\n").unwrap();
+        assert_eq!(c.checkpoint.mtbf_seconds().unwrap(), 5400.0);
     }
 
     #[test]

@@ -105,6 +105,18 @@ impl From<&super::error::Fault> for FaultRecord {
     }
 }
 
+/// Why a save came when it did, for a saver that chooses its interval from data (journaled
+/// with the commit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cadence {
+    /// The interval recommended at this save, seconds.
+    pub recommended_seconds: f64,
+    /// Seconds since the previous save (or since training began in this process).
+    pub actual_seconds: f64,
+    /// What the recommendation rests on, in words.
+    pub reason: String,
+}
+
 /// What the store journals about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -121,6 +133,16 @@ pub enum StoreEvent {
         replaced: bool,
         #[serde(default)]
         metrics: BTreeMap<String, f64>,
+        /// Seconds the saving program's work stood still for this save (a trainer's saves:
+        /// waiting for the previous persist, copying, and the commit unless in the background).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stall_seconds: Option<f64>,
+        /// Persisted on a background thread (a two-phase save) while training went on.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        background: bool,
+        /// The interval the saver chose and why (`checkpoint.interval: auto`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cadence: Option<Cadence>,
     },
     /// Retention deleted a checkpoint.
     CheckpointDeleted { checkpoint: String, reason: String },

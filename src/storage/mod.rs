@@ -11,7 +11,9 @@
 //! - retention never deletes the pointer's target or the best checkpoint, and deletes only after
 //!   the newer commit is durable ([`retention`]);
 //! - one writer per run directory ([`lock`]); every commit, fallback, deletion and error is
-//!   appended to `journal.jsonl` ([`journal`]).
+//!   appended to `journal.jsonl` ([`journal`]);
+//! - a two-phase save hands an owned snapshot to a background thread that holds the store for a
+//!   scope and commits one snapshot at a time, reusing its host buffers ([`persister`]).
 
 pub mod checksum;
 pub mod error;
@@ -19,6 +21,7 @@ pub mod fsutil;
 pub mod journal;
 pub mod lock;
 pub mod manifest;
+pub mod persister;
 pub mod pointer;
 pub mod retention;
 pub mod run_dir;
@@ -30,4 +33,4 @@ pub use error::{Fault, StorageError};
 pub use manifest::Manifest;
 pub use retention::RetentionPolicy;
 pub use run_dir::{RunDir, Store};
-pub use writer::{CommitMeta, CommitReport, FileSource, Snapshot, TensorData};
+pub use writer::{CommitMeta, CommitReport, FileSource, SaveTiming, Snapshot, TensorData};

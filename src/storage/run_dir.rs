@@ -19,7 +19,7 @@ use super::manifest::{checkpoint_name, parse_checkpoint_name, Manifest, FORMAT, 
 use super::pointer::{self, Pointer};
 use super::retention::{self, Candidate, RetentionPolicy};
 use super::verify::{self, Loaded};
-use super::writer::{self, CommitMeta, CommitReport, Snapshot};
+use super::writer::{self, CommitMeta, CommitReport, SaveTiming, Snapshot};
 
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// Prefix of in-progress (or being-deleted) entries; never read, removed by the next writer.
@@ -418,6 +418,8 @@ impl Store {
         }
         let bytes = manifest.total_bytes();
         let seconds = started.elapsed().as_secs_f64();
+        let stall_seconds = meta.save.as_ref().map(|s| s.stall_seconds(seconds));
+        let background = meta.save.as_ref().is_some_and(|s| s.background);
         tracing::debug!(phase = "journal", "recording commit");
         self.journal.append(&StoreEvent::CheckpointCommitted {
             checkpoint: name.clone(),
@@ -427,8 +429,42 @@ impl Store {
             seconds,
             replaced: renamed == Renamed::Exchanged,
             metrics: meta.metrics.clone(),
+            stall_seconds,
+            background,
+            cadence: meta.save.as_ref().and_then(|s| s.cadence.clone()),
         })?;
-        tracing::info!(checkpoint = %name, bytes, seconds = format!("{seconds:.3}"), "checkpoint committed");
+        match (&meta.save, stall_seconds) {
+            (
+                Some(
+                    save @ SaveTiming {
+                        cadence: Some(c), ..
+                    },
+                ),
+                Some(stall),
+            ) => tracing::info!(
+                checkpoint = %name,
+                bytes,
+                seconds = format!("{seconds:.3}"),
+                stall_seconds = format!("{stall:.3}"),
+                waited_seconds = format!("{:.3}", save.wait_seconds),
+                background,
+                interval_seconds = format!("{:.1}", c.actual_seconds),
+                recommended_interval_seconds = format!("{:.1}", c.recommended_seconds),
+                "checkpoint committed"
+            ),
+            (Some(save), Some(stall)) => tracing::info!(
+                checkpoint = %name,
+                bytes,
+                seconds = format!("{seconds:.3}"),
+                stall_seconds = format!("{stall:.3}"),
+                waited_seconds = format!("{:.3}", save.wait_seconds),
+                background,
+                "checkpoint committed"
+            ),
+            _ => {
+                tracing::info!(checkpoint = %name, bytes, seconds = format!("{seconds:.3}"), "checkpoint committed")
+            }
+        }
         tracing::debug!(phase = "retention", "applying retention");
         let deleted = self.apply_retention()?;
         Ok(CommitReport {

@@ -4,8 +4,9 @@
 //! A [`Snapshot`] is a list of named files. Tensor files are real safetensors, laid out in the
 //! order given; their bytes are [`Cow`]s, so a caller can lend its buffers for a synchronous save
 //! or hand over owned host copies (`Snapshot<'static>`, which is `Send`) for a background persist.
-//! Every byte is checksummed on its way to disk (no second read), every file is fsynced, and the
-//! manifest is written last.
+//! Every byte is checksummed on its way to disk (no second read) — an adopted file, already on
+//! the checkpoint's file system, is linked in and read once instead — every file is fsynced, and
+//! the manifest is written last.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,6 +41,13 @@ pub enum FileSource<'a> {
     Bytes(Cow<'a, [u8]>),
     /// Copy of an existing regular file (used by `hpc-ckpt commit`).
     CopyOf(PathBuf),
+    /// An existing regular file on the checkpoint's file system, adopted without copying its
+    /// bytes: hard-linked into the checkpoint's temp dir, then read once for the checksum
+    /// (through the descriptor opened before the link, after checking that the link names that
+    /// very file) and fsynced. The source keeps its own name until the caller removes it, so a
+    /// failed or interrupted commit leaves it where it was. Across file systems (or on one
+    /// without hard links) it is copied instead. Used for the files a `wrap` child staged.
+    Adopt(PathBuf),
 }
 
 /// The files of one checkpoint, by name.
@@ -58,6 +66,32 @@ pub struct CommitMeta {
     /// Added to the manifest's versions (hpc_ckpt's own is always recorded).
     pub versions: BTreeMap<String, String>,
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// How the save went before the commit began (a trainer's saves; journaled with the commit).
+    pub save: Option<SaveTiming>,
+}
+
+/// What a save cost its caller before the commit began: journaled with the commit, so that the
+/// run's history knows each save's stall (the training time it took).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SaveTiming {
+    /// Persisted on a background thread while the caller went on (phase 2 of a two-phase
+    /// save); false: the caller waited for the commit.
+    pub background: bool,
+    /// Seconds the caller waited for the previous persist to end before it could copy.
+    pub wait_seconds: f64,
+    /// Seconds the copy into host buffers took (phase 1).
+    pub copy_seconds: f64,
+    /// Why the save came when it did, when the saver chose its interval from data.
+    pub cadence: Option<super::journal::Cadence>,
+}
+
+impl SaveTiming {
+    /// The caller's stall: the wait and the copy, and the commit itself when not in the
+    /// background (`commit_seconds`).
+    pub fn stall_seconds(&self, commit_seconds: f64) -> f64 {
+        let commit = if self.background { 0.0 } else { commit_seconds };
+        self.wait_seconds + self.copy_seconds + commit
+    }
 }
 
 /// What a successful commit did.
@@ -83,9 +117,21 @@ impl<'a> Snapshot<'a> {
         self
     }
 
-    /// A snapshot of every regular file directly inside `dir` (for `hpc-ckpt commit`). Refuses
-    /// symlinks, subdirectories, other file types, names that are not plain, and `MANIFEST.json`.
+    /// A snapshot of every regular file directly inside `dir`, copied (for `hpc-ckpt commit`,
+    /// which imports files it must not take over). Refuses symlinks, subdirectories, other file
+    /// types, names that are not plain, and `MANIFEST.json`.
     pub fn from_dir(dir: &Path) -> Result<Snapshot<'static>> {
+        Self::of_dir(dir, FileSource::CopyOf)
+    }
+
+    /// A snapshot of every regular file directly inside `dir`, adopted ([`FileSource::Adopt`]:
+    /// no second copy of the bytes) — for the files a `wrap` child staged in the run dir. The
+    /// same refusals as [`Snapshot::from_dir`].
+    pub fn adopt_dir(dir: &Path) -> Result<Snapshot<'static>> {
+        Self::of_dir(dir, FileSource::Adopt)
+    }
+
+    fn of_dir(dir: &Path, source: fn(PathBuf) -> FileSource<'static>) -> Result<Snapshot<'static>> {
         let rd = fs::read_dir(dir).ctx(|| format!("read source dir {}", dir.display()))?;
         let mut files = Vec::new();
         for e in rd {
@@ -122,7 +168,7 @@ impl<'a> Snapshot<'a> {
                     e.path().display()
                 )));
             }
-            files.push((name.to_string(), FileSource::CopyOf(e.path())));
+            files.push((name.to_string(), source(e.path())));
         }
         if files.is_empty() {
             return Err(StorageError::Invalid(format!(
@@ -166,7 +212,8 @@ impl<'a> Snapshot<'a> {
         Ok(())
     }
 
-    /// Bytes the checkpoint will take on disk (manifest excluded).
+    /// New bytes the checkpoint will take on disk (manifest excluded; an adopted file takes
+    /// none: its blocks are already there).
     pub fn estimated_bytes(&self) -> u64 {
         self.files
             .iter()
@@ -180,6 +227,7 @@ impl<'a> Snapshot<'a> {
                 }
                 FileSource::Bytes(b) => b.len() as u64,
                 FileSource::CopyOf(p) => fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+                FileSource::Adopt(_) => 0,
             })
             .sum()
     }
@@ -249,6 +297,9 @@ impl HashingFile {
 }
 
 fn write_one(dir: &Path, name: &str, src: &FileSource<'_>) -> Result<FileEntry> {
+    if let FileSource::Adopt(path) = src {
+        return adopt_one(dir, name, path);
+    }
     let mut out = HashingFile::create(dir.join(name))?;
     match src {
         FileSource::Tensors { tensors, metadata } => {
@@ -267,23 +318,80 @@ fn write_one(dir: &Path, name: &str, src: &FileSource<'_>) -> Result<FileEntry> 
         FileSource::CopyOf(path) => {
             let (mut f, _) = open_regular_nofollow(path)
                 .map_err(|r| StorageError::Invalid(format!("{}: {r}", path.display())))?;
-            let mut buf = vec![0u8; GATHER];
-            loop {
-                let n = match f.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(StorageError::io(format!("read {}", path.display()), e)),
-                };
-                out.put(&buf[..n])?;
-            }
+            read_all(&mut f, path, |chunk| out.put(chunk))?;
         }
+        FileSource::Adopt(_) => unreachable!("adopted above"),
     }
     let (size, checksum) = out.finish()?;
     Ok(FileEntry {
         name: name.to_string(),
         size,
         checksum,
+    })
+}
+
+/// Read `f` (opened from `path`) to its end, handing each chunk to `each`; returns the bytes read.
+fn read_all(f: &mut File, path: &Path, mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+    let mut buf = vec![0u8; GATHER];
+    let mut total = 0u64;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(StorageError::io(format!("read {}", path.display()), e)),
+        };
+        total += n as u64;
+        each(&buf[..n])?;
+    }
+}
+
+/// Adopt `src` as `dir/name` ([`FileSource::Adopt`]): open it (a regular file, not through a
+/// symlink), hard-link it into `dir`, check that the link names the file opened, checksum it by
+/// reading it once, fsync it, and check that it did not change size meanwhile. A copy where a
+/// hard link is not possible (another file system, or one without hard links).
+fn adopt_one(dir: &Path, name: &str, src: &Path) -> Result<FileEntry> {
+    use std::os::unix::fs::MetadataExt;
+    let invalid =
+        |r: &dyn std::fmt::Display| StorageError::Invalid(format!("{}: {r}", src.display()));
+    let (mut f, _) = open_regular_nofollow(src).map_err(|r| invalid(&r))?;
+    let dest = dir.join(name);
+    tracing::debug!(phase = "adopt", file = %name, "adopting");
+    if let Err(e) = fs::hard_link(src, &dest) {
+        use nix::libc::{EMLINK, EOPNOTSUPP, EPERM, EXDEV};
+        if matches!(e.raw_os_error(), Some(EXDEV | EPERM | EOPNOTSUPP | EMLINK)) {
+            tracing::debug!(file = %name, error = %e, "cannot hard-link: copying instead");
+            return write_one(dir, name, &FileSource::CopyOf(src.to_path_buf()));
+        }
+        return Err(StorageError::io(
+            format!("hard-link {} to {}", src.display(), dest.display()),
+            e,
+        ));
+    }
+    let opened = f.metadata().ctx(|| format!("stat {}", src.display()))?;
+    let linked = fs::symlink_metadata(&dest).ctx(|| format!("stat {}", dest.display()))?;
+    if (opened.dev(), opened.ino()) != (linked.dev(), linked.ino()) {
+        return Err(invalid(&"was replaced while being adopted"));
+    }
+    let mut sum = Checksum::new();
+    let size = read_all(&mut f, src, |chunk| {
+        sum.update(chunk);
+        Ok(())
+    })?;
+    tracing::debug!(phase = "fsync", file = %dest.display(), "fsync");
+    f.sync_all().ctx(|| format!("fsync {}", dest.display()))?;
+    let now = f.metadata().ctx(|| format!("stat {}", src.display()))?;
+    if now.len() != size {
+        return Err(invalid(&format_args!(
+            "changed size while being adopted ({size} bytes read, {} now): was it still being \
+             written?",
+            now.len()
+        )));
+    }
+    Ok(FileEntry {
+        name: name.to_string(),
+        size,
+        checksum: sum.hex(),
     })
 }
 
@@ -304,4 +412,85 @@ pub fn stage(dir: &Path, snapshot: &Snapshot<'_>, manifest_base: Manifest) -> Re
         .ctx(|| format!("write {}", dir.join(MANIFEST_FILE).display()))?;
     fsync_dir(dir)?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::storage::run_dir::holder;
+    use crate::storage::verify::verify_checkpoint;
+    use crate::storage::{RetentionPolicy, Store};
+
+    fn staged(dir: &Path) {
+        fs::create_dir_all(dir).unwrap();
+        let big: Vec<u8> = (0..5u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        fs::write(dir.join("model.bin"), big).unwrap();
+        fs::write(dir.join("state.json"), b"{\"step\": 7}").unwrap();
+    }
+
+    #[test]
+    fn adopted_files_are_linked_not_copied_and_commit_like_copies() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("run");
+        let staging = run.join("staging").join("a");
+        let mut store = Store::open(&run, &holder(None), RetentionPolicy::default()).unwrap();
+        staged(&staging);
+        let meta = |step| CommitMeta {
+            step,
+            ..CommitMeta::default()
+        };
+        let copied = store
+            .commit(&Snapshot::from_dir(&staging).unwrap(), &meta(6))
+            .unwrap();
+        let adopted = store
+            .commit(&Snapshot::adopt_dir(&staging).unwrap(), &meta(7))
+            .unwrap();
+        let dirs = store.run_dir().checkpoints_dir();
+        let (a, b) = (
+            verify_checkpoint(&dirs.join(&copied.name)).unwrap(),
+            verify_checkpoint(&dirs.join(&adopted.name)).unwrap(),
+        );
+        assert_eq!(a.files, b.files, "same manifest entries either way");
+        for f in ["model.bin", "state.json"] {
+            let (s, c) = (
+                fs::metadata(staging.join(f)).unwrap(),
+                fs::metadata(dirs.join(&adopted.name).join(f)).unwrap(),
+            );
+            assert_eq!((s.dev(), s.ino()), (c.dev(), c.ino()), "{f} was copied");
+            let copy = fs::metadata(dirs.join(&copied.name).join(f)).unwrap();
+            assert_ne!(copy.ino(), s.ino());
+        }
+        // Adopting takes no new space: the space check asks for none.
+        assert_eq!(Snapshot::adopt_dir(&staging).unwrap().estimated_bytes(), 0);
+    }
+
+    #[test]
+    fn a_failed_adoption_leaves_the_staged_files_and_the_previous_checkpoint() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("run");
+        let staging = run.join("staging").join("a");
+        let mut store = Store::open(&run, &holder(None), RetentionPolicy::default()).unwrap();
+        staged(&staging);
+        let meta = |step| CommitMeta {
+            step,
+            ..CommitMeta::default()
+        };
+        store
+            .commit(&Snapshot::adopt_dir(&staging).unwrap(), &meta(1))
+            .unwrap();
+        let mut snap = Snapshot::adopt_dir(&staging).unwrap();
+        snap.add(
+            "vanished.bin",
+            FileSource::Adopt(staging.join("vanished.bin")),
+        );
+        let e = store.commit(&snap, &meta(2)).unwrap_err();
+        assert!(e.to_string().contains("vanished.bin: missing"), "{e}");
+        assert!(staging.join("model.bin").is_file() && staging.join("state.json").is_file());
+        assert!(store.run_dir().temp_entries().is_empty());
+        assert_eq!(store.resume_point().unwrap().unwrap().0.step, 1);
+    }
 }

@@ -33,6 +33,11 @@ pub struct Allocation {
     pub signal_to_checkpoint_seconds: Option<f64>,
     /// Steps committed before this allocation but redone by it (it resumed from an older one).
     pub steps_redone: u64,
+    /// The time of its last event (how long it lived when it never wrote its end).
+    pub last_event_at: Option<SystemTime>,
+    /// The stall of each save it committed, seconds, where the saver measured it (the built-in
+    /// trainer's saves).
+    pub save_stalls: Vec<f64>,
     /// Staged files it could not commit and kept aside.
     pub kept: Vec<Kept>,
     /// Commit requests it refused.
@@ -51,6 +56,53 @@ pub struct Incomplete {
     pub step: Option<u64>,
     pub missing: Vec<u32>,
     pub requested: Vec<u32>,
+}
+
+/// How an allocation's work was cut short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// A stop signal came and the final checkpoint was committed after it: only the steps since
+    /// that signal's step boundary were at risk, and none were lost.
+    Announced,
+    /// Killed, node lost, crashed, or signalled without a final commit: the work since the last
+    /// checkpoint was lost.
+    Unannounced,
+}
+
+impl Allocation {
+    /// How this allocation was interrupted, if it was. `None` when it completed or has not
+    /// ended (`last`: the newest allocation, which may still be running, is never counted as
+    /// killed for lack of an end).
+    pub fn interruption(&self, last: bool) -> Option<Interruption> {
+        match self.ending.as_deref() {
+            Some("completed") => None,
+            Some("warning_signal" | "terminated")
+                if self.signal_to_checkpoint_seconds.is_some() =>
+            {
+                Some(Interruption::Announced)
+            }
+            None if last => None,
+            _ => Some(Interruption::Unannounced),
+        }
+    }
+
+    /// Seconds from its start to its end (or its last event when it never wrote its end).
+    pub fn seconds(&self) -> Option<f64> {
+        let end = self.ended_at.or(self.last_event_at)?;
+        end.duration_since(self.started_at?)
+            .ok()
+            .map(|d| d.as_secs_f64())
+    }
+}
+
+/// The mean time between unannounced interruptions, and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mtbf {
+    pub seconds: f64,
+    /// Unannounced interruptions observed (0: `seconds` is the prior).
+    pub observed: u32,
+    /// Allocation time they were observed over, seconds.
+    pub over_seconds: f64,
 }
 
 /// Staged files kept aside (never deleted) because they could not be committed.
@@ -87,6 +139,47 @@ impl Chain {
     }
 }
 
+impl Chain {
+    /// The mean time between unannounced interruptions of this run: the time of its ended
+    /// allocations over the number of unannounced interruptions among them; `prior_seconds`
+    /// until it has observed one. Announced interruptions got their final save and do not
+    /// count; the newest allocation counts only once it has ended.
+    pub fn mtbf(&self, prior_seconds: f64) -> Mtbf {
+        let n = self.allocations.len();
+        let (mut over, mut observed) = (0.0, 0u32);
+        for (i, a) in self.allocations.iter().enumerate() {
+            let last = i + 1 == n;
+            if last && a.ended_at.is_none() {
+                continue;
+            }
+            over += a.seconds().unwrap_or(0.0);
+            if a.interruption(last) == Some(Interruption::Unannounced) {
+                observed += 1;
+            }
+        }
+        let seconds = if observed == 0 {
+            prior_seconds
+        } else {
+            over / observed as f64
+        };
+        Mtbf {
+            seconds,
+            observed,
+            over_seconds: over,
+        }
+    }
+
+    /// The stalls of the newest `n` saves that measured one, oldest first.
+    pub fn recent_save_stalls(&self, n: usize) -> Vec<f64> {
+        let all: Vec<f64> = self
+            .allocations
+            .iter()
+            .flat_map(|a| a.save_stalls.iter().copied())
+            .collect();
+        all[all.len().saturating_sub(n)..].to_vec()
+    }
+}
+
 /// Fold the journal's events into the job chain.
 pub fn fold(events: &[Stamped]) -> Chain {
     let mut chain = Chain::default();
@@ -107,6 +200,7 @@ pub fn fold(events: &[Stamped]) -> Chain {
                 restart_count: *restart_count,
                 host: host.clone(),
                 started_at: e.ts,
+                last_event_at: e.ts,
                 ..Default::default()
             });
             continue;
@@ -119,6 +213,9 @@ pub fn fold(events: &[Stamped]) -> Chain {
             max_step = Some(max_step.map_or(*step, |m| m.max(*step)));
         }
         if let Some(a) = chain.allocations.last_mut() {
+            if e.ts.is_some() {
+                a.last_event_at = e.ts;
+            }
             apply(a, e, before, &mut signal_at);
         }
     }
@@ -175,8 +272,13 @@ fn apply(
             a.signal = Some(signal.clone());
             *signal_at = e.ts;
         }
-        Event::Store(StoreEvent::CheckpointCommitted { step, .. }) => {
+        Event::Store(StoreEvent::CheckpointCommitted {
+            step,
+            stall_seconds,
+            ..
+        }) => {
             a.new_checkpoints += 1;
+            a.save_stalls.extend(*stall_seconds);
             a.last_step = Some(a.last_step.map_or(*step, |m| m.max(*step)));
             if let (Some(s), Some(t), None) = (*signal_at, e.ts, a.signal_to_checkpoint_seconds) {
                 a.signal_to_checkpoint_seconds = t.duration_since(s).ok().map(|d| d.as_secs_f64());

@@ -10,12 +10,15 @@
 //!   own launcher), each rank's environment (`hpc-ckpt rank`), per-rank file names.
 //! - [`events`] and [`history`]: the supervisor's journal events and the one fold from the
 //!   journal to allocations (read by the policy and by `status`).
+//! - [`interval`]: the checkpoint interval from data (Daly's optimum for the measured save stall
+//!   and the journal's mean time between unannounced interruptions).
 //! - [`policy`]: whether to requeue, from the allocation's outcome and the run's history.
 //! - [`wrap`]: one allocation: open, run the workload, decide, journal.
 
 pub mod child;
 pub mod events;
 pub mod history;
+pub mod interval;
 pub mod policy;
 pub mod protocol;
 pub mod ranks;

@@ -14,6 +14,9 @@
 //!   acknowledgement), commit or not;
 //! - committed steps only grow: a request for a step older than the resume point or than a step
 //!   this allocation committed is refused, unless `checkpoint.allow_step_backwards` is set;
+//! - staged files are adopted, not copied: each is hard-linked into the checkpoint, read once for
+//!   its checksum and fsynced ([`crate::storage::FileSource::Adopt`]); the staging name goes only
+//!   once the commit is durable, so a failed or interrupted commit leaves the files staged;
 //! - staged files are never thrown away: what cannot be committed (a failed or refused commit,
 //!   files staged with no request, files an earlier allocation left) is moved aside into
 //!   `kept/<time>-<token>/`, named in an ERROR log line and journaled (`staged_kept`), and
@@ -397,14 +400,15 @@ impl ChildProtocol {
     }
 
     /// The files of every rank as one snapshot (a multi-rank job's under `rank<NNNNN>.` names).
+    /// Staged in the run dir, they are adopted (linked in and read once), not copied again.
     fn snapshot(&self) -> Result<Snapshot<'static>> {
         if self.world_size() == 1 {
-            return Ok(Snapshot::from_dir(self.staging())?);
+            return Ok(Snapshot::adopt_dir(self.staging())?);
         }
         let mut all = Snapshot::new();
         for slot in self.slots.iter().filter(|s| !s.is_empty()) {
-            let snap =
-                Snapshot::from_dir(&slot.staging).with_context(|| format!("rank {}", slot.rank))?;
+            let snap = Snapshot::adopt_dir(&slot.staging)
+                .with_context(|| format!("rank {}", slot.rank))?;
             for (name, src) in snap.files {
                 all.add(ranks::rank_file(slot.rank, &name), src);
             }

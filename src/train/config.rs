@@ -296,6 +296,10 @@ pub struct TrainConfig {
     pub checkpoint_every_seconds: Option<u64>,
     /// `checkpoint.on_save_error: stop`.
     pub stop_on_save_error: bool,
+    /// `checkpoint.async`: two-phase saves, persisted in the background.
+    pub checkpoint_async: bool,
+    /// `checkpoint.interval: auto`: the prior MTBF in seconds (`checkpoint.mtbf`).
+    pub checkpoint_auto_mtbf: Option<f64>,
     /// `checkpoint.keep_best`, its monitor checked to be a metric the trainer records
     /// (`check_monitor`).
     pub keep_best: Option<Best>,
@@ -699,6 +703,13 @@ impl TrainConfig {
             checkpoint_every_steps: job.checkpoint.every_steps,
             checkpoint_every_seconds: job.checkpoint.every_seconds,
             stop_on_save_error: job.checkpoint.on_save_error == crate::config::OnSaveError::Stop,
+            checkpoint_async: job.checkpoint.async_saves,
+            checkpoint_auto_mtbf: (job.checkpoint.interval == Some(crate::config::Interval::Auto))
+                .then(|| {
+                    job.checkpoint
+                        .mtbf_seconds()
+                        .unwrap_or(crate::supervision::interval::DEFAULT_MTBF_SECONDS)
+                }),
             keep_best,
         })
     }

@@ -81,6 +81,17 @@ const _: () = assert!(
 /// Copy `t` into an owned safetensors entry named `name` (a host copy: the result is `'static`
 /// and can go to a background persist while training continues).
 pub fn to_tensor_data(name: &str, t: &Tensor) -> Result<TensorData<'static>, TensorError> {
+    copy_tensor(name, t, |len| vec![0u8; len])
+}
+
+/// [`to_tensor_data`] into a buffer of the caller's: `buffer(len)` returns one of exactly `len`
+/// bytes (e.g. [`crate::storage::persister::Buffers::tensor`], reusing the previous save's
+/// memory), which is overwritten with the tensor's bytes in one copy, from any device.
+pub fn copy_tensor(
+    name: &str,
+    t: &Tensor,
+    buffer: impl FnOnce(usize) -> Vec<u8>,
+) -> Result<TensorData<'static>, TensorError> {
     let torch = |e| TensorError::Torch {
         name: name.to_owned(),
         message: torch_message(&e),
@@ -92,21 +103,38 @@ pub fn to_tensor_data(name: &str, t: &Tensor) -> Result<TensorData<'static>, Ten
     })?;
     let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
     let numel = t.numel();
-    let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
+    let len = numel * kind.elt_size_in_bytes();
+    let mut bytes = buffer(len);
+    assert_eq!(
+        bytes.len(),
+        len,
+        "copy_tensor: the buffer must be {len} bytes"
+    );
     if numel > 0 {
-        // at_copy_data makes a contiguous CPU copy first when needed.
-        let src = t.f_to_device(Device::Cpu).map_err(torch)?;
-        let src = src.f_contiguous().map_err(torch)?;
-        // Flat (a 0-dim tensor cannot change element size), then the bytes reinterpreted as u8
-        // (no conversion) so every dtype copies the same way.
+        // The logical (row-major) content, as bytes (no conversion, so every dtype copies the
+        // same way); contiguous() copies only a non-contiguous view.
+        let src = t.f_contiguous().map_err(torch)?;
         let flat = src.f_reshape([-1]).map_err(torch)?;
-        let view = if kind == Kind::Uint8 {
+        let src = if kind == Kind::Uint8 {
             flat
         } else {
             flat.f_view_dtype(Kind::Uint8).map_err(torch)?
         };
-        let n = bytes.len();
-        view.f_copy_data_u8(&mut bytes, n).map_err(torch)?;
+        // SAFETY: `dst` views `bytes` (len bytes, alive and not otherwise borrowed until `dst`
+        // is dropped at the end of this block); copy_ writes exactly len bytes into it, from
+        // the CPU or any device.
+        let mut dst = unsafe {
+            Tensor::f_from_blob(
+                bytes.as_mut_ptr(),
+                &[len as i64],
+                &[1],
+                Kind::Uint8,
+                Device::Cpu,
+            )
+        }
+        .map_err(torch)?;
+        dst.f_copy_(&src).map_err(torch)?;
+        drop(dst);
     }
     Ok(TensorData {
         name: name.to_owned(),

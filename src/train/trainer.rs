@@ -30,6 +30,11 @@
 //! is tried. Only when none restores does [`run`] fail ([`TrainError::NothingRestores`], naming
 //! each).
 //!
+//! Saving (`trainer/save.rs`): two-phase by default (`checkpoint.async`) — the state is copied
+//! into host buffers the store's persister owns and training goes on while a background thread
+//! commits it; at most one persist is in flight, a stop or the end waits for it and then commits
+//! the final state in the foreground. The bytes do not depend on the mode.
+//!
 //! Metrics and the best checkpoint: a checkpoint's manifest metrics are `loss` (of its step),
 //! `lr`, and the eval metric only when it was measured at the checkpoint's own step. With
 //! `checkpoint.keep_best` the trainer also commits at every eval step (when the monitor is the
@@ -41,6 +46,7 @@
 //! (a lock serialises concurrent calls).
 
 mod restore;
+mod save;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -60,13 +66,16 @@ use super::models::{named_parameters, named_state, parameter_count, Model, Model
 use super::optim::{OptimError, Optimizer, OptimizerMeta};
 use super::sched::{Scheduler, SchedulerState};
 use super::seeds;
-use super::tensors::{read_safetensors, to_tensor_data, torch_message, TensorError};
+use super::tensors::{copy_tensor, read_safetensors, to_tensor_data, torch_message, TensorError};
 use crate::config::JobConfig;
 use crate::storage::journal::now_rfc3339;
 use crate::storage::manifest::{parse_checkpoint_name, MANIFEST_FILE};
+use crate::storage::persister::{self, Persister};
 use crate::storage::retention::Mode;
 use crate::storage::verify::Loaded;
 use crate::storage::{CommitMeta, Fault, FileSource, Snapshot, StorageError, Store};
+use crate::supervision::interval::AutoInterval;
+use crate::supervision::{events, history};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -80,7 +89,9 @@ pub const STATE_FORMAT_VERSION: u32 = 1;
 pub const TCH_VERSION: &str = "0.26";
 pub const LIBTORCH_VERSION: &str = "2.13";
 
-/// Samples in the reference batch (at most).
+/// Samples in the reference batch: at most this many, and at most one micro-batch
+/// (`batch_size`), so that its loss — computed in every save's phase 1, while training waits —
+/// costs no more than one micro-batch's forward pass.
 const REFERENCE_SAMPLES: i64 = 16;
 
 /// What a call of [`run`] achieved.
@@ -343,7 +354,16 @@ struct Trainer {
     st: TrainerState,
     reference: (Tensor, Tensor),
     total: u64,
+    /// The newest step durably committed (restored from, or saved by this process).
     committed: Option<u64>,
+    /// Checkpoints this process committed.
+    commits: u32,
+    /// The save handed to the persister and not yet durable.
+    pending: Option<save::Pending>,
+    /// When the last save began (or training, in this process).
+    last_save: Instant,
+    /// `checkpoint.interval: auto`: the interval from the measured stalls and the run's MTBF.
+    auto: Option<AutoInterval>,
     /// The eval value measured by this process and its step (the checkpoint of that step alone
     /// carries it).
     eval_at: Option<(u64, f64)>,
@@ -376,7 +396,10 @@ impl Trainer {
             } else {
                 Split::Val
             };
-            let k = data.len(split).min(REFERENCE_SAMPLES);
+            let k = data
+                .len(split)
+                .min(REFERENCE_SAMPLES)
+                .min(tc.batch_size as i64);
             let idx: Vec<i64> = (0..k).collect();
             data.batch(split, &idx, Device::Cpu)
         };
@@ -439,6 +462,10 @@ impl Trainer {
             reference,
             total,
             committed: None,
+            commits: 0,
+            pending: None,
+            last_save: Instant::now(),
+            auto: None,
             eval_at: None,
             metrics,
         })
@@ -454,10 +481,34 @@ impl Trainer {
     }
 
     /// Train from the current state until the end (committing the final step) or until `stop`
-    /// answers true at a step boundary (committing that step); see [`run`].
+    /// answers true at a step boundary (committing that step); see [`run`]. For the length of
+    /// the loop the store belongs to the persister thread ([`persister::scope`]), which also
+    /// finishes the persist in flight when training ends with an error.
     fn train(&mut self, store: &mut Store, stop: &dyn Fn() -> bool) -> Result<Outcome, TrainError> {
-        let mut commits = 0u32;
-        let mut last_commit = Instant::now();
+        if let Some(prior) = self.tc.checkpoint_auto_mtbf {
+            let chain = history::fold(&events::read(store.run_dir().root()).0);
+            let auto = AutoInterval::from_history(&chain, prior);
+            let r = auto.recommend();
+            tracing::info!(
+                recommended_seconds = format!("{:.0}", r.seconds),
+                reason = %r.reason(),
+                "checkpoint interval: auto"
+            );
+            self.auto = Some(auto);
+        }
+        self.last_save = Instant::now();
+        persister::scope(store, |p| self.train_with(p, stop))
+    }
+
+    fn train_with(
+        &mut self,
+        p: &mut Persister,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Outcome, TrainError> {
+        let fatal = |f: save::SaveFailed| match f {
+            save::SaveFailed::Fatal(e) => Err(e),
+            save::SaveFailed::Tolerated => Ok(()),
+        };
         let mut progress = ProgressLine::new(self.total);
         if self.st.global_step >= self.total {
             tracing::info!(
@@ -467,12 +518,13 @@ impl Trainer {
             );
         }
         while self.st.global_step < self.total {
+            self.poll_saves(p).or_else(fatal)?;
             if stop() {
-                commits += self.commit_unless_committed(store)?;
+                self.commit_unless_committed(p)?;
                 tracing::info!(step = self.st.global_step, "stopped at a step boundary");
                 return Ok(Outcome {
                     completed: false,
-                    commits,
+                    commits: self.commits,
                     last_step: self.st.global_step,
                 });
             }
@@ -484,26 +536,16 @@ impl Trainer {
             let eval = self.evaluate_if_due(gs);
             self.log_metrics(gs, loss, lr, samples_per_s, eval)?;
             progress.show(gs, loss, lr, samples_per_s);
-            let due = self.commit_due(gs, last_commit, eval.is_some());
+            let due = self.commit_due(gs, eval.is_some());
             if due && gs < self.total {
-                match self.commit(store) {
-                    Ok(()) => {
-                        commits += 1;
-                        last_commit = Instant::now();
-                    }
-                    Err(source) if self.tc.stop_on_save_error => {
-                        return Err(TrainError::Save { step: gs, source })
-                    }
-                    Err(e) => {
-                        tracing::error!(step = gs, error = %e, "checkpoint failed; training on (checkpoint.on_save_error: continue)");
-                    }
-                }
+                self.save(p, self.tc.checkpoint_async, false)
+                    .or_else(fatal)?;
             }
         }
-        commits += self.commit_unless_committed(store)?;
+        self.commit_unless_committed(p)?;
         Ok(Outcome {
             completed: true,
-            commits,
+            commits: self.commits,
             last_step: self.st.global_step,
         })
     }
@@ -553,31 +595,22 @@ impl Trainer {
             })
     }
 
-    /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, or
-    /// because it is an eval step whose value `keep_best` monitors.
-    fn commit_due(&self, gs: u64, last_commit: Instant, evaluated: bool) -> bool {
+    /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, by
+    /// the `auto` interval, or because it is an eval step whose value `keep_best` monitors.
+    fn commit_due(&self, gs: u64, evaluated: bool) -> bool {
+        let since = self.last_save.elapsed();
         self.tc
             .checkpoint_every_steps
             .is_some_and(|n| gs.is_multiple_of(n))
             || self
                 .tc
                 .checkpoint_every_seconds
-                .is_some_and(|s| last_commit.elapsed().as_secs() >= s)
+                .is_some_and(|s| since.as_secs() >= s)
+            || self
+                .auto
+                .as_ref()
+                .is_some_and(|a| since.as_secs_f64() >= a.recommend().seconds)
             || (evaluated && self.tc.commits_at_eval())
-    }
-
-    /// The checkpoint a stop or the end must leave: commit the current step unless it already
-    /// is. A failure here is always an error (`on_save_error` applies to periodic saves only).
-    /// Returns the number of commits made (0 or 1).
-    fn commit_unless_committed(&mut self, store: &mut Store) -> Result<u32, TrainError> {
-        if self.committed == Some(self.st.global_step) {
-            return Ok(0);
-        }
-        self.commit(store).map_err(|source| TrainError::Save {
-            step: self.st.global_step,
-            source,
-        })?;
-        Ok(1)
     }
 
     /// One optimizer step (over `grad_accum` micro-batches); returns (mean loss, lr).
@@ -638,124 +671,6 @@ impl Trainer {
             }
         });
         sum / nb as f64
-    }
-
-    /// Commit the current state as the checkpoint of the current global step. With `keep_best`,
-    /// `best` first takes this checkpoint's monitored value when it is at least as good (and
-    /// goes back if the commit fails), so the state it records names what retention keeps.
-    fn commit(&mut self, store: &mut Store) -> Result<(), StorageError> {
-        let metrics = self.checkpoint_metrics();
-        let best_before = self.st.best.clone();
-        if let Some(b) = &self.tc.keep_best {
-            if let Some(&v) = metrics.get(&b.monitor) {
-                note_best(
-                    &mut self.st.best,
-                    &b.monitor,
-                    b.mode,
-                    v,
-                    self.st.global_step,
-                );
-            }
-        }
-        let result = self.write_checkpoint(store, metrics);
-        if result.is_err() {
-            self.st.best = best_before;
-        }
-        result
-    }
-
-    /// The manifest metrics of the checkpoint of the current step: its `loss` and `lr`, and the
-    /// eval metric only when it was measured at this very step.
-    fn checkpoint_metrics(&self) -> BTreeMap<String, f64> {
-        let step = self.st.global_step;
-        let mut metrics = BTreeMap::new();
-        if let Some(l) = self.st.last_loss {
-            metrics.insert("loss".to_owned(), l);
-        }
-        if let (Some(e), Some((at, v))) = (&self.tc.eval, self.eval_at) {
-            if at == step && v.is_finite() {
-                metrics.insert(e.metric.clone(), v);
-            }
-        }
-        metrics.insert("lr".to_owned(), self.sched.lr(step.saturating_sub(1)));
-        metrics
-    }
-
-    /// Write the current state with `metrics` through the store's commit protocol.
-    fn write_checkpoint(
-        &mut self,
-        store: &mut Store,
-        metrics: BTreeMap<String, f64>,
-    ) -> Result<(), StorageError> {
-        let invalid = |e: &dyn std::fmt::Display| StorageError::Invalid(e.to_string());
-        let step = self.st.global_step;
-        let rng = ffi::rng_state(Generator::Cpu).map_err(|e| invalid(&e))?;
-        let rng = to_tensor_data("rng", &rng).map_err(|e| invalid(&e))?;
-        self.st.rng.cpu_state = hex(&rng.bytes);
-        self.st.scheduler = self.sched.state().clone();
-        self.st.optimizer = self.opt.meta();
-        let tensors = |list: Vec<(String, Tensor)>| {
-            list.iter()
-                .map(|(n, t)| to_tensor_data(n, t))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| invalid(&e))
-        };
-        let model = tensors(named_state(&self.vs))?;
-        let optim = tensors(self.opt.state_tensors())?;
-        let reference = tensors(vec![
-            ("x".into(), self.reference.0.shallow_clone()),
-            ("y".into(), self.reference.1.shallow_clone()),
-        ])?;
-        let ref_loss = self.reference_loss();
-        let state = serde_json::to_vec_pretty(&self.st).map_err(|e| invalid(&e))?;
-        let meta_of = |kind: &str| {
-            BTreeMap::from([
-                ("format".to_owned(), "hpc-ckpt-trainer".to_owned()),
-                ("content".to_owned(), kind.to_owned()),
-            ])
-        };
-        let mut snap = Snapshot::new();
-        snap.add(
-            MODEL_FILE,
-            FileSource::Tensors {
-                tensors: model,
-                metadata: meta_of(self.tc.model.kind()),
-            },
-        );
-        snap.add(
-            OPTIMIZER_FILE,
-            FileSource::Tensors {
-                tensors: optim,
-                metadata: meta_of(self.tc.optimizer.kind()),
-            },
-        );
-        snap.add(
-            REFERENCE_FILE,
-            FileSource::Tensors {
-                tensors: reference,
-                metadata: meta_of("reference batch"),
-            },
-        );
-        snap.add(STATE_FILE, FileSource::Bytes(state.into()));
-        let mut extra = serde_json::Map::new();
-        extra.insert("reference_loss".into(), json!(ref_loss as f64));
-        extra.insert(
-            "reference_loss_bits".into(),
-            json!(format!("{:#010x}", ref_loss.to_bits())),
-        );
-        extra.insert("reference_device".into(), json!(device_name(self.device)));
-        let meta = CommitMeta {
-            step,
-            epoch: Some(self.st.epoch),
-            metrics,
-            job: None,
-            versions: versions(),
-            extra,
-        };
-        // The store logs the commit (once, with its duration).
-        store.commit(&snap, &meta)?;
-        self.committed = Some(step);
-        Ok(())
     }
 }
 

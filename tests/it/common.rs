@@ -1,8 +1,13 @@
-//! Shared helpers of the integration tests: the real binary, a seeded RNG, source dirs.
+//! Shared helpers of the integration tests: the real binary, a seeded RNG, source dirs, the
+//! store's invariants after a kill.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use hpc_ckpt::storage::pointer::{self, Pointer};
+use hpc_ckpt::storage::run_dir::RunDir;
+use hpc_ckpt::storage::verify::verify_checkpoint;
 
 /// The `hpc-ckpt` binary cargo built for these tests.
 pub fn bin() -> PathBuf {
@@ -151,4 +156,58 @@ pub fn python() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The store's promises after a writer was killed: every committed checkpoint verifies; the
+/// pointer names one that verifies (or nothing, before the first commit), never goes back from
+/// `last_step` (updated here), and lags the newest committed dir by at most an interrupted swap.
+pub fn check_invariants(run: &Path, last_step: &mut Option<u64>, ctx: &str) {
+    let dir = RunDir::new(run);
+    // Every committed checkpoint verifies.
+    for l in dir.list() {
+        if let Err(f) = verify_checkpoint(&l.path) {
+            panic!("{ctx}: committed {} does not verify: {f:?}", l.name);
+        }
+    }
+    let newest = dir.list().last().map(|l| l.step);
+    match pointer::read(run).unwrap_or_else(|f| panic!("{ctx}: pointer unreadable: {f}")) {
+        Pointer::Absent => {
+            assert!(
+                last_step.is_none(),
+                "{ctx}: pointer vanished after a commit"
+            );
+        }
+        Pointer::Names(n) => {
+            let step = hpc_ckpt::storage::manifest::parse_checkpoint_name(&n).unwrap();
+            let p = dir.checkpoints_dir().join(&n);
+            assert!(p.is_dir(), "{ctx}: pointer names missing {n}");
+            verify_checkpoint(&p)
+                .unwrap_or_else(|f| panic!("{ctx}: pointer target {n} corrupt: {f:?}"));
+            if let Some(prev) = *last_step {
+                assert!(
+                    step >= prev,
+                    "{ctx}: pointer went back from {prev} to {step}"
+                );
+            }
+            // The pointer lags the newest committed dir by at most one interrupted swap.
+            assert!(
+                newest.is_some_and(|s| s >= step),
+                "{ctx}: pointer ahead of checkpoints"
+            );
+            *last_step = Some(step);
+        }
+    }
+}
+
+/// The last `phase=` a writer logged at debug level (`startup` when none).
+pub fn last_phase(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    s.lines()
+        .rev()
+        .find_map(|l| {
+            let i = l.find("phase=")?;
+            let rest = l[i + 6..].trim_start_matches('"');
+            Some(rest.split(['"', ' ']).next().unwrap_or("").to_string())
+        })
+        .unwrap_or_else(|| "startup".into())
 }

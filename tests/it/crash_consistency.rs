@@ -15,61 +15,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use hpc_ckpt::storage::pointer::{self, Pointer};
 use hpc_ckpt::storage::run_dir::RunDir;
-use hpc_ckpt::storage::verify::verify_checkpoint;
 
 const KILLS: usize = 200;
-
-fn check_invariants(run: &Path, last_step: &mut Option<u64>, ctx: &str) {
-    let dir = RunDir::new(run);
-    // Every committed checkpoint verifies.
-    for l in dir.list() {
-        if let Err(f) = verify_checkpoint(&l.path) {
-            panic!("{ctx}: committed {} does not verify: {f:?}", l.name);
-        }
-    }
-    let newest = dir.list().last().map(|l| l.step);
-    match pointer::read(run).unwrap_or_else(|f| panic!("{ctx}: pointer unreadable: {f}")) {
-        Pointer::Absent => {
-            assert!(
-                last_step.is_none(),
-                "{ctx}: pointer vanished after a commit"
-            );
-        }
-        Pointer::Names(n) => {
-            let step = hpc_ckpt::storage::manifest::parse_checkpoint_name(&n).unwrap();
-            let p = dir.checkpoints_dir().join(&n);
-            assert!(p.is_dir(), "{ctx}: pointer names missing {n}");
-            verify_checkpoint(&p)
-                .unwrap_or_else(|f| panic!("{ctx}: pointer target {n} corrupt: {f:?}"));
-            if let Some(prev) = *last_step {
-                assert!(
-                    step >= prev,
-                    "{ctx}: pointer went back from {prev} to {step}"
-                );
-            }
-            // The pointer lags the newest committed dir by at most one interrupted swap.
-            assert!(
-                newest.is_some_and(|s| s >= step),
-                "{ctx}: pointer ahead of checkpoints"
-            );
-            *last_step = Some(step);
-        }
-    }
-}
-
-fn last_phase(log: &Path) -> String {
-    let s = std::fs::read_to_string(log).unwrap_or_default();
-    s.lines()
-        .rev()
-        .find_map(|l| {
-            let i = l.find("phase=")?;
-            let rest = l[i + 6..].trim_start_matches('"');
-            Some(rest.split(['"', ' ']).next().unwrap_or("").to_string())
-        })
-        .unwrap_or_else(|| "startup".into())
-}
 
 #[test]
 fn sigkill_at_random_instants_never_breaks_the_store() {

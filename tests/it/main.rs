@@ -8,6 +8,7 @@
 
 mod common;
 
+mod child_adoption;
 mod crash_consistency;
 mod fault_injection;
 #[cfg(feature = "torch")]
@@ -17,6 +18,8 @@ mod sbatch_template;
 #[cfg(feature = "torch")]
 mod slurm_e2e;
 mod supervisor_rules;
+#[cfg(feature = "torch")]
+mod train_async;
 #[cfg(feature = "torch")]
 mod train_best;
 #[cfg(feature = "torch")]
