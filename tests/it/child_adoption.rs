@@ -65,6 +65,17 @@ fn pointer_step(run: &Path) -> Option<u64> {
     hpc_ckpt::storage::manifest::parse_checkpoint_name(name.trim())
 }
 
+/// The step the next allocation resumes from: the newest durable checkpoint. A kill between the
+/// checkpoint's rename and the pointer's move leaves a complete checkpoint newer than the
+/// pointer; the store adopts it on the next open, so it counts as committed.
+fn resume_step(run: &Path) -> Option<u64> {
+    hpc_ckpt::storage::RunDir::new(run)
+        .list()
+        .last()
+        .map(|l| l.step)
+        .max(pointer_step(run))
+}
+
 /// The staging dirs of allocations (one per allocation token).
 fn staged_dirs(run: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(run.join("staging"))
@@ -133,7 +144,7 @@ fn sigkill_mid_adoption_keeps_the_previous_checkpoint_and_the_staged_files() {
 
     let mut phases: BTreeMap<String, usize> = BTreeMap::new();
     for k in 0..KILLS {
-        let before = pointer_step(&run).unwrap();
+        let before = resume_step(&run).unwrap();
         // Whatever earlier kills left staged is kept aside by this allocation; drop those copies
         // (checked below when they were left) to bound the disk used.
         let _ = std::fs::remove_dir_all(run.join("kept"));
@@ -154,7 +165,7 @@ fn sigkill_mid_adoption_keeps_the_previous_checkpoint_and_the_staged_files() {
         *phases.entry(phase).or_default() += 1;
         let ctx = format!("kill #{k}");
         check_invariants(&run, &mut last_step, &ctx);
-        let after = pointer_step(&run).unwrap();
+        let after = resume_step(&run).unwrap();
         if after == before {
             // Not committed: the staged files are where the child put them, whole.
             let dirs: Vec<PathBuf> = staged_dirs(&run)
@@ -178,7 +189,7 @@ fn sigkill_mid_adoption_keeps_the_previous_checkpoint_and_the_staged_files() {
     );
 
     // An uninterrupted allocation commits by adoption; everything verifies.
-    let before = pointer_step(&run).unwrap();
+    let before = resume_step(&run).unwrap();
     let st = wrap(&run, &log).wait().unwrap();
     assert_eq!(
         st.code(),
