@@ -25,7 +25,9 @@
 #                                   needed, but anyone who can reach the ports can
 #                                   run jobs as any user — use only in sandboxes)
 #   HPC_CKPT_CLUSTER_CTLD_PORT      slurmctld port (default 6817)
-#   HPC_CKPT_CLUSTER_SLURMD_PORT    slurmd port (default 6818)
+#   HPC_CKPT_CLUSTER_SLURMD_PORT    slurmd port (default 6818); the second
+#                                   node's slurmd listens on the next port
+#   HPC_CKPT_CLUSTER_NODES          1 or 2 (default 2): slurmd nodes on this host
 #   HPC_CKPT_CLUSTER_GRACE_TIME     GraceTime of the `low` partition, s (default 10)
 #   HPC_CKPT_CLUSTER_MIN_JOB_AGE    seconds finished jobs stay visible to
 #                                   `scontrol show job` (default 60)
@@ -33,13 +35,20 @@
 #   HPC_CKPT_CLUSTER_KEEP_JOBS=1    `stop` leaves jobs alone (they are recovered
 #                                   from the saved state on the next `start`)
 #
-# Cluster layout: one node named after `hostname -s` (NodeAddr=127.0.0.1) with
+# Cluster layout: a node named after `hostname -s` (NodeAddr=127.0.0.1) with
 # the machine's real CPU count and ~95% of its memory; partitions `low`
 # (default, PriorityTier=1, PreemptMode=REQUEUE, GraceTime) and `high`
-# (PriorityTier=10, PreemptMode=OFF); preempt/partition_prio with
+# (PriorityTier=10, PreemptMode=OFF) on it; preempt/partition_prio with
 # preempt_send_user_signal, so `--signal=B:USR1@N` reaches a preempted job's
 # batch shell at the start of its grace time. No accounting: use
 # `scontrol show job`, not sacct.
+#
+# Two nodes (the default): a second node `<host>-2` on the same host (its own
+# slurmd on the next port, the same CPUs and memory, counted twice), and the
+# partitions `wide` (like `low`) and `widehigh` (like `high`) over both nodes,
+# for multi-node jobs (`sbatch -N2`): the batch step runs on the first node,
+# `srun` tasks on both, and `srun` forwards signals to every task. `low` and
+# `high` keep only the first node, so a `high` job still preempts a `low` one.
 set -euo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
@@ -47,6 +56,7 @@ STATE=${HPC_CKPT_CLUSTER_DIR:-/tmp/hpc-ckpt-cluster}
 AUTH=${HPC_CKPT_CLUSTER_AUTH:-munge}
 CTLD_PORT=${HPC_CKPT_CLUSTER_CTLD_PORT:-6817}
 SLURMD_PORT=${HPC_CKPT_CLUSTER_SLURMD_PORT:-6818}
+NODES=${HPC_CKPT_CLUSTER_NODES:-2}
 GRACE_TIME=${HPC_CKPT_CLUSTER_GRACE_TIME:-10}
 MIN_JOB_AGE=${HPC_CKPT_CLUSTER_MIN_JOB_AGE:-60}
 START_TIMEOUT=${HPC_CKPT_CLUSTER_START_TIMEOUT:-60}
@@ -56,10 +66,14 @@ CONF=$STATE/etc/slurm.conf
 RUN=$STATE/run
 LOG=$STATE/log
 CTLD_PID=$RUN/slurmctld.pid
-SLURMD_PID=$RUN/slurmd.pid
 MUNGED_PID=$RUN/munged.pid          # written only when this script started munged
 MUNGE_DIR=$STATE/munge              # munged's own log/pid (owned by the munge user)
 NODE=$(hostname -s)
+NODE2=$NODE-2
+SLURMD_PORT2=$((SLURMD_PORT + 1))
+SLURMD_PID=$RUN/slurmd-$NODE.pid
+SLURMD2_PID=$RUN/slurmd-$NODE2.pid
+case $NODES in 1 | 2) ;; *) printf 'local-cluster: error: HPC_CKPT_CLUSTER_NODES must be 1 or 2 (got %s)\n' "$NODES" >&2; exit 1 ;; esac
 
 REQUIRED_CMDS=(slurmctld slurmd sbatch scontrol scancel squeue sinfo srun munged munge unmunge runuser)
 PACKAGES=(slurmctld slurmd slurm-client munge)
@@ -72,7 +86,7 @@ die() { printf 'local-cluster: error: %s\n' "$*" >&2; exit 1; }
 need_root() {
     [[ $EUID -eq 0 ]] && return 0
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        exec sudo -n --preserve-env=HPC_CKPT_CLUSTER_DIR,HPC_CKPT_CLUSTER_AUTH,HPC_CKPT_CLUSTER_CTLD_PORT,HPC_CKPT_CLUSTER_SLURMD_PORT,HPC_CKPT_CLUSTER_GRACE_TIME,HPC_CKPT_CLUSTER_MIN_JOB_AGE,HPC_CKPT_CLUSTER_START_TIMEOUT,HPC_CKPT_CLUSTER_KEEP_JOBS \
+        exec sudo -n --preserve-env=HPC_CKPT_CLUSTER_DIR,HPC_CKPT_CLUSTER_AUTH,HPC_CKPT_CLUSTER_CTLD_PORT,HPC_CKPT_CLUSTER_SLURMD_PORT,HPC_CKPT_CLUSTER_NODES,HPC_CKPT_CLUSTER_GRACE_TIME,HPC_CKPT_CLUSTER_MIN_JOB_AGE,HPC_CKPT_CLUSTER_START_TIMEOUT,HPC_CKPT_CLUSTER_KEEP_JOBS \
             "$SELF" "$@"
     fi
     die "must run as root (or with passwordless sudo)"
@@ -174,24 +188,35 @@ munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# the node names of this cluster
+nodes() {
+    echo "$NODE"
+    if ((NODES == 2)); then echo "$NODE2"; fi
+}
+
 node_state() {
     # prints e.g. IDLE, MIXED, DOWN+NOT_RESPONDING, IDLE+DRAIN; empty if unknown
-    SLURM_CONF=$CONF scontrol -o show node "$NODE" 2>/dev/null |
+    SLURM_CONF=$CONF scontrol -o show node "${1:-$NODE}" 2>/dev/null |
         sed -n 's/.*\bState=\([^ ]*\).*/\1/p'
 }
 
 ctld_up() { SLURM_CONF=$CONF scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 node_usable() {
-    local s
-    s=$(node_state)
-    [[ $s =~ ^(IDLE|MIXED|ALLOCATED|COMPLETING)(\+COMPLETING)?$ ]]
+    local s n
+    for n in $(nodes); do
+        s=$(node_state "$n")
+        [[ $s =~ ^(IDLE|MIXED|ALLOCATED|COMPLETING)(\+COMPLETING)?$ ]] || return 1
+    done
 }
 
 healthy() {
     [[ -f $CONF ]] || return 1
     pid_alive "$CTLD_PID" slurmctld || return 1
     pid_alive "$SLURMD_PID" slurmd || return 1
+    if ((NODES == 2)); then pid_alive "$SLURMD2_PID" slurmd || return 1; fi
+    # a config written for another node count is not this cluster
+    [[ $(grep -c '^NodeName=' "$CONF") == "$NODES" ]] || return 1
     if [[ $(conf_auth) == munge ]]; then munge_ok || return 1; fi
     ctld_up || return 1
     node_usable
@@ -204,14 +229,14 @@ conf_auth() {
 
 show_logs() {
     local f
-    for f in "$LOG/slurmctld.log" "$LOG/slurmd.log" "$MUNGE_DIR/munged.log"; do
+    for f in "$LOG/slurmctld.log" "$LOG/slurmd-$NODE.log" "$LOG/slurmd-$NODE2.log" "$MUNGE_DIR/munged.log"; do
         [[ -s $f ]] || continue
         printf '\n----- tail of %s -----\n' "$f" >&2
         tail -n 25 "$f" >&2
     done
     if [[ -f $CONF ]]; then
-        printf '\n----- scontrol show node %s -----\n' "$NODE" >&2
-        SLURM_CONF=$CONF timeout 10 scontrol show node "$NODE" >&2 2>&1 || true
+        printf '\n----- scontrol show node -----\n' >&2
+        SLURM_CONF=$CONF timeout 10 scontrol show node >&2 2>&1 || true
     fi
 }
 
@@ -291,11 +316,12 @@ CredType=$cred_type
 AuthInfo=cred_expire=5
 
 StateSaveLocation=$STATE/spool/ctld
-SlurmdSpoolDir=$STATE/spool/d
+# %n: the node's name (two slurmd nodes may share this host)
+SlurmdSpoolDir=$STATE/spool/d-%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$RUN/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 
@@ -329,10 +355,18 @@ ReturnToService=2
 InactiveLimit=0
 Waittime=0
 
-NodeName=$NODE NodeAddr=127.0.0.1 $topo RealMemory=$mem_mb State=UNKNOWN
+NodeName=$NODE NodeHostname=$NODE NodeAddr=127.0.0.1 $topo RealMemory=$mem_mb State=UNKNOWN
 PartitionName=low Nodes=$NODE Default=YES MaxTime=UNLIMITED State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME
 PartitionName=high Nodes=$NODE Default=NO MaxTime=UNLIMITED State=UP PriorityTier=10 PreemptMode=OFF
 EOF
+    if ((NODES == 2)); then
+        cat >>"$tmp" <<EOF
+# The second node: the same host, its own slurmd (-N $NODE2) on its own port.
+NodeName=$NODE2 NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$SLURMD_PORT2 $topo RealMemory=$mem_mb State=UNKNOWN
+PartitionName=wide Nodes=$NODE,$NODE2 Default=NO MaxTime=UNLIMITED State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME
+PartitionName=widehigh Nodes=$NODE,$NODE2 Default=NO MaxTime=UNLIMITED State=UP PriorityTier=10 PreemptMode=OFF
+EOF
+    fi
     mv -f "$tmp" "$CONF"
 }
 
@@ -394,14 +428,14 @@ cancel_all_jobs() {
 stop_daemons() {
     # slurmctld saves its state on SIGTERM; none of them needs the others
     # to shut down, so stop them together (each takes ~2 s to exit).
-    stop_pids 20 "$SLURMD_PID:slurmd" "$CTLD_PID:slurmctld" "$MUNGED_PID:munged"
+    stop_pids 20 "$SLURMD_PID:slurmd" "$SLURMD2_PID:slurmd" "$CTLD_PID:slurmctld" "$MUNGED_PID:munged"
 }
 
 cmd_stop() {
     [[ -d $STATE ]] || return 0
     if ! pid_alive "$CTLD_PID" slurmctld && ! pid_alive "$SLURMD_PID" slurmd &&
-        ! pid_alive "$MUNGED_PID" munged; then
-        rm -f "$CTLD_PID" "$SLURMD_PID" "$MUNGED_PID"
+        ! pid_alive "$SLURMD2_PID" slurmd && ! pid_alive "$MUNGED_PID" munged; then
+        rm -f "$CTLD_PID" "$SLURMD_PID" "$SLURMD2_PID" "$MUNGED_PID"
         return 0
     fi
     need_root stop
@@ -412,13 +446,14 @@ cmd_stop() {
 
 # ---------------------------------------------------------------- start
 
-# start_daemon NAME PIDFILE: start a Slurm daemon (it forks into the
+# start_daemon NAME PIDFILE [ARGS...]: start a Slurm daemon (it forks into the
 # background) and wait, bounded, for its pid file to name a live process.
 start_daemon() {
     local name=$1 pf=$2 i
-    log "starting $name"
+    shift 2
+    log "starting $name $*"
     rm -f "$pf"
-    "$name" -f "$CONF" 2>>"$LOG/$name.stderr" 9>&- || { show_logs; die "$name failed to start"; }
+    "$name" -f "$CONF" "$@" 2>>"$LOG/$name.stderr" 9>&- || { show_logs; die "$name failed to start"; }
     for ((i = 0; i < 50; i++)); do
         pid_alive "$pf" "$name" && return 0
         sleep 0.2
@@ -446,12 +481,15 @@ cmd_start() {
 
     # Half-up (crashed daemon, stale node state, config from another run):
     # restart whatever of ours still runs, keeping the saved job state.
-    if pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd; then
+    if pid_alive "$CTLD_PID" slurmctld || pid_alive "$SLURMD_PID" slurmd ||
+        pid_alive "$SLURMD2_PID" slurmd || pid_alive "$RUN/slurmd.pid" slurmd; then
         log "cluster is not healthy; restarting its daemons"
-        stop_pids 20 "$SLURMD_PID:slurmd" "$CTLD_PID:slurmctld"
+        # (slurmd.pid: the single-slurmd layout of earlier versions)
+        stop_pids 20 "$SLURMD_PID:slurmd" "$SLURMD2_PID:slurmd" "$RUN/slurmd.pid:slurmd" "$CTLD_PID:slurmctld"
     fi
-    local p
-    for p in "$CTLD_PORT" "$SLURMD_PORT"; do
+    local p ports=("$CTLD_PORT" "$SLURMD_PORT")
+    ((NODES == 2)) && ports+=("$SLURMD_PORT2")
+    for p in "${ports[@]}"; do
         port_in_use "$p" && die "port $p is already in use (another slurmctld/slurmd?); set HPC_CKPT_CLUSTER_CTLD_PORT/HPC_CKPT_CLUSTER_SLURMD_PORT"
     done
 
@@ -460,29 +498,36 @@ cmd_start() {
     export SLURM_CONF=$CONF
 
     start_daemon slurmctld "$CTLD_PID"
-    start_daemon slurmd "$SLURMD_PID"
+    start_daemon slurmd "$SLURMD_PID" -N "$NODE"
+    if ((NODES == 2)); then start_daemon slurmd "$SLURMD2_PID" -N "$NODE2"; fi
 
-    local deadline=$((SECONDS + START_TIMEOUT)) last_resume=0 s
+    local deadline=$((SECONDS + START_TIMEOUT)) last_resume=0 s n
     while ((SECONDS < deadline)); do
         pid_alive "$CTLD_PID" slurmctld || { show_logs; die "slurmctld exited during startup"; }
         pid_alive "$SLURMD_PID" slurmd || { show_logs; die "slurmd exited during startup"; }
+        if ((NODES == 2)); then
+            pid_alive "$SLURMD2_PID" slurmd || { show_logs; die "slurmd of $NODE2 exited during startup"; }
+        fi
         if ctld_up && node_usable; then
-            log "node $NODE is $(node_state) ($(nproc) CPUs); cluster up"
+            log "nodes $(nodes | tr '\n' ' ')are up ($(nproc) CPUs each); cluster up"
             export_line
             return 0
         fi
-        s=$(node_state)
         # A node left DOWN/DRAINED by an earlier run (e.g. slurmd stopped
         # first) is returned to service once slurmd is registered.
-        if [[ $s =~ DOWN|DRAIN|FAIL ]] && [[ $s != *NOT_RESPONDING* ]] &&
-            ((SECONDS - last_resume >= 3)); then
-            scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true
-            last_resume=$SECONDS
+        if ((SECONDS - last_resume >= 3)); then
+            for n in $(nodes); do
+                s=$(node_state "$n")
+                if [[ $s =~ DOWN|DRAIN|FAIL ]] && [[ $s != *NOT_RESPONDING* ]]; then
+                    scontrol update NodeName="$n" State=RESUME 2>/dev/null || true
+                    last_resume=$SECONDS
+                fi
+            done
         fi
         sleep 0.3
     done
     show_logs
-    die "node $NODE not usable after ${START_TIMEOUT}s (state: '$(node_state)')"
+    die "nodes not usable after ${START_TIMEOUT}s (states: $(for n in $(nodes); do printf '%s=%s ' "$n" "$(node_state "$n")"; done))"
 }
 
 # ---------------------------------------------------------------- status
@@ -491,10 +536,13 @@ cmd_status() {
     local rc=0 ctld=no slurmd=no munge=no
     pid_alive "$CTLD_PID" slurmctld && ctld="yes (pid $(pid_of "$CTLD_PID"))"
     pid_alive "$SLURMD_PID" slurmd && slurmd="yes (pid $(pid_of "$SLURMD_PID"))"
+    if ((NODES == 2)); then
+        if pid_alive "$SLURMD2_PID" slurmd; then slurmd+="; $NODE2: yes (pid $(pid_of "$SLURMD2_PID"))"; else slurmd+="; $NODE2: no"; fi
+    fi
     if [[ $(conf_auth) == none ]]; then munge="not used (auth/none)"; elif munge_ok; then munge=yes; fi
     if healthy; then
         echo "cluster: running (state dir $STATE)"
-    elif [[ $ctld == no && $slurmd == no ]]; then
+    elif [[ $ctld == no && $slurmd != *yes* ]]; then
         echo "cluster: not running (state dir $STATE)"
         rc=3
     else
@@ -507,7 +555,7 @@ cmd_status() {
         echo "--- sinfo"
         timeout 10 sinfo || true
         echo "--- node"
-        timeout 10 scontrol show node "$NODE" | grep -E 'NodeName|CPUAlloc|RealMemory|State=|Partitions|Reason' || true
+        timeout 10 scontrol show node | grep -E 'NodeName|CPUAlloc|RealMemory|State=|Partitions|Reason' || true
         echo "--- squeue"
         timeout 10 squeue || true
         export_line

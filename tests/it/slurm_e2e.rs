@@ -42,11 +42,38 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Write a job config for `command` (slurm lead 30 s, exclusive node) plus `extra_yaml`.
+/// Where a job runs on the local cluster, and what preempts it there.
+struct Layout {
+    /// Lines of the job config's `slurm:` section (besides `signal_lead` and `extra`).
+    slurm: &'static str,
+    /// `sbatch` options of a job that preempts it.
+    preemptor: &'static [&'static str],
+    /// The nodes the job's allocation spans.
+    nodes: u32,
+}
+
+/// One node (partition `low`); `high` preempts.
+const ONE_NODE: Layout = Layout {
+    slurm: "  partition: low\n",
+    preemptor: &["-p", "high", "--exclusive"],
+    nodes: 1,
+};
+
+/// Two nodes × one task (partition `wide`, the local cluster's second slurmd); `widehigh`
+/// preempts.
+const TWO_NODES: Layout = Layout {
+    slurm: "  partition: wide\n  nodes: 2\n  ntasks_per_node: 1\n",
+    preemptor: &["-p", "widehigh", "-N2", "--exclusive"],
+    nodes: 2,
+};
+
+/// Write a job config for `command` (slurm lead 30 s, exclusive nodes, on `layout`) plus
+/// `extra_yaml`.
 fn write_config(
     dir: &Path,
     name: &str,
     command: &[String],
+    layout: &Layout,
     extra_yaml: &str,
 ) -> (PathBuf, PathBuf) {
     let run = dir.join("run");
@@ -55,10 +82,11 @@ fn write_config(
     std::fs::write(
         &cfg,
         format!(
-            "name: {name}\nrun_dir: {}\ncommand: [{}]\nslurm:\n  partition: low\n  signal_lead: 30\n  \
+            "name: {name}\nrun_dir: {}\ncommand: [{}]\nslurm:\n{}  signal_lead: 30\n  \
              extra: ['--exclusive']\n{extra_yaml}",
             run.display(),
-            cmd_yaml.join(", ")
+            cmd_yaml.join(", "),
+            layout.slurm,
         ),
     )
     .unwrap();
@@ -91,9 +119,10 @@ fn submit(
     dir: &Path,
     name: &str,
     command: &[String],
+    layout: &Layout,
     extra_yaml: &str,
 ) -> (String, PathBuf) {
-    let (cfg, run) = write_config(dir, name, command, extra_yaml);
+    let (cfg, run) = write_config(dir, name, command, layout, extra_yaml);
     (submit_config(conf, &cfg), run)
 }
 
@@ -140,6 +169,7 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical_python_child() {
         "e2e-three-py",
         &train_args(steps),
         &fast,
+        &ONE_NODE,
         "",
         steps,
         SINGLE_FILES,
@@ -149,41 +179,64 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical_python_child() {
 /// The files compared with the straight run (a 1-rank program's).
 const SINGLE_FILES: &[&str] = &["model.safetensors", "optimizer.safetensors"];
 
+/// `examples/python/ddp_train.py` for `steps` steps, a commit every 15.
+fn ddp_command(steps: u32, delay: bool) -> Vec<String> {
+    let mut v = vec![
+        python().display().to_string(),
+        repo()
+            .join("examples/python/ddp_train.py")
+            .display()
+            .to_string(),
+        "--steps".into(),
+        steps.to_string(),
+        "--checkpoint-every".into(),
+        "15".into(),
+    ];
+    if delay {
+        v.extend(["--step-delay".into(), "0.1".into()]);
+    }
+    v
+}
+
+/// The files of a 2-rank DDP checkpoint compared with the straight run.
+const DDP_FILES: &[&str] = &[
+    "rank00000.model.safetensors",
+    "rank00000.optimizer.safetensors",
+    "rank00000.rng.safetensors",
+    "rank00001.rng.safetensors",
+];
+
 /// A 2-rank torch.distributed (gloo) DDP job: the supervisor starts the ranks with `srun`, the
 /// warning reaches both through srun, they agree on the stop step with an all_reduce, and every
 /// checkpoint holds both ranks' files. The straight run starts its 2 ranks locally.
 #[test]
 fn three_interruptions_of_a_two_rank_ddp_job_end_byte_identical() {
     let steps = 120;
-    let ddp = |delay: bool| {
-        let mut v = vec![
-            python().display().to_string(),
-            repo()
-                .join("examples/python/ddp_train.py")
-                .display()
-                .to_string(),
-            "--steps".into(),
-            steps.to_string(),
-            "--checkpoint-every".into(),
-            "15".into(),
-        ];
-        if delay {
-            v.extend(["--step-delay".into(), "0.1".into()]);
-        }
-        v
-    };
     three_interruptions(
         "e2e-three-ddp",
-        &ddp(true),
-        &ddp(false),
+        &ddp_command(steps, true),
+        &ddp_command(steps, false),
+        &ONE_NODE,
         "distributed:\n  world_size: 2\n",
         steps,
-        &[
-            "rank00000.model.safetensors",
-            "rank00000.optimizer.safetensors",
-            "rank00000.rng.safetensors",
-            "rank00001.rng.safetensors",
-        ],
+        DDP_FILES,
+    );
+}
+
+/// The same DDP job as 2 nodes × 1 task (the local cluster's two slurmd nodes): the batch step
+/// and the supervisor on the first node, `srun` puts rank 1 on the second; the warning reaches
+/// both nodes' ranks, one coordinated commit per checkpoint, one requeue per interruption.
+#[test]
+fn three_interruptions_of_a_two_node_ddp_job_end_byte_identical() {
+    let steps = 90;
+    three_interruptions(
+        "e2e-three-ddp-2n",
+        &ddp_command(steps, true),
+        &ddp_command(steps, false),
+        &TWO_NODES,
+        "",
+        steps,
+        DDP_FILES,
     );
 }
 
@@ -200,6 +253,7 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical_builtin_trainer() 
         "e2e-three-builtin",
         &train,
         &train,
+        &ONE_NODE,
         yaml,
         2000,
         SINGLE_FILES,
@@ -213,6 +267,7 @@ fn three_interruptions(
     name: &str,
     command: &[String],
     straight_command: &[String],
+    layout: &Layout,
     extra_yaml: &str,
     steps: u32,
     files: &[&str],
@@ -223,7 +278,7 @@ fn three_interruptions(
 
     let straight_dir = tmp.path().join("straight");
     std::fs::create_dir_all(&straight_dir).unwrap();
-    let (cfg, straight) = write_config(&straight_dir, name, straight_command, extra_yaml);
+    let (cfg, straight) = write_config(&straight_dir, name, straight_command, layout, extra_yaml);
     let o = crate::common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
         .env_remove("SLURM_JOB_ID")
         .output()
@@ -237,6 +292,7 @@ fn three_interruptions(
         &dir,
         name,
         command,
+        layout,
         &format!("signals:\n  grace_seconds: 20\n{extra_yaml}"),
     );
     let mut rng = Rng(std::env::var("HPC_CKPT_TEST_SEED")
@@ -250,6 +306,12 @@ fn three_interruptions(
     wait_for("commit 1", limit, || {
         count(&run, "checkpoint_committed") >= 1
     });
+    let record = text(&slurm(&conf, "scontrol", &["show", "job", "-o", &job]));
+    assert!(
+        record.contains(&format!("NumNodes={} ", layout.nodes)),
+        "the allocation should span {} node(s): {record}",
+        layout.nodes
+    );
     std::thread::sleep(jitter());
     let o = slurm(&conf, "scancel", &["--signal=USR1", "--batch", &job]);
     assert!(o.status.success(), "{}", text(&o));
@@ -261,20 +323,10 @@ fn three_interruptions(
         count(&run, "checkpoint_committed") > c
     });
     std::thread::sleep(jitter());
-    let o = slurm(
-        &conf,
-        "sbatch",
-        &[
-            "--parsable",
-            "-p",
-            "high",
-            "--exclusive",
-            "-o",
-            "/dev/null",
-            "--wrap",
-            "sleep 2",
-        ],
-    );
+    let mut preemptor = vec!["--parsable"];
+    preemptor.extend(layout.preemptor);
+    preemptor.extend(["-o", "/dev/null", "--wrap", "sleep 2"]);
+    let o = slurm(&conf, "sbatch", &preemptor);
     assert!(o.status.success(), "{}", text(&o));
     wait_for("allocation 3", limit, || count(&run, "child_started") >= 3);
 
@@ -355,6 +407,7 @@ fn a_program_that_always_crashes_stops_after_max_no_progress() {
         tmp.path(),
         "e2e-crash",
         &cmd,
+        &ONE_NODE,
         "requeue:\n  max_no_progress: 2\n",
     );
     wait_for("the chain to stop", Duration::from_secs(90), || {
@@ -390,7 +443,14 @@ fn scancel_by_the_user_is_not_requeued() {
     let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
     let tmp = tempfile::tempdir().unwrap();
-    let (job, run) = submit(&conf, tmp.path(), "e2e-cancel", &train_args(400), "");
+    let (job, run) = submit(
+        &conf,
+        tmp.path(),
+        "e2e-cancel",
+        &train_args(400),
+        &ONE_NODE,
+        "",
+    );
     wait_for("commit 1", Duration::from_secs(120), || {
         count(&run, "checkpoint_committed") >= 1
     });
@@ -425,7 +485,7 @@ fn time_limit_warning_checkpoints_and_resumes() {
     let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
     let tmp = tempfile::tempdir().unwrap();
-    let (cfg, run) = write_config(tmp.path(), "e2e-timelimit", &train_args(800), "");
+    let (cfg, run) = write_config(tmp.path(), "e2e-timelimit", &train_args(800), &ONE_NODE, "");
     let text_cfg = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("signal_lead: 30", "signal_lead: 60\n  time: '2'");
