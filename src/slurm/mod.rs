@@ -74,6 +74,41 @@ pub struct JobState {
     pub command: Option<String>,
     /// `Restarts=`.
     pub restarts: u32,
+    /// `TimeLimit=`: None when UNLIMITED (or unparsable).
+    pub time_limit: Option<std::time::Duration>,
+    /// `RunTime=`: how long the job has run in this allocation, when the query was answered.
+    pub run_time: Option<std::time::Duration>,
+}
+
+impl JobState {
+    /// The time left before the job's time limit, as of the query.
+    pub fn time_left(&self) -> Option<std::time::Duration> {
+        Some(self.time_limit?.saturating_sub(self.run_time?))
+    }
+}
+
+/// A Slurm duration as `scontrol` prints it: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`,
+/// `D-HH:MM:SS`. None for `UNLIMITED`, `NOT_SET`, `INVALID` or anything else.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let (days, rest) = match s.split_once('-') {
+        Some((d, r)) => (d.parse::<u64>().ok()?, r),
+        None => (0, s),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.parse::<u64>().ok())
+        .collect::<Option<_>>()?;
+    let (h, m, sec) = match (s.contains('-'), parts.as_slice()) {
+        (false, [m]) => (0, *m, 0),
+        (false, [m, sec]) => (0, *m, *sec),
+        (true, [h]) => (*h, 0, 0),
+        (true, [h, m]) => (*h, *m, 0),
+        (_, [h, m, sec]) => (*h, *m, *sec),
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(
+        ((days * 24 + h) * 60 + m) * 60 + sec,
+    ))
 }
 
 /// Parse one-line `scontrol show job -o` output.
@@ -92,6 +127,8 @@ pub fn parse_show_job(text: &str) -> Option<JobState> {
             "Requeue" => st.requeueable = v == "1",
             "Command" => st.command = Some(v.to_string()).filter(|c| c != "(null)"),
             "Restarts" => st.restarts = v.parse().unwrap_or(0),
+            "TimeLimit" => st.time_limit = parse_duration(v),
+            "RunTime" => st.run_time = parse_duration(v),
             _ => {}
         }
     }
@@ -210,9 +247,30 @@ mod scontrol_tests {
         assert!(j.requeueable);
         assert_eq!(j.restarts, 2);
         assert_eq!(j.command.as_deref(), Some("/tmp/a.sbatch"));
+        assert_eq!(j.time_left(), None, "no TimeLimit/RunTime given");
         assert_eq!(
             parse_show_job("slurm_load_jobs error: Invalid job id"),
             None
         );
+        let j = parse_show_job("JobId=15 JobState=RUNNING RunTime=00:01:10 TimeLimit=00:05:00")
+            .unwrap();
+        assert_eq!(j.time_left(), Some(std::time::Duration::from_secs(230)));
+        let j = parse_show_job("JobId=15 JobState=RUNNING RunTime=00:01:10 TimeLimit=UNLIMITED")
+            .unwrap();
+        assert_eq!(j.time_left(), None);
+    }
+
+    #[test]
+    fn parses_slurm_durations() {
+        let d = |s| parse_duration(s).map(|d| d.as_secs());
+        assert_eq!(d("5"), Some(300));
+        assert_eq!(d("5:30"), Some(330));
+        assert_eq!(d("01:02:03"), Some(3723));
+        assert_eq!(d("2-03"), Some(2 * 86400 + 3 * 3600));
+        assert_eq!(d("2-03:04"), Some(2 * 86400 + 3 * 3600 + 240));
+        assert_eq!(d("1-00:00:05"), Some(86405));
+        for bad in ["UNLIMITED", "NOT_SET", "", "1:2:3:4", "a:b", "-5"] {
+            assert_eq!(d(bad), None, "{bad}");
+        }
     }
 }

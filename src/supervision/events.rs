@@ -70,6 +70,21 @@ pub enum SupervisorEvent {
         #[serde(default)]
         grace_seconds: Option<u64>,
     },
+    /// In a Slurm job with a time limit: the time-limit watch is armed (`deadline`).
+    TimeLimitWatch {
+        seconds_left: u64,
+        save_in_seconds: u64,
+        lead_seconds: u64,
+    },
+    /// The time-limit watch was due with no warning signal: the supervisor stopped the
+    /// workload as the warning would (final save, commit, requeue).
+    TimeLimitNear {
+        lead_seconds: u64,
+        #[serde(default)]
+        forwarded: Option<String>,
+        #[serde(default)]
+        grace_seconds: Option<u64>,
+    },
     /// The grace period ran out: the program got TERM, then KILL.
     ChildEscalated { signal: String },
     /// The program ended.

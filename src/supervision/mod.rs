@@ -3,6 +3,8 @@
 //! - [`signals`]: OS signals become events on a channel; handlers only record, never act.
 //! - [`child`]: the supervised program in its own process group, dying with its supervisor.
 //! - [`workload`]: what runs (built-in trainer in-process, or a program) and how it can fail.
+//! - [`deadline`]: the time-limit watch: a last save before the time limit when no warning
+//!   signal comes.
 //! - [`stop`]: the stop sequence (forward, grace, TERM, KILL) as a state machine.
 //! - [`protocol`]: the child protocol: staging, commit requests, answers, kept files — per rank,
 //!   with one coordinated commit of every rank's files.
@@ -16,6 +18,7 @@
 //! - [`wrap`]: one allocation: open, run the workload, decide, journal.
 
 pub mod child;
+pub mod deadline;
 pub mod events;
 pub mod history;
 pub mod interval;

@@ -7,8 +7,8 @@
 //! The rules (README, "Stop sequence"):
 //! - the first stop is forwarded at once: the warning signal as the configured child signal with
 //!   the full grace period; a bare TERM/INT/HUP as TERM with the grace capped (the kill is near);
-//!   a stop the supervisor asks for itself (a failed save under `on_save_error: stop`) like the
-//!   warning;
+//!   a stop the supervisor asks for itself (a failed save under `on_save_error: stop`, the
+//!   time-limit watch when no warning came) like the warning;
 //! - a later TERM means hurry: it is forwarded, and the grace shrinks to at most the TERM cap
 //!   from now; other repeats are only noted;
 //! - when the grace is over the program gets TERM (unless it already had one), and `kill_after`
@@ -40,6 +40,9 @@ pub enum Cause {
     Signal(Sig),
     /// The supervisor asks on its own: a save failed and `on_save_error` is `stop`.
     SaveFailed,
+    /// The supervisor asks on its own: the job's time limit is `slurm.signal_lead` away and no
+    /// warning signal came ([`super::deadline`]). Announced, like the warning.
+    TimeLimit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +87,7 @@ impl Stopping {
     pub fn signal(&self, timing: &StopTiming) -> Sig {
         match self.cause {
             Cause::Signal(s) => s,
-            Cause::SaveFailed => timing.child,
+            Cause::SaveFailed | Cause::TimeLimit => timing.child,
         }
     }
 }
@@ -130,8 +133,8 @@ impl StopSequence {
                     forward: hurry.then_some(Sig::Term),
                 }]
             }
-            // Already stopping: a failed save changes nothing.
-            (Input::Stop(Cause::SaveFailed), Some(_)) => Vec::new(),
+            // Already stopping: a failed save or the time-limit watch changes nothing.
+            (Input::Stop(Cause::SaveFailed | Cause::TimeLimit), Some(_)) => Vec::new(),
             (Input::Tick, None) => Vec::new(),
             (Input::Tick, Some(s)) => {
                 let waited = now - s.at;
@@ -155,6 +158,7 @@ impl StopSequence {
             Cause::Signal(s) if s == t.warn => (true, t.child, t.grace),
             Cause::Signal(_) => (false, Sig::Term, t.grace.min(t.term_grace_cap)),
             Cause::SaveFailed => (false, t.child, t.grace),
+            Cause::TimeLimit => (true, t.child, t.grace),
         };
         self.state = Some(Stopping {
             cause,
@@ -305,6 +309,35 @@ mod tests {
             ticks(&mut seq, t0, 1, 100),
             vec![(60, Action::Terminate), (70, Action::Kill)]
         );
+    }
+
+    #[test]
+    fn the_time_limit_watch_is_a_warning_and_a_later_warning_only_a_repeat() {
+        let mut seq = StopSequence::new(timing());
+        let t0 = Instant::now();
+        let a = seq.on(Input::Stop(Cause::TimeLimit), t0);
+        assert_eq!(
+            a,
+            vec![Action::Begin {
+                cause: Cause::TimeLimit,
+                warned: true,
+                forward: Sig::Usr1,
+                grace: 60 * S
+            }]
+        );
+        // Slurm's own warning after the watch's: noted, nothing forwarded.
+        assert_eq!(
+            seq.on(Input::Stop(Cause::Signal(Sig::Usr1)), t0 + S),
+            vec![Action::Repeat {
+                signal: Sig::Usr1,
+                forward: None
+            }]
+        );
+        // The watch after Slurm's warning: nothing.
+        let mut seq = StopSequence::new(timing());
+        seq.on(Input::Stop(Cause::Signal(Sig::Usr1)), t0);
+        assert!(seq.on(Input::Stop(Cause::TimeLimit), t0 + S).is_empty());
+        assert!(seq.stopping().unwrap().warned);
     }
 
     #[test]

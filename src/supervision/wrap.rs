@@ -4,7 +4,7 @@
 //! of [`super::protocol`] and stopped by the [`super::stop`] sequence), then end it
 //! ([`Allocation::end`]: the requeue decision of [`super::policy`], carried out and journaled).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +15,7 @@ use crossbeam_channel::Receiver;
 use nix::sys::signal::Signal;
 
 use super::child::{ChildGroup, Team};
+use super::deadline::EndWatch;
 use super::events::{self, Event, SupervisorEvent};
 use super::history::{self, Chain};
 use super::policy::{self, Decision, Ending, History};
@@ -68,11 +69,22 @@ pub fn run(mut args: WrapArgs) -> Result<i32> {
     alloc.end(ran)
 }
 
-/// A stop signal as it ended the allocation.
+/// A stop as it ended the allocation.
 #[derive(Debug, Clone, Copy)]
 struct Stopped {
-    signal: Sig,
+    cause: Cause,
     warned: bool,
+}
+
+impl Stopped {
+    /// What stopped it, as the decision's reason names it.
+    fn label(&self) -> &'static str {
+        match self.cause {
+            Cause::Signal(s) => s.name(),
+            Cause::TimeLimit => "none (the supervisor's time-limit watch)",
+            Cause::SaveFailed => "none (a failed save)",
+        }
+    }
 }
 
 /// What the program's commit requests came to.
@@ -107,7 +119,7 @@ impl Ran {
         match (&self.failure, self.stop) {
             (Some(f), _) if f.kind != FailureKind::Crash => failed(f, f.kind),
             (_, Some(s)) => Ending::Stopped {
-                signal: s.signal.name().to_string(),
+                signal: s.label().to_string(),
                 warned: s.warned,
             },
             (Some(f), None) => failed(f, FailureKind::Crash),
@@ -126,6 +138,8 @@ struct Allocation<'a> {
     job: Option<JobEnv>,
     store: Store,
     signals: Receiver<Sig>,
+    /// The last save before the time limit when no warning comes.
+    end_watch: EndWatch,
     history: History,
     restart_count: u32,
 }
@@ -165,12 +179,31 @@ impl<'a> Allocation<'a> {
             command,
         })?;
         tracing::info!(run_dir = %run_dir.display(), job = ?job.as_ref().map(|j| &j.job_id), restart_count, "allocation started");
+        let end_watch = match &job {
+            Some(j) => {
+                let id = j.job_id.clone();
+                let lead = Duration::from_secs(cfg.slurm.signal_lead as u64);
+                let (watch, armed) = EndWatch::arm(lead, Instant::now(), move || {
+                    slurm::show_job(&id)?.time_left()
+                });
+                if let Some(a) = armed {
+                    store.journal().append(&SupervisorEvent::TimeLimitWatch {
+                        seconds_left: a.left.as_secs(),
+                        save_in_seconds: a.save_in.as_secs(),
+                        lead_seconds: lead.as_secs(),
+                    })?;
+                }
+                watch
+            }
+            None => EndWatch::off(),
+        };
         Ok(Allocation {
             cfg,
             run_dir,
             job,
             store,
             signals,
+            end_watch,
             history,
             restart_count,
         })
@@ -199,28 +232,36 @@ impl<'a> Allocation<'a> {
                 launcher: None,
                 pids: Vec::new(),
             })?;
-        let first: Cell<Option<(Sig, Instant)>> = Cell::new(None);
+        let first: Cell<Option<(Cause, Instant)>> = Cell::new(None);
+        let watch = RefCell::new(&mut self.end_watch);
+        let signals = &self.signals;
         let stop = || {
             if first.get().is_none() {
-                if let Ok(sig) = self.signals.try_recv() {
-                    first.set(Some((sig, Instant::now())));
+                if let Ok(sig) = signals.try_recv() {
+                    first.set(Some((Cause::Signal(sig), Instant::now())));
+                } else if watch.borrow_mut().due(Instant::now()) {
+                    first.set(Some((Cause::TimeLimit, Instant::now())));
                 }
             }
             first.get().is_some()
         };
         let started = Instant::now();
         let result = trainer.run(&mut self.store, &stop);
-        let stopped = first.get().map(|(signal, at)| {
-            let warned = signal == self.cfg.signals.warn;
-            (Stopped { signal, warned }, at)
+        let stopped = first.get().map(|(cause, at)| {
+            let warned = match cause {
+                Cause::Signal(signal) => signal == self.cfg.signals.warn,
+                Cause::TimeLimit => true,
+                Cause::SaveFailed => false,
+            };
+            (Stopped { cause, warned }, at)
         });
         if let Some((s, at)) = stopped {
             let grace = Duration::from_secs(self.cfg.signals.grace_seconds);
-            self.note_stop(Cause::Signal(s.signal), s.warned, "in-process", grace)?;
+            self.note_stop(s.cause, s.warned, "in-process", grace)?;
             self.store
                 .journal()
                 .append(&SupervisorEvent::StopCompleted {
-                    signal: s.signal.name().into(),
+                    signal: s.label().into(),
                     seconds_since_signal: at.elapsed().as_secs_f64(),
                 })?;
         }
@@ -298,8 +339,8 @@ impl<'a> Allocation<'a> {
         };
         Ok(Ran {
             stop: stopping.and_then(|s| match s.cause {
-                Cause::Signal(signal) => Some(Stopped {
-                    signal,
+                Cause::Signal(_) | Cause::TimeLimit => Some(Stopped {
+                    cause: s.cause,
                     warned: s.warned,
                 }),
                 Cause::SaveFailed => None,
@@ -487,6 +528,10 @@ impl<'a> Allocation<'a> {
                 let actions = seq.on(Input::Stop(Cause::Signal(sig)), Instant::now());
                 self.carry_out(&actions, team)?;
             }
+            if seq.stopping().is_none() && self.end_watch.due(Instant::now()) {
+                let actions = seq.on(Input::Stop(Cause::TimeLimit), Instant::now());
+                self.carry_out(&actions, team)?;
+            }
             let actions = seq.on(Input::Tick, Instant::now());
             self.carry_out(&actions, team)?;
             if proto.has_request()
@@ -593,12 +638,34 @@ impl<'a> Allocation<'a> {
 
     /// Log and journal the first stop.
     fn note_stop(&mut self, cause: Cause, warned: bool, fwd: &str, grace: Duration) -> Result<()> {
-        let Cause::Signal(sig) = cause else {
-            tracing::warn!(
-                forwarded = fwd,
-                "a save failed and checkpoint.on_save_error is stop: asking the program to stop"
-            );
-            return Ok(());
+        let sig = match cause {
+            Cause::Signal(sig) => sig,
+            Cause::SaveFailed => {
+                tracing::warn!(
+                    forwarded = fwd,
+                    "a save failed and checkpoint.on_save_error is stop: asking the program to stop"
+                );
+                return Ok(());
+            }
+            Cause::TimeLimit => {
+                let lead = self.cfg.slurm.signal_lead;
+                tracing::warn!(
+                    forwarded = fwd,
+                    lead_s = lead,
+                    grace_s = grace.as_secs(),
+                    "the job's time limit is slurm.signal_lead away and no warning signal came: \
+                     checkpoint and exit (the job was submitted without --signal?)"
+                );
+                budget_check(&self.run_dir, self.cfg, warned, grace);
+                self.store
+                    .journal()
+                    .append(&SupervisorEvent::TimeLimitNear {
+                        lead_seconds: lead as u64,
+                        forwarded: Some(fwd.into()),
+                        grace_seconds: Some(grace.as_secs()),
+                    })?;
+                return Ok(());
+            }
         };
         tracing::warn!(
             signal = sig.name(),

@@ -510,3 +510,77 @@ fn time_limit_warning_checkpoints_and_resumes() {
         matches!(job_state(&conf, &job).as_str(), "COMPLETED" | "GONE")
     });
 }
+
+/// A job submitted without `--signal` (a hand-written script): no warning ever comes, so the
+/// supervisor's time-limit watch stops the program `slurm.signal_lead` before the time limit,
+/// commits, requeues; the next allocation finishes, byte-identical to a straight run.
+#[test]
+fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
+    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
+    let conf = cluster();
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = 360;
+    let straight_dir = tmp.path().join("straight");
+    std::fs::create_dir_all(&straight_dir).unwrap();
+    let fast: Vec<String> = train_args(steps)
+        .into_iter()
+        .filter(|a| a != "0.1" && a != "--step-delay")
+        .collect();
+    let (cfg, straight) = write_config(&straight_dir, "e2e-nowarn", &fast, &ONE_NODE, "");
+    let o = crate::common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
+        .env_remove("SLURM_JOB_ID")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    let (cfg, run) = write_config(tmp.path(), "e2e-nowarn", &train_args(steps), &ONE_NODE, "");
+    let text_cfg = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("signal_lead: 30", "signal_lead: 30\n  time: '1'");
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let script = cfg.with_extension("sbatch");
+    let o = crate::common::run(&[
+        "sbatch",
+        "--config",
+        cfg.to_str().unwrap(),
+        "-o",
+        script.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    // What a hand-written script would be: no --signal line.
+    let body = std::fs::read_to_string(&script).unwrap();
+    assert!(body.contains("#SBATCH --signal="), "{body}");
+    let body: String = body
+        .lines()
+        .filter(|l| !l.starts_with("#SBATCH --signal="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&script, body).unwrap();
+    let o = slurm(&conf, "sbatch", &["--parsable", script.to_str().unwrap()]);
+    assert!(o.status.success(), "sbatch: {}", text(&o));
+    let job = String::from_utf8_lossy(&o.stdout).trim().to_string();
+
+    wait_for("the run to finish", Duration::from_secs(240), || {
+        count(&run, "run_done") >= 1
+    });
+    let ev = events(&run);
+    assert_eq!(count(&run, "signal_received"), 0, "{}", dump(&run));
+    let watch = ev.iter().find(|e| e["event"] == "time_limit_watch");
+    let watch = watch.unwrap_or_else(|| panic!("no time_limit_watch: {}", dump(&run)));
+    assert_eq!(watch["lead_seconds"], 30);
+    assert!(watch["seconds_left"].as_u64().unwrap() <= 60);
+    assert_eq!(count(&run, "time_limit_near"), 1, "{}", dump(&run));
+    let first_end = ev.iter().find(|e| e["event"] == "allocation_end").unwrap();
+    assert_eq!(first_end["ending"], "warning_signal", "{}", dump(&run));
+    assert_eq!(first_end["decision"], "requeue");
+    assert_eq!(first_end["exit_code"], 10);
+    wait_for("the job to complete", Duration::from_secs(30), || {
+        matches!(job_state(&conf, &job).as_str(), "COMPLETED" | "GONE")
+    });
+    for f in SINGLE_FILES {
+        let final_of = |r: &Path| {
+            std::fs::read(r.join("checkpoints").join(ckpt(steps as u64)).join(f)).unwrap()
+        };
+        assert!(final_of(&straight) == final_of(&run), "{f} differs");
+    }
+}
