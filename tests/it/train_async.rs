@@ -338,6 +338,8 @@ fn sigkills_during_background_persists_keep_a_verified_pointer_and_resume_exactl
 
 /// `checkpoint.interval: auto`: saves come at Daly's interval (here a tiny MTBF prior, so often),
 /// and each commit journals the recommended and the actual interval and why.
+/// (16000 steps: the run must outlast the first interval, 0.83 s for the assumed 1 s stall,
+/// several times over on a fast machine; 4000 steps took 0.8 s here.)
 #[test]
 fn interval_auto_saves_at_the_recommended_interval_and_journals_why() {
     let tmp = tempfile::tempdir().unwrap();
@@ -346,7 +348,7 @@ fn interval_auto_saves_at_the_recommended_interval_and_journals_why() {
         &cfg,
         "name: auto\nseed: 1\nthreads: 1\nmodel: {kind: mlp, hidden: [256]}\n\
          data: {kind: synthetic, samples: 512, features: 64, classes: 10}\n\
-         batch_size: 16\nmax_steps: 4000\noptimizer: {kind: adamw, lr: 0.001}\n\
+         batch_size: 16\nmax_steps: 16000\noptimizer: {kind: adamw, lr: 0.001}\n\
          checkpoint: {interval: auto, mtbf: 1s, keep_last: 2}\n",
     )
     .unwrap();

@@ -229,29 +229,44 @@ impl Trainer {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| invalid(&e))
         };
-        let files = (|| {
-            let model = copied(buffers, MODEL_FILE, named_state(&self.vs))?;
-            let optim = copied(buffers, OPTIMIZER_FILE, self.opt.state_tensors())?;
-            let reference = copied(
-                buffers,
-                REFERENCE_FILE,
-                vec![
-                    ("x".into(), self.reference.0.shallow_clone()),
-                    ("y".into(), self.reference.1.shallow_clone()),
-                ],
-            )?;
-            let mut state = buffers.file(STATE_FILE, 0);
-            serde_json::to_writer_pretty(&mut state, &self.st).map_err(|e| invalid(&e))?;
-            Ok((model, optim, reference, state))
-        })();
-        let (model, optim, reference, state) = files.map_err(|e| restore_best(self, e))?;
-        let copied_at = Instant::now();
-        let ref_loss = self.reference_loss();
+        // The copy into the host buffers (memory bandwidth) runs on a helper thread while this
+        // thread computes the reference batch's loss (a forward pass in eval mode, which only
+        // reads the parameters): the save's stall is the longer of the two, not their sum.
+        let lists = (
+            named_state(&self.vs),
+            self.opt.state_tensors(),
+            vec![
+                ("x".to_string(), self.reference.0.shallow_clone()),
+                ("y".to_string(), self.reference.1.shallow_clone()),
+            ],
+        );
+        let started = Instant::now();
+        let (files, ref_loss, reference_seconds) = std::thread::scope(|scope| {
+            let copier = std::thread::Builder::new()
+                .name("save-copy".into())
+                .spawn_scoped(scope, || {
+                    let (model, optim, reference) = lists;
+                    let model = copied(buffers, MODEL_FILE, model)?;
+                    let optim = copied(buffers, OPTIMIZER_FILE, optim)?;
+                    let reference = copied(buffers, REFERENCE_FILE, reference)?;
+                    Ok::<_, StorageError>((model, optim, reference, started.elapsed()))
+                })
+                .map_err(|e| StorageError::Invalid(format!("cannot start the copy thread: {e}")));
+            let ref_loss = self.reference_loss();
+            let reference_seconds = started.elapsed().as_secs_f64();
+            let files = copier.and_then(|c| c.join().expect("the save's copy thread panicked"));
+            (files, ref_loss, reference_seconds)
+        });
+        let (model, optim, reference, copy_time) = files.map_err(|e| restore_best(self, e))?;
         tracing::debug!(
             step,
-            reference_seconds = copied_at.elapsed().as_secs_f64(),
-            "reference loss computed"
+            reference_seconds,
+            copy_seconds = copy_time.as_secs_f64(),
+            "state copied and reference loss computed side by side"
         );
+        let mut state = buffers.file(STATE_FILE, 0);
+        serde_json::to_writer_pretty(&mut state, &self.st)
+            .map_err(|e| restore_best(self, invalid(&e)))?;
         let meta_of = |kind: &str| {
             BTreeMap::from([
                 ("format".to_owned(), "hpc-ckpt-trainer".to_owned()),
