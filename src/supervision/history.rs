@@ -114,7 +114,8 @@ pub struct Incomplete {
 }
 
 /// How an allocation's work was cut short.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Interruption {
     /// A stop signal came and the final checkpoint was committed after it: only the steps since
     /// that signal's step boundary were at risk, and none were lost.
@@ -357,7 +358,9 @@ fn settle(allocations: &mut [Allocation]) {
     for i in 1..allocations.len() {
         let (before, after) = allocations.split_at_mut(i);
         let (prev, next) = (&mut before[i - 1], &after[0]);
-        if let Some((step, at)) = next.predecessor_reached {
+        // A record older than the predecessor's start is not its own (it never logged one).
+        let own = |at: Option<SystemTime>| at.zip(prev.started_at).is_none_or(|(t, s)| t >= s);
+        if let Some((step, at)) = next.predecessor_reached.filter(|(_, at)| own(*at)) {
             if prev.reached_step.is_none_or(|r| r < step) {
                 prev.reached_step = Some(step);
             }
