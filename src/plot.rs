@@ -288,21 +288,33 @@ where
         .x_label_area_size(36)
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1, y0..y1)?;
+    // Enough decimals to tell the y ticks apart, and whole steps.
+    let decimals = (1.0 - (y1 - y0).log10().floor()).clamp(0.0, 6.0) as usize;
+    let y_fmt = move |v: &f64| format!("{v:.decimals$}");
     chart
         .configure_mesh()
         .light_line_style(WHITE.mix(0.0))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&y_fmt)
         .x_desc("step")
         .y_desc(metric)
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
         .draw()?;
     // Redone spans first, under the curves.
+    let mut shaded = false;
     for m in marks {
         if let Some(r) = m.resumed_from.filter(|r| *r < m.step) {
-            chart.draw_series(std::iter::once(Rectangle::new(
+            let s = chart.draw_series(std::iter::once(Rectangle::new(
                 [(r as f64, y0), (m.step as f64, y1)],
                 REDONE.mix(0.12).filled(),
             )))?;
+            if first && !shaded {
+                s.label("steps redone").legend(|(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 18, y + 5)], REDONE.mix(0.25).filled())
+                });
+            }
+            shaded = true;
         }
     }
     for s in segments {
@@ -340,11 +352,15 @@ where
             color.stroke_width(2),
         )))?;
         if let Some(r) = m.resumed_from {
-            chart.draw_series(std::iter::once(TriangleMarker::new(
+            let s = chart.draw_series(std::iter::once(TriangleMarker::new(
                 (r as f64, y0),
                 7,
                 BLACK.filled(),
             )))?;
+            if first && i == 0 {
+                s.label("resume point")
+                    .legend(|(x, y)| TriangleMarker::new((x + 9, y), 6, BLACK.filled()));
+            }
         }
         if first {
             // Labels alternate between two rows so that close interruptions stay readable.

@@ -1032,15 +1032,19 @@ fn render_goodput(o: &mut String, r: &StatusReport) {
     };
     let _ = writeln!(
         o,
-        "\nGoodput:      {} of {:.1}s in allocations ({:.1}s elapsed with the waits); \
+        "\nGoodput:      {} of allocation time ({:.1}s of {:.1}s became kept progress); \
          interruptions: {} announced, {} unannounced",
         g.goodput
             .map(|x| format!("{:.1}%", 100.0 * x))
             .unwrap_or("-".into()),
+        g.productive_seconds,
         g.allocation_seconds,
-        elapsed,
         g.interruptions.announced,
         g.interruptions.unannounced
+    );
+    let _ = writeln!(
+        o,
+        "  {elapsed:.1}s elapsed (allocations and the waits between them):"
     );
     let b = &g.badput_seconds;
     let lost = format!("{} step(s) redone", g.lost_steps);
@@ -1051,7 +1055,8 @@ fn render_goodput(o: &mut String, r: &StatusReport) {
         ("lost work", b.lost_work, lost.as_str()),
         ("wait", b.wait, "between allocations"),
     ] {
-        let _ = writeln!(o, "  {name:<17} {secs:>9.1}s {}  {note}", pct(secs));
+        let line = format!("  {name:<17} {secs:>9.1}s {}  {note}", pct(secs));
+        let _ = writeln!(o, "{}", line.trim_end());
     }
     if let Some(line) = &r.metrics.loss_sparkline {
         let _ = writeln!(
