@@ -1,6 +1,8 @@
 //! The one fold from journal events to the run's allocations: what each allocation resumed
-//! from, committed, was signalled with and decided. The requeue policy reads the crash-loop
-//! streak from it ([`Chain::history`]); `status` shows it. One fold, so the two never disagree.
+//! from, committed, was signalled with and decided, how it was interrupted, how far it trained
+//! and which of its steps were redone. The requeue policy reads the crash-loop streak from it
+//! ([`Chain::history`]), `checkpoint.interval: auto` the MTBF ([`Chain::mtbf`]); `status` shows
+//! it with the goodput ([`Chain::goodput`]). One fold, so they never disagree.
 
 use std::time::SystemTime;
 
