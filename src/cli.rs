@@ -219,6 +219,10 @@ pub struct StatusArgs {
     /// Verify every checkpoint (checksums of every file), not only the resume point.
     #[arg(long)]
     pub verify: bool,
+    /// Also draw the loss and eval metric against the step, one colour per allocation, with
+    /// each interruption and the redone steps marked, into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 fn parse_metric(s: &str) -> std::result::Result<(String, f64), String> {
@@ -425,6 +429,16 @@ fn status_cmd(a: StatusArgs) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", status::render_text(&report));
+    }
+    if let Some(out) = &a.plot {
+        let p = crate::plot::plot(&a.run_dir, out)?;
+        eprintln!(
+            "plot: {} ({} allocation(s), {} interruption(s), {} points)",
+            out.display(),
+            p.allocations,
+            p.interruptions,
+            p.points
+        );
     }
     Ok(if a.verify && report.has_faults() {
         exit_code::CORRUPT

@@ -2,7 +2,8 @@
 //!
 //! Layers (dependencies flow one way, top to bottom):
 //! - [`cli`]: clap definitions; each command is a thin call into the layers below.
-//! - [`status`] reads a run directory and tells a person what happened and what is safe on disk.
+//! - [`status`] reads a run directory and tells a person what happened and what is safe on disk;
+//!   [`plot`] draws it (`status --plot`, the loss sparkline).
 //! - [`train`] (feature `torch`): the built-in tch trainer, run in-process by the supervisor.
 //! - [`supervision`]: signals, the workload (in-process or a child), the stop sequence, the
 //!   child protocol, the journal's supervisor events and their fold, the requeue policy
@@ -15,6 +16,7 @@
 pub mod cli;
 pub mod config;
 pub mod exit_code;
+pub mod plot;
 pub mod slurm;
 pub mod status;
 pub mod storage;

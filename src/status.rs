@@ -16,12 +16,13 @@ use crate::storage::fsutil::tree_size;
 use crate::storage::journal;
 use crate::storage::lock::{self, Holder};
 use crate::storage::manifest::Manifest;
+use crate::storage::metrics;
 use crate::storage::pointer::Pointer;
 use crate::storage::retention::{Candidate, Mode, RetentionPolicy, Role};
 use crate::storage::run_dir::{Resolution, RunDir};
 use crate::storage::verify;
 use crate::supervision::events::Stamped;
-use crate::supervision::history::{self, Allocation};
+use crate::supervision::history::{self, Account, Allocation, Goodput, Interruption};
 use crate::supervision::{protocol, ranks};
 
 pub const SCHEMA: &str = "hpc-ckpt-status/1";
@@ -48,7 +49,81 @@ pub struct StatusReport {
     pub journal: JournalSummary,
     /// The job chain, from the journal.
     pub run: RunChain,
+    /// `metrics.jsonl`: what the training recorded.
+    pub metrics: MetricsSummary,
     pub warnings: Vec<String>,
+}
+
+/// What `metrics.jsonl` holds.
+#[derive(Debug, Serialize)]
+pub struct MetricsSummary {
+    pub records: usize,
+    /// Lines that do not parse (a torn line from a kill mid-write, garbage): skipped.
+    pub unreadable_lines: usize,
+    pub last_step: Option<u64>,
+    pub last_loss: Option<f64>,
+    /// The loss by step as Unicode block characters (null: no loss recorded).
+    pub loss_sparkline: Option<String>,
+}
+
+/// Where the allocations' time went: the share that became preserved progress, and the rest
+/// by cause (Google's ml-goodput-measurement breakdown). Seconds.
+#[derive(Debug, Serialize)]
+pub struct GoodputStatus {
+    /// `productive_seconds / allocation_seconds`; null before any allocation time.
+    pub goodput: Option<f64>,
+    /// Allocation wall time, summed.
+    pub allocation_seconds: f64,
+    /// Allocation time and the waits between allocations.
+    pub elapsed_seconds: f64,
+    /// Training that was kept (with its eval, logging and exit).
+    pub productive_seconds: f64,
+    pub badput_seconds: Badput,
+    /// Steps trained and then redone by a later allocation.
+    pub lost_steps: u64,
+    /// Interruptions: announced (a stop signal, final commit made), unannounced (killed, node
+    /// lost, crash, no final commit).
+    pub interruptions: Interruptions,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Badput {
+    /// From each allocation's start until training ran: start-up, model build, restore.
+    pub startup_restore: f64,
+    /// Training stood still for saves.
+    pub save_stall: f64,
+    /// Work redone: lost steps × step time (time since the last commit where steps are unknown).
+    pub lost_work: f64,
+    /// Between one allocation's end and the next one's start (queueing, requeue).
+    pub wait: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Interruptions {
+    pub announced: u32,
+    pub unannounced: u32,
+}
+
+impl GoodputStatus {
+    fn of(g: &Goodput) -> GoodputStatus {
+        GoodputStatus {
+            goodput: g.fraction(),
+            allocation_seconds: g.total.wall,
+            elapsed_seconds: g.elapsed(),
+            productive_seconds: g.total.productive,
+            badput_seconds: Badput {
+                startup_restore: g.total.startup,
+                save_stall: g.total.save_stall,
+                lost_work: g.total.lost,
+                wait: g.wait,
+            },
+            lost_steps: g.lost_steps,
+            interruptions: Interruptions {
+                announced: g.announced,
+                unannounced: g.unannounced,
+            },
+        }
+    }
 }
 
 /// Where the run stands.
@@ -74,6 +149,7 @@ pub struct RunChain {
     pub state: RunState,
     pub reason: Option<String>,
     pub allocations: Vec<AllocationStatus>,
+    pub goodput: GoodputStatus,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +180,25 @@ pub struct AllocationStatus {
     pub incomplete_commits: Vec<IncompleteStatus>,
     /// Ranks that failed (named when the supervisor started the ranks itself).
     pub failed_ranks: Vec<RankFailure>,
+    /// `announced` (a stop signal, final commit made), `unannounced` (killed, node lost, crash,
+    /// no final commit), or null (completed, or still running).
+    pub interruption: Option<Interruption>,
+    /// The newest step it is known to have trained (its commits; after a kill, what the next
+    /// allocation found in metrics.jsonl).
+    pub reached_step: Option<u64>,
+    /// Steps it trained that the next allocation redid (known once the next one started).
+    pub steps_lost: u64,
+    /// Where its wall time went, seconds.
+    pub seconds: AllocationSeconds,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AllocationSeconds {
+    pub wall: f64,
+    pub startup_restore: f64,
+    pub save_stall: f64,
+    pub lost_work: f64,
+    pub productive: f64,
 }
 
 /// A multi-rank commit some ranks asked for and others never did (nothing was committed).
@@ -121,7 +216,8 @@ pub struct RankFailure {
 }
 
 impl AllocationStatus {
-    fn of(a: &Allocation) -> AllocationStatus {
+    fn of(a: &Allocation, interruption: Option<Interruption>) -> AllocationStatus {
+        let x: Account = a.account(interruption);
         let time = |t: Option<std::time::SystemTime>| {
             t.map(|t| humantime::format_rfc3339_millis(t).to_string())
         };
@@ -160,6 +256,16 @@ impl AllocationStatus {
                     how: how.clone(),
                 })
                 .collect(),
+            interruption,
+            reached_step: a.reached_step,
+            steps_lost: a.steps_lost,
+            seconds: AllocationSeconds {
+                wall: x.wall,
+                startup_restore: x.startup,
+                save_stall: x.save_stall,
+                lost_work: x.lost,
+                productive: x.productive,
+            },
         }
     }
 }
@@ -195,7 +301,13 @@ pub fn chain_of(events: &[Stamped], writer_running: bool) -> RunChain {
     RunChain {
         state,
         reason,
-        allocations: chain.allocations.iter().map(AllocationStatus::of).collect(),
+        allocations: chain
+            .allocations
+            .iter()
+            .enumerate()
+            .map(|(i, a)| AllocationStatus::of(a, chain.interruption_of(i, writer_running)))
+            .collect(),
+        goodput: GoodputStatus::of(&chain.goodput(writer_running)),
     }
 }
 
@@ -320,6 +432,7 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
     let stamped: Vec<Stamped> = raw.iter().cloned().map(Stamped::from_value).collect();
     let run = chain_of(&stamped, writer.is_some());
     let kept = kept_of(root, &stamped);
+    let metrics = metrics_of(root);
     let journal = JournalSummary {
         events: raw.len(),
         unreadable_lines: unreadable,
@@ -339,6 +452,7 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
         writer,
         journal,
         run,
+        metrics,
         warnings: Vec::new(),
     };
     report.warnings = warnings(&report, &res);
@@ -529,6 +643,24 @@ fn best_of(rows: &[CheckpointStatus], policy: &RetentionPolicy) -> Option<BestSt
         })
 }
 
+/// Characters of the loss sparkline.
+const SPARKLINE_WIDTH: usize = 60;
+
+fn metrics_of(root: &Path) -> MetricsSummary {
+    let (records, unreadable_lines) = metrics::read(root);
+    let last = records.last();
+    MetricsSummary {
+        records: records.len(),
+        unreadable_lines,
+        last_step: last.map(|r| r.step),
+        last_loss: records
+            .iter()
+            .rev()
+            .find_map(|r| r.metrics.get("loss").copied()),
+        loss_sparkline: crate::plot::sparkline(&records, SPARKLINE_WIDTH),
+    }
+}
+
 /// Kept staged files that are still there, with the command that would commit them.
 fn kept_of(root: &Path, events: &[Stamped]) -> Vec<KeptStatus> {
     let chain = history::fold(events);
@@ -652,6 +784,13 @@ fn warnings(r: &StatusReport, res: &Resolution) -> Vec<String> {
             r.journal.unreadable_lines
         ));
     }
+    if r.metrics.unreadable_lines > 0 {
+        w.push(format!(
+            "{} line(s) of metrics.jsonl could not be read and were skipped (a kill mid-write \
+             tears one line; the next writer ends it)",
+            r.metrics.unreadable_lines
+        ));
+    }
     let redone: u64 = r.run.allocations.iter().map(|a| a.steps_redone).sum();
     if redone > 0 {
         w.push(format!(
@@ -701,6 +840,7 @@ pub fn render_text(r: &StatusReport) -> String {
     render_summary(&mut o, r);
     render_checkpoints(&mut o, r);
     render_allocations(&mut o, r);
+    render_goodput(&mut o, r);
     render_kept(&mut o, r);
     render_temp(&mut o, r);
     render_events(&mut o, r);
@@ -824,23 +964,38 @@ fn render_allocations(o: &mut String, r: &StatusReport) {
     let _ = writeln!(o, "\nAllocations ({}):", r.run.allocations.len());
     let _ = writeln!(
         o,
-        "  {:>3} {:>12} {:<10} {:<20} {:<15} {:>10} {:>7}  {:<14} WHY",
-        "#", "JOB.RESTART", "HOST", "STARTED", "ENDING", "SIG→CKPT", "REDONE", "DECISION"
+        "  {:>3} {:>12} {:<10} {:<20} {:<15} {:<12} {:>10} {:>7} {:>7}  {:<14} WHY",
+        "#",
+        "JOB.RESTART",
+        "HOST",
+        "STARTED",
+        "ENDING",
+        "INTERRUPTION",
+        "SIG→CKPT",
+        "REDONE",
+        "LOST",
+        "DECISION"
     );
     let cut = |s: Option<&str>, n: usize| s.unwrap_or("?").chars().take(n).collect::<String>();
     for (i, a) in r.run.allocations.iter().enumerate() {
         let _ = writeln!(
             o,
-            "  {:>3} {:>12} {:<10} {:<20} {:<15} {:>10} {:>7}  {:<14} {}",
+            "  {:>3} {:>12} {:<10} {:<20} {:<15} {:<12} {:>10} {:>7} {:>7}  {:<14} {}",
             i + 1,
             format!("{}.{}", a.job_id.as_deref().unwrap_or("-"), a.restart_count),
             cut(a.host.as_deref(), 10),
             cut(a.started_at.as_deref(), 19),
             a.ending.as_deref().unwrap_or("(no word)"),
+            match a.interruption {
+                Some(Interruption::Announced) => "announced",
+                Some(Interruption::Unannounced) => "UNANNOUNCED",
+                None => "-",
+            },
             a.signal_to_checkpoint_seconds
                 .map(|s| format!("{s:.1}s"))
                 .unwrap_or("-".into()),
             a.steps_redone,
+            a.steps_lost,
             a.decision.as_deref().unwrap_or("-"),
             a.reason.as_deref().unwrap_or("")
         );
@@ -857,6 +1012,62 @@ fn render_allocations(o: &mut String, r: &StatusReport) {
                 list(&i.requested_ranks)
             );
         }
+    }
+}
+
+/// The goodput section: where the allocations' time went, and the loss sparkline.
+fn render_goodput(o: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
+    let g = &r.run.goodput;
+    if r.run.allocations.is_empty() {
+        return;
+    }
+    let elapsed = g.elapsed_seconds;
+    let pct = |x: f64| {
+        if elapsed > 0.0 {
+            format!("{:5.1}%", 100.0 * x / elapsed)
+        } else {
+            "    -".into()
+        }
+    };
+    let _ = writeln!(
+        o,
+        "\nGoodput:      {} of allocation time ({:.1}s of {:.1}s became kept progress); \
+         interruptions: {} announced, {} unannounced",
+        g.goodput
+            .map(|x| format!("{:.1}%", 100.0 * x))
+            .unwrap_or("-".into()),
+        g.productive_seconds,
+        g.allocation_seconds,
+        g.interruptions.announced,
+        g.interruptions.unannounced
+    );
+    let _ = writeln!(
+        o,
+        "  {elapsed:.1}s elapsed (allocations and the waits between them):"
+    );
+    let b = &g.badput_seconds;
+    let lost = format!("{} step(s) redone", g.lost_steps);
+    for (name, secs, note) in [
+        ("productive", g.productive_seconds, ""),
+        ("start-up/restore", b.startup_restore, ""),
+        ("save stall", b.save_stall, ""),
+        ("lost work", b.lost_work, lost.as_str()),
+        ("wait", b.wait, "between allocations"),
+    ] {
+        let line = format!("  {name:<17} {secs:>9.1}s {}  {note}", pct(secs));
+        let _ = writeln!(o, "{}", line.trim_end());
+    }
+    if let Some(line) = &r.metrics.loss_sparkline {
+        let _ = writeln!(
+            o,
+            "  loss {line} {}",
+            r.metrics
+                .last_loss
+                .zip(r.metrics.last_step)
+                .map(|(l, s)| format!("{l:.4} at step {s}"))
+                .unwrap_or_default()
+        );
     }
 }
 

@@ -1,10 +1,11 @@
 //! Small durable-filesystem primitives shared by the store: directory fsync, exclusive creation,
-//! atomic replacement of small files, safe opening of untrusted paths, bounded reads.
+//! atomic replacement of small files, safe opening of untrusted paths, bounded reads, appending to
+//! JSON-lines files whose last line a crash tore.
 //!
 //! Every function returns errors with the path in their context.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -162,6 +163,46 @@ pub fn remove_dir_atomically(dir: &Path) -> Result<()> {
     fs::rename(dir, &doomed).ctx(|| format!("rename {} for deletion", dir.display()))?;
     fsync_dir(parent)?;
     fs::remove_dir_all(&doomed).ctx(|| format!("remove {}", doomed.display()))
+}
+
+/// How much of a JSON-lines file's end [`open_lines_append`] reads back.
+const TAIL_BYTES: u64 = 64 * 1024;
+
+/// `path` (a JSON-lines file) opened for appending, created when missing; a torn last line (a
+/// writer killed mid-write) is ended with a newline first. Returns the file and the lines of its
+/// last 64 KiB, oldest first (a line the window cuts is left out).
+pub fn open_lines_append(path: &Path) -> Result<(File, Vec<Vec<u8>>)> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+        .ctx(|| format!("open {}", path.display()))?;
+    let len = file
+        .metadata()
+        .ctx(|| format!("stat {}", path.display()))?
+        .len();
+    if len == 0 {
+        return Ok((file, Vec::new()));
+    }
+    let from = len.saturating_sub(TAIL_BYTES);
+    let mut tail = Vec::with_capacity((len - from) as usize);
+    file.seek(SeekFrom::Start(from))
+        .and_then(|_| file.read_to_end(&mut tail))
+        .ctx(|| format!("read the end of {}", path.display()))?;
+    if tail.last() != Some(&b'\n') {
+        file.write_all(b"\n")
+            .ctx(|| format!("end the torn last line of {}", path.display()))?;
+    }
+    let mut lines: Vec<Vec<u8>> = tail
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    if from > 0 && !lines.is_empty() {
+        lines.remove(0);
+    }
+    Ok((file, lines))
 }
 
 #[cfg(test)]

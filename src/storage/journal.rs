@@ -8,8 +8,8 @@
 //! instead of failing.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -34,26 +34,9 @@ pub fn now_rfc3339() -> String {
 impl Journal {
     pub fn open(run_dir: &Path) -> Result<Journal> {
         let path = run_dir.join(JOURNAL_FILE);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)
-            .ctx(|| format!("open {}", path.display()))?;
-        // A crash mid-append leaves a torn last line: end it so the next event stands alone.
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len > 0 {
-            let mut last = [0u8; 1];
-            let torn = file
-                .seek(SeekFrom::Start(len - 1))
-                .and_then(|_| file.read_exact(&mut last))
-                .map(|_| last[0] != b'\n')
-                .unwrap_or(false);
-            if torn {
-                file.write_all(b"\n")
-                    .ctx(|| format!("repair torn line of {}", path.display()))?;
-            }
-        }
+        // A crash mid-append leaves a torn last line: the opener ends it, so the next event
+        // stands alone.
+        let (file, _) = super::fsutil::open_lines_append(&path)?;
         Ok(Journal { file, path })
     }
 

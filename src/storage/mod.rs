@@ -11,7 +11,8 @@
 //! - retention never deletes the pointer's target or the best checkpoint, and deletes only after
 //!   the newer commit is durable ([`retention`]);
 //! - one writer per run directory ([`lock`]); every commit, fallback, deletion and error is
-//!   appended to `journal.jsonl` ([`journal`]);
+//!   appended to `journal.jsonl` ([`journal`]); a torn last line of it or of `metrics.jsonl` is
+//!   ended before the next append ([`metrics`]);
 //! - a two-phase save hands an owned snapshot to a background thread that holds the store for a
 //!   scope and commits one snapshot at a time, reusing its host buffers ([`persister`]).
 
@@ -21,6 +22,7 @@ pub mod fsutil;
 pub mod journal;
 pub mod lock;
 pub mod manifest;
+pub mod metrics;
 pub mod persister;
 pub mod pointer;
 pub mod retention;

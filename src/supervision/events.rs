@@ -47,6 +47,17 @@ pub enum SupervisorEvent {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pids: Vec<u32>,
     },
+    /// The built-in trainer is ready to run its first step (model built, checkpoint restored):
+    /// the end of start-up and restore. `previous_step`/`previous_at`: the last step the
+    /// metrics file recorded before, and when — how far an interrupted predecessor trained past
+    /// its last commit (older journals lack this event: start-up then ends at `child_started`).
+    TrainingStarted {
+        step: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_step: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_at: Option<String>,
+    },
     /// A rank of a locally started multi-rank job failed; its peers were then killed (a peer
     /// left alone would wait in a collective forever).
     RankFailed { rank: u32, how: String },

@@ -1,6 +1,8 @@
 //! The one fold from journal events to the run's allocations: what each allocation resumed
-//! from, committed, was signalled with and decided. The requeue policy reads the crash-loop
-//! streak from it ([`Chain::history`]); `status` shows it. One fold, so the two never disagree.
+//! from, committed, was signalled with and decided, how it was interrupted, how far it trained
+//! and which of its steps were redone. The requeue policy reads the crash-loop streak from it
+//! ([`Chain::history`]), `checkpoint.interval: auto` the MTBF ([`Chain::mtbf`]); `status` shows
+//! it with the goodput ([`Chain::goodput`]). One fold, so they never disagree.
 
 use std::time::SystemTime;
 
@@ -48,6 +50,61 @@ pub struct Allocation {
     pub incomplete: Vec<Incomplete>,
     /// Ranks that failed (a locally started job names them; under srun, srun's log does).
     pub failed_ranks: Vec<(u32, String)>,
+    /// When its program was ready to train (the built-in trainer's `training_started`; a child's
+    /// `child_started`, whose own restore is not seen): the end of start-up and restore.
+    pub training_started_at: Option<SystemTime>,
+    /// The newest step it is known to have trained: its commits, and what the next allocation
+    /// found in the metrics file (`training_started`'s `previous_step`).
+    pub reached_step: Option<u64>,
+    /// When its newest commit became durable.
+    pub last_commit_at: Option<SystemTime>,
+    /// Steps it trained that the next allocation redid (past its last commit, or past the
+    /// checkpoint the next one fell back to). Known once the next allocation has started.
+    pub steps_lost: u64,
+    /// What `training_started` of this allocation says of its predecessor: the last step the
+    /// metrics file recorded, and when.
+    pub predecessor_reached: Option<(u64, Option<SystemTime>)>,
+}
+
+/// Where one allocation's wall time went, seconds (see [`Chain::goodput`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Account {
+    /// From its start to its end (or its last known moment when it never wrote its end).
+    pub wall: f64,
+    /// From its start until its program was ready to train.
+    pub startup: f64,
+    /// Training stood still for saves (the saver's measured stalls).
+    pub save_stall: f64,
+    /// Work that was redone: `steps_lost` × its mean step time; for an unannounced interruption
+    /// with no step count, the time from its last commit to its end.
+    pub lost: f64,
+    /// The rest: training that was preserved (with eval, logging and exit).
+    pub productive: f64,
+}
+
+/// The run's goodput: the share of allocation wall time that became preserved progress, and
+/// the badput by cause, in the spirit of Google's ml-goodput-measurement breakdown.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Goodput {
+    /// Sums over the allocations.
+    pub total: Account,
+    /// Time between one allocation's end and the next one's start (queueing, requeue).
+    pub wait: f64,
+    pub lost_steps: u64,
+    pub announced: u32,
+    pub unannounced: u32,
+}
+
+impl Goodput {
+    /// Productive share of allocation time (None: no allocation time yet).
+    pub fn fraction(&self) -> Option<f64> {
+        (self.total.wall > 0.0).then(|| self.total.productive / self.total.wall)
+    }
+
+    /// Allocation time and the waits between allocations.
+    pub fn elapsed(&self) -> f64 {
+        self.total.wall + self.wait
+    }
 }
 
 /// A multi-rank commit some ranks asked for and others never did: nothing was committed.
@@ -59,7 +116,8 @@ pub struct Incomplete {
 }
 
 /// How an allocation's work was cut short.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Interruption {
     /// A stop signal came and the final checkpoint was committed after it: only the steps since
     /// that signal's step boundary were at risk, and none were lost.
@@ -83,6 +141,44 @@ impl Allocation {
             }
             None if last => None,
             _ => Some(Interruption::Unannounced),
+        }
+    }
+
+    /// Where its wall time went. `interrupted`: how it was interrupted, if it was.
+    pub fn account(&self, interrupted: Option<Interruption>) -> Account {
+        let since = |t: Option<SystemTime>, from: Option<SystemTime>| {
+            t.zip(from)
+                .and_then(|(t, f)| t.duration_since(f).ok())
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let end = self.ended_at.or(self.last_event_at);
+        let wall = since(end, self.started_at);
+        let startup = since(self.training_started_at, self.started_at).min(wall);
+        let save_stall = self.save_stalls.iter().sum::<f64>().min(wall - startup);
+        let trained = self
+            .reached_step
+            .unwrap_or(0)
+            .saturating_sub(self.resume_step.unwrap_or(0));
+        let training = wall - startup - save_stall;
+        let lost = if self.steps_lost > 0 && trained > 0 {
+            self.steps_lost.min(trained) as f64 * training / trained as f64
+        } else if interrupted == Some(Interruption::Unannounced) {
+            since(
+                end,
+                self.last_commit_at
+                    .or(self.training_started_at)
+                    .or(self.started_at),
+            )
+        } else {
+            0.0
+        }
+        .min(training);
+        Account {
+            wall,
+            startup,
+            save_stall,
+            lost,
+            productive: training - lost,
         }
     }
 
@@ -169,6 +265,41 @@ impl Chain {
         }
     }
 
+    /// How allocation `i` was interrupted, if it was. `running`: a writer holds the run now, so
+    /// the newest allocation, without an end, is still going rather than killed.
+    pub fn interruption_of(&self, i: usize, running: bool) -> Option<Interruption> {
+        let last = i + 1 == self.allocations.len();
+        self.allocations[i].interruption(last && running)
+    }
+
+    /// The goodput of the run so far (`running`: see [`Chain::interruption_of`]). Robust to a
+    /// partial journal: an allocation without an end counts up to its last known moment, one
+    /// without a step count loses nothing it cannot show.
+    pub fn goodput(&self, running: bool) -> Goodput {
+        let mut g = Goodput::default();
+        let mut prev_end: Option<SystemTime> = None;
+        for (i, a) in self.allocations.iter().enumerate() {
+            let how = self.interruption_of(i, running);
+            match how {
+                Some(Interruption::Announced) => g.announced += 1,
+                Some(Interruption::Unannounced) => g.unannounced += 1,
+                None => {}
+            }
+            let x = a.account(how);
+            g.total.wall += x.wall;
+            g.total.startup += x.startup;
+            g.total.save_stall += x.save_stall;
+            g.total.lost += x.lost;
+            g.total.productive += x.productive;
+            g.lost_steps += a.steps_lost;
+            if let (Some(end), Some(start)) = (prev_end, a.started_at) {
+                g.wait += start.duration_since(end).map_or(0.0, |d| d.as_secs_f64());
+            }
+            prev_end = a.ended_at.or(a.last_event_at);
+        }
+        g
+    }
+
     /// The stalls of the newest `n` saves that measured one, oldest first.
     pub fn recent_save_stalls(&self, n: usize) -> Vec<f64> {
         let all: Vec<f64> = self
@@ -219,7 +350,35 @@ pub fn fold(events: &[Stamped]) -> Chain {
             apply(a, e, before, &mut signal_at);
         }
     }
+    settle(&mut chain.allocations);
     chain
+}
+
+/// What an allocation's successor tells of it: how far it trained (from the metrics file), and
+/// so which of its steps were redone.
+fn settle(allocations: &mut [Allocation]) {
+    for i in 1..allocations.len() {
+        let (before, after) = allocations.split_at_mut(i);
+        let (prev, next) = (&mut before[i - 1], &after[0]);
+        // A record older than the predecessor's start is not its own (it never logged one).
+        let own = |at: Option<SystemTime>| at.zip(prev.started_at).is_none_or(|(t, s)| t >= s);
+        if let Some((step, at)) = next.predecessor_reached.filter(|(_, at)| own(*at)) {
+            if prev.reached_step.is_none_or(|r| r < step) {
+                prev.reached_step = Some(step);
+            }
+            if prev.ended_at.is_none() && at > prev.last_event_at {
+                prev.last_event_at = at;
+            }
+        }
+        if next.resume_step.is_none() && next.training_started_at.is_none() {
+            continue; // the next has not resumed yet: what it redoes is not known
+        }
+        let floor = next
+            .resume_step
+            .unwrap_or(0)
+            .max(prev.resume_step.unwrap_or(0));
+        prev.steps_lost = prev.reached_step.unwrap_or(0).saturating_sub(floor);
+    }
 }
 
 /// One event's effect on the allocation it belongs to. One match arm per event kind: long by
@@ -245,7 +404,23 @@ fn apply(
             ..
         }) => {
             a.world_size = *world_size;
+            a.training_started_at = a.training_started_at.or(e.ts);
+            a.reached_step = a.reached_step.max(*resume_step);
             resumed(a, *resume_step)
+        }
+        Event::Supervisor(SupervisorEvent::TrainingStarted {
+            step,
+            previous_step,
+            previous_at,
+        }) => {
+            a.training_started_at = e.ts;
+            a.reached_step = a.reached_step.max(Some(*step));
+            a.predecessor_reached = previous_step.map(|s| {
+                let at = previous_at
+                    .as_deref()
+                    .and_then(|t| humantime::parse_rfc3339(t).ok());
+                (s, at)
+            });
         }
         Event::Supervisor(SupervisorEvent::RanksIncomplete {
             step,
@@ -262,6 +437,7 @@ fn apply(
         }
         // The built-in trainer picks its checkpoint itself: the one it loaded.
         Event::Store(StoreEvent::CheckpointLoaded { step, .. }) if a.new_checkpoints == 0 => {
+            a.reached_step = a.reached_step.max(Some(*step));
             resumed(a, Some(*step))
         }
         Event::Supervisor(SupervisorEvent::SignalReceived {
@@ -280,6 +456,8 @@ fn apply(
             a.new_checkpoints += 1;
             a.save_stalls.extend(*stall_seconds);
             a.last_step = Some(a.last_step.map_or(*step, |m| m.max(*step)));
+            a.reached_step = a.reached_step.max(Some(*step));
+            a.last_commit_at = e.ts.or(a.last_commit_at);
             if let (Some(s), Some(t), None) = (*signal_at, e.ts, a.signal_to_checkpoint_seconds) {
                 a.signal_to_checkpoint_seconds = t.duration_since(s).ok().map(|d| d.as_secs_f64());
             }
@@ -441,5 +619,179 @@ mod tests {
             }]
         );
         assert_eq!(chain.history().no_progress_streak, 1);
+    }
+
+    /// An event at second `t` of the day.
+    fn at(t: u64, mut v: serde_json::Value) -> Stamped {
+        v["ts"] = json!(format!(
+            "2026-01-01T{:02}:{:02}:{:02}Z",
+            t / 3600,
+            t / 60 % 60,
+            t % 60
+        ));
+        ev(v)
+    }
+    fn commit_at(t: u64, step: u64, stall: f64) -> Stamped {
+        at(
+            t,
+            json!({"event": "checkpoint_committed", "checkpoint": format!("step-{step:012}"),
+                  "step": step, "bytes": 1, "seconds": 0.1, "stall_seconds": stall}),
+        )
+    }
+
+    /// Allocation 1 (0–100 s): ready at 10, commits step 100 at 50 (stall 2), is killed after
+    /// logging step 180 at 90. Allocation 2 starts at 130, restores step 100 (ready at 140),
+    /// gets USR1 at 190, commits step 250 at 200 (stall 1), ends announced at 205. Allocation 3
+    /// starts at 265, restores 250 (ready at 270), finishes at step 300 at 320.
+    fn three_allocations() -> Vec<Stamped> {
+        vec![
+            at(0, json!({"event": "allocation_start", "restart_count": 0})),
+            at(
+                0,
+                json!({"event": "child_started", "pid": 1, "in_process": true}),
+            ),
+            at(10, json!({"event": "training_started", "step": 0})),
+            commit_at(50, 100, 2.0),
+            // killed at ~90: nothing more in the journal
+            at(
+                130,
+                json!({"event": "allocation_start", "restart_count": 1}),
+            ),
+            at(
+                135,
+                json!({"event": "checkpoint_loaded", "checkpoint": "step-000000000100", "step": 100}),
+            ),
+            at(
+                140,
+                json!({"event": "training_started", "step": 100, "previous_step": 180,
+                      "previous_at": "2026-01-01T00:01:30Z"}),
+            ),
+            at(
+                190,
+                json!({"event": "signal_received", "signal": "SIGUSR1", "warning": true}),
+            ),
+            commit_at(200, 250, 1.0),
+            at(
+                205,
+                json!({"event": "allocation_end", "ending": "warning_signal", "decision": "requeue",
+                      "reason": "r", "action": "a", "exit_code": 0}),
+            ),
+            at(
+                265,
+                json!({"event": "allocation_start", "restart_count": 2}),
+            ),
+            at(
+                268,
+                json!({"event": "checkpoint_loaded", "checkpoint": "step-000000000250", "step": 250}),
+            ),
+            at(
+                270,
+                json!({"event": "training_started", "step": 250, "previous_step": 250,
+                      "previous_at": "2026-01-01T00:03:19Z"}),
+            ),
+            commit_at(320, 300, 0.5),
+            at(320, json!({"event": "run_done"})),
+            at(
+                320,
+                json!({"event": "allocation_end", "ending": "completed", "decision": "done",
+                      "reason": "r", "action": "a", "exit_code": 0}),
+            ),
+        ]
+    }
+
+    #[test]
+    fn interruptions_are_classified_and_lost_steps_counted() {
+        let chain = fold(&three_allocations());
+        let a = &chain.allocations;
+        assert_eq!(
+            chain.interruption_of(0, false),
+            Some(Interruption::Unannounced)
+        );
+        assert_eq!(
+            chain.interruption_of(1, false),
+            Some(Interruption::Announced)
+        );
+        assert_eq!(chain.interruption_of(2, false), None);
+        // Trained to 180, committed 100, the next resumed from 100: 80 steps redone.
+        assert_eq!((a[0].reached_step, a[0].steps_lost), (Some(180), 80));
+        // The killed allocation lived until its last logged step.
+        assert_eq!(a[0].seconds(), Some(90.0));
+        assert_eq!((a[1].reached_step, a[1].steps_lost), (Some(250), 0));
+        assert_eq!(a[2].steps_lost, 0);
+    }
+
+    #[test]
+    fn goodput_splits_wall_time_by_cause() {
+        let chain = fold(&three_allocations());
+        let g = chain.goodput(false);
+        let close = |x: f64, y: f64| assert!((x - y).abs() < 1e-9, "{x} != {y}");
+        // Walls: 90 + 75 + 55.
+        close(g.total.wall, 220.0);
+        // Start-up: 10 + 10 + 5.
+        close(g.total.startup, 25.0);
+        close(g.total.save_stall, 3.5);
+        // Allocation 1 trained 180 steps in 90 - 10 - 2 = 78 s; 80 of them were lost.
+        close(g.total.lost, 80.0 * 78.0 / 180.0);
+        // Waits: 130 - 90 and 265 - 205.
+        close(g.wait, 100.0);
+        close(g.total.productive, 220.0 - 25.0 - 3.5 - 80.0 * 78.0 / 180.0);
+        close(g.elapsed(), 320.0);
+        assert_eq!((g.lost_steps, g.announced, g.unannounced), (80, 1, 1));
+        assert!(g.fraction().unwrap() > 0.0 && g.fraction().unwrap() < 1.0);
+    }
+
+    #[test]
+    fn goodput_of_partial_journals() {
+        // Nothing at all.
+        let g = fold(&[]).goodput(false);
+        assert_eq!(g.fraction(), None);
+        // One allocation, still running, no step yet.
+        let chain = fold(&[
+            at(0, json!({"event": "allocation_start", "restart_count": 0})),
+            at(
+                4,
+                json!({"event": "child_started", "pid": 1, "in_process": true}),
+            ),
+        ]);
+        let g = chain.goodput(true);
+        assert_eq!(
+            (g.total.wall, g.total.startup, g.total.lost),
+            (4.0, 0.0, 0.0)
+        );
+        assert_eq!((g.announced, g.unannounced), (0, 0));
+        // The same journal with no writer: the allocation was killed. A child (no step count)
+        // loses the time since its start.
+        let chain = fold(&[
+            at(0, json!({"event": "allocation_start", "restart_count": 0})),
+            at(
+                2,
+                json!({"event": "child_started", "pid": 1, "resume_step": 5}),
+            ),
+            at(9, json!({"event": "signal_received", "signal": "SIGTERM"})),
+        ]);
+        let g = chain.goodput(false);
+        assert_eq!(g.unannounced, 1);
+        assert_eq!(
+            (g.total.wall, g.total.startup, g.total.lost),
+            (9.0, 2.0, 7.0)
+        );
+        assert_eq!(g.total.productive, 0.0);
+    }
+
+    #[test]
+    fn a_killed_allocation_without_a_metrics_record_loses_the_time_since_its_last_commit() {
+        // An older journal: no training_started anywhere.
+        let chain = fold(&[
+            at(0, json!({"event": "allocation_start", "restart_count": 0})),
+            commit_at(30, 10, 0.0),
+            at(40, json!({"event": "signal_received", "signal": "SIGTERM"})),
+            at(60, json!({"event": "allocation_start", "restart_count": 1})),
+        ]);
+        assert_eq!(
+            chain.interruption_of(0, false),
+            Some(Interruption::Unannounced)
+        );
+        let g = chain.goodput(true);
+        assert_eq!((g.total.lost, g.wait, g.lost_steps), (10.0, 20.0, 0));
     }
 }

@@ -28,7 +28,6 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -40,6 +39,7 @@ use super::ranks;
 use crate::storage::fsutil::{fsync_dir, read_bounded, replace_file_durable};
 use crate::storage::journal::now_rfc3339;
 use crate::storage::manifest::JobInfo;
+use crate::storage::metrics as storage_metrics;
 use crate::storage::{CommitMeta, Snapshot, Store};
 
 /// Where programs stage checkpoints, one dir per allocation.
@@ -47,7 +47,7 @@ pub const STAGING_DIR: &str = "staging";
 /// Where staged files that could not be committed are kept.
 pub const KEPT_DIR: &str = "kept";
 /// Training metrics of committed requests, one JSON object a line.
-pub const METRICS_FILE: &str = "metrics.jsonl";
+pub use crate::storage::metrics::METRICS_FILE;
 /// The largest request file read.
 const MAX_REQUEST_BYTES: u64 = 1 << 20;
 
@@ -441,15 +441,9 @@ impl ChildProtocol {
         };
         let report = store.commit(&snapshot, &meta)?;
         let line = json!({"ts": now_rfc3339(), "step": req.step, "epoch": req.epoch, "metrics": req.metrics});
-        let path = self.run_dir.join(METRICS_FILE);
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("open {}", path.display()))?;
-        // One write of the whole line (O_APPEND): a kill never leaves half a line behind.
-        f.write_all(format!("{line}\n").as_bytes())
-            .with_context(|| format!("append to {}", path.display()))?;
+        let (mut f, _) = storage_metrics::open_append(&self.run_dir)?;
+        storage_metrics::append(&mut f, &line)
+            .with_context(|| format!("append to {}", self.run_dir.join(METRICS_FILE).display()))?;
         for slot in &self.slots {
             slot.clear()?;
         }

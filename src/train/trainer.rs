@@ -50,7 +50,6 @@ mod save;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -70,6 +69,7 @@ use super::tensors::{copy_tensor, read_safetensors, to_tensor_data, torch_messag
 use crate::config::JobConfig;
 use crate::storage::journal::now_rfc3339;
 use crate::storage::manifest::{parse_checkpoint_name, MANIFEST_FILE};
+use crate::storage::metrics::{self as storage_metrics, Record as MetricsRecord};
 use crate::storage::persister::{self, Persister};
 use crate::storage::retention::Mode;
 use crate::storage::verify::Loaded;
@@ -82,7 +82,7 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const REFERENCE_FILE: &str = "reference_batch.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 /// Training metrics, one JSON object a line, in the run dir.
-pub const METRICS_FILE: &str = "metrics.jsonl";
+pub use crate::storage::metrics::METRICS_FILE;
 /// Current [`TrainerState::format_version`].
 pub const STATE_FORMAT_VERSION: u32 = 1;
 /// The tch crate this build uses and the libtorch it is built for.
@@ -164,6 +164,10 @@ pub enum TrainError {
         #[source]
         source: StorageError,
     },
+    #[error("the metrics file: {0}")]
+    Metrics(#[source] StorageError),
+    #[error("the journal: {0}")]
+    Journal(#[source] StorageError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -368,6 +372,9 @@ struct Trainer {
     /// carries it).
     eval_at: Option<(u64, f64)>,
     metrics: File,
+    /// The last record of `metrics.jsonl` when this process opened it: how far the previous
+    /// allocation trained (journaled with `training_started`).
+    metrics_last: Option<MetricsRecord>,
 }
 
 impl Trainer {
@@ -403,15 +410,8 @@ impl Trainer {
             let idx: Vec<i64> = (0..k).collect();
             data.batch(split, &idx, Device::Cpu)
         };
-        let path = store.run_dir().root().join(METRICS_FILE);
-        let metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| TrainError::Io {
-                what: format!("open {}", path.display()),
-                source,
-            })?;
+        let (metrics, metrics_last) =
+            storage_metrics::open_append(store.run_dir().root()).map_err(TrainError::Metrics)?;
         let st = TrainerState {
             format_version: STATE_FORMAT_VERSION,
             global_step: 0,
@@ -468,6 +468,7 @@ impl Trainer {
             auto: None,
             eval_at: None,
             metrics,
+            metrics_last,
         })
     }
 
@@ -496,6 +497,17 @@ impl Trainer {
             );
             self.auto = Some(auto);
         }
+        let last = self.metrics_last.take();
+        store
+            .journal()
+            .append(&events::SupervisorEvent::TrainingStarted {
+                step: self.st.global_step,
+                previous_step: last.as_ref().map(|r| r.step),
+                previous_at: last
+                    .and_then(|r| r.ts)
+                    .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            })
+            .map_err(TrainError::Journal)?;
         self.last_save = Instant::now();
         persister::scope(store, |p| self.train_with(p, stop))
     }
@@ -586,13 +598,12 @@ impl Trainer {
             m.insert(e.metric.clone(), json!(v));
         }
         let line = json!({"ts": now_rfc3339(), "step": gs, "epoch": self.st.epoch, "metrics": m});
-        // One write of the whole line (O_APPEND): a kill never leaves half a line behind.
-        self.metrics
-            .write_all(format!("{line}\n").as_bytes())
-            .map_err(|source| TrainError::Io {
-                what: format!("append to {METRICS_FILE}"),
-                source,
-            })
+        // One write of the whole line (O_APPEND); a line a kill tore anyway is ended by the next
+        // opener.
+        storage_metrics::append(&mut self.metrics, &line).map_err(|source| TrainError::Io {
+            what: format!("append to {METRICS_FILE}"),
+            source,
+        })
     }
 
     /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, by
