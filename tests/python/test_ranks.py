@@ -340,3 +340,15 @@ def test_shard_loader_splits_one_global_batch_and_maps_positions():
         bad.load_state_dict(src.state_dict())
     with pytest.raises(ValueError):
         hpc_ckpt.ResumableLoader(data, 2, rank=2, world_size=2)
+
+
+def test_rank_variables_are_read_and_checked():
+    env = Environment.from_env({"HPC_CKPT_RANK": "1", "HPC_CKPT_WORLD_SIZE": "2",
+                                "HPC_CKPT_RESUME_WORLD_SIZE": "4"})
+    assert (env.rank, env.world_size, env.resume_world_size) == (1, 2, 4)
+    assert Environment.from_env({}).world_size == 1
+    for bad, msg in ((("2", "2"), "not below"), (("x", "2"), "not a number"), (("0", "0"), ">= 1")):
+        with pytest.raises(hpc_ckpt.ProtocolError, match=msg):
+            Environment.from_env({"HPC_CKPT_RANK": bad[0], "HPC_CKPT_WORLD_SIZE": bad[1]})
+    assert hpc_ckpt.ranks.rank_file(3, "rng.safetensors", 4) == "rank00003.rng.safetensors"
+    assert hpc_ckpt.ranks.rank_file(0, "rng.safetensors", 1) == "rng.safetensors"

@@ -5,7 +5,8 @@ Under ``hpc-ckpt wrap -- CMD`` the program gets (README, "Child protocol"):
   HPC_CKPT_RUN_DIR          the run directory
   HPC_CKPT_RESUME_FROM      the committed checkpoint dir to resume from (unset: fresh start)
   HPC_CKPT_STAGING          an empty dir to write a checkpoint's files into (plain names)
-  HPC_CKPT_COMMIT_REQUEST   where to ask for a commit: ``{"step", "epoch", "metrics", "done"}``
+  HPC_CKPT_COMMIT_REQUEST   where to ask for a commit: ``{"step", "epoch", "metrics", "done",
+                            "sharded"}``
                             written to ``<path>.tmp`` and renamed; the supervisor commits, writes
                             ``<path>.result``, empties staging and removes the request (the ack)
   HPC_CKPT_SIGNAL           the signal that means "checkpoint and exit 0"
