@@ -70,11 +70,11 @@ def runs(hpc_bin, tmp_path_factory):
 
     jobs = {
         "ddp_straight": (ddp_cmd(0.0), []),
-        "ddp_usr1": (ddp_cmd(0.03), [(14, "USR1"), (33, "USR1")]),
+        "ddp_usr1": (ddp_cmd(0.05), [(14, "USR1"), (30, "USR1")]),
         "job_straight": (job_cmd(), []),
         "job_killed": (job_cmd(), None, {"DDP_JOB_KILL_RANK1_AT": str(KILL_AT)}),
         "zero_straight": (zero_cmd(0.0), []),
-        "zero_usr1": (zero_cmd(0.03), [(15, "USR1")]),
+        "zero_usr1": (zero_cmd(0.05), [(15, "USR1")]),
     }
     with ThreadPoolExecutor(max_workers=2) as ex:
         futs = {k: ex.submit(run, k, *v) for k, v in jobs.items()}
@@ -165,6 +165,8 @@ def test_sigkill_of_a_staging_rank_commits_nothing_and_the_rerun_ends_identical(
 def test_sharded_optimizer_resumes_exactly_with_two_ranks(runs):
     straight, run = get(runs, "zero_straight"), get(runs, "zero_usr1")
     files = DDP_FILES + ["rank00001.optimizer.safetensors"]
+    stop = max(run.history[0].losses)
+    assert stop in run.commits() and stop < ZERO_STEPS, (stop, run.commits())
     assert_identical(straight, run, ZERO_STEPS, files)
     assert_same_losses(straight, run, ZERO_STEPS)
     with open(os.path.join(run.newest(), "MANIFEST.json")) as f:
