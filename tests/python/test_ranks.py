@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import hpc_ckpt
-from hpc_ckpt.protocol import Environment
+from hpc_ckpt.protocol import Environment, Transport
 from conftest import JOBS, PY, REPO, RUN_AGAIN, WrapRun, read, verify
 
 EXAMPLES = os.path.join(REPO, "examples", "python")
@@ -357,3 +357,34 @@ def test_rank_variables_are_read_and_checked():
             Environment.from_env({"HPC_CKPT_RANK": bad[0], "HPC_CKPT_WORLD_SIZE": bad[1]})
     assert hpc_ckpt.ranks.rank_file(3, "rng.safetensors", 4) == "rank00003.rng.safetensors"
     assert hpc_ckpt.ranks.rank_file(0, "rng.safetensors", 1) == "rng.safetensors"
+
+
+class _Recorder(Transport):
+    """A transport that records each request and what was staged for it."""
+
+    def __init__(self, d):
+        self.d, self.reqs = d, []
+
+    def staging(self):
+        for n in os.listdir(self.d):
+            os.unlink(os.path.join(self.d, n))
+        return self.d
+
+    def submit(self, step, epoch, metrics, done, sharded=False):
+        self.reqs.append((step, done, sharded, sorted(os.listdir(self.d))))
+
+
+def test_time_based_saves_and_finish_follow_the_agreement(tmp_path):
+    peer = [[0, 1]]  # the peer's every_seconds save is due, this rank's is not
+    env = Environment(None, None, None, None, None, rank=1, world_size=2)
+    ck = hpc_ckpt.Checkpointer(model=torch.nn.Linear(2, 2), optimizer=None, every_seconds=1e9,
+                               sharded=(), session=hpc_ckpt.Session(env=env, verbose=False))
+    ck.session.transport = rec = _Recorder(str(tmp_path))
+    ck.agreement = hpc_ckpt.StopAgreement(2, reduce=_peer_reduce(peer))
+    ck.step_done(1)
+    peer[0] = [0, 0]
+    ck.step_done(2)
+    peer[0] = [1]  # the peer was signalled after the last step: finish() agrees on a stop
+    assert ck.finish() is False
+    assert [(s, d) for s, d, _, _ in rec.reqs] == [(1, False), (2, False)]
+    assert rec.reqs[0][3] == ["rank_state.json", "rng.safetensors"], "rank 1 stages no replicated state"
