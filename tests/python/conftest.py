@@ -90,6 +90,7 @@ class WrapRun:
     cmd: List[str]
     config: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)
+    args: List[str] = field(default_factory=list)  # more `wrap` options, e.g. ["--ranks", "2"]
     history: List[Incarnation] = field(default_factory=list)
 
     def launch(self, stop_at: Optional[int] = None, how: str = "USR1",
@@ -100,6 +101,7 @@ class WrapRun:
         args = [self.bin, "wrap", "--run-dir", self.run_dir]
         if self.config:
             args += ["--config", self.config]
+        args += self.args
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         for k in list(env):
             if k.startswith("HPC_CKPT_") and k not in ("HPC_CKPT_LOG",):

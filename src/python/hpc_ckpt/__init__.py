@@ -10,6 +10,9 @@
             break
     ck.finish()
 
+Multi-rank jobs (``hpc-ckpt wrap --ranks N``): rank 0 saves the replicated state, every rank its
+RNG, data position and optimizer shard; ranks agree on the stop step through torch.distributed.
+
 Integrations: ``hpc_ckpt.integrations.hf.HpcCkptCallback`` (transformers.Trainer) and
 ``hpc_ckpt.integrations.lightning.HpcCkptCallback`` (Lightning). torch and the frameworks are
 imported only when used.
@@ -24,11 +27,12 @@ from .data import ResumableLoader
 from .errors import (CheckpointError, CommitError, ConfigMismatchError, IncompatibleCheckpointError,
                      NotSerializableError, ProtocolError, ReferenceMismatchError)
 from .protocol import Environment
+from .ranks import StopAgreement
 from .session import Session
 from .state import seed_all
 
 __all__ = [
-    "Checkpointer", "ResumableLoader", "Session", "Environment", "FORMAT", "seed_all",
+    "Checkpointer", "ResumableLoader", "Session", "Environment", "FORMAT", "seed_all", "StopAgreement",
     "CheckpointError", "CommitError", "ConfigMismatchError", "IncompatibleCheckpointError",
     "NotSerializableError", "ProtocolError", "ReferenceMismatchError", "__version__",
 ]

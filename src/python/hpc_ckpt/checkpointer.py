@@ -15,6 +15,15 @@ Files (all plain names, no pickle): ``model.safetensors``, ``optimizer.safetenso
 Python and numpy, best metric, metrics, config, extras, versions; no timestamps, so identical
 states give identical bytes), ``state.safetensors`` when extras or stateful objects hold tensors,
 ``reference_batch.safetensors`` with a reference batch.
+
+Multi-rank jobs (``hpc-ckpt wrap --ranks N``, ``slurm.ntasks: N``; README, "Multi-rank jobs"):
+rank 0 alone stages the replicated state (models, optimizers that are not sharded, schedulers,
+scaler, counters, metrics, best, config, extras, other stateful objects: ``trainer_state.json``
+and its tensor files); every rank stages its own state (``rng.safetensors`` and
+``rank_state.json``: its RNG streams, its data position, its shard of a sharded optimizer).
+The supervisor commits them all as one checkpoint, rank r's file NAME as ``rank<r:05d>.NAME``.
+With torch.distributed initialized, :meth:`step_done` agrees across ranks on stopping (one
+``all_reduce(MAX)`` per step), so every rank saves and stops at the same step.
 """
 
 from __future__ import annotations
@@ -24,17 +33,43 @@ import os
 import struct
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Set,
+                    Tuple, Union)
 
 from . import state as S
 from ._codec import TensorSink, decode, dumps, encode, is_tensor, loads_file, torch_module
 from .errors import (ConfigMismatchError, IncompatibleCheckpointError, NotSerializableError,
                      ReferenceMismatchError)
 from .protocol import log
+from .ranks import StopAgreement, checkpoint_world_size, rank_file
 from .session import Session, SignalSpec
 
 FORMAT = "hpc-ckpt-python/1"
 STATE_FILE = "trainer_state.json"
+RANK_STATE_FILE = "rank_state.json"
+RNG_FILE = "rng.safetensors"
+# ``stateful`` entries that are per rank (the rest is replicated): the data position.
+PER_RANK_STATEFUL = ("loader",)
+
+
+def _is_zero(opt: Any) -> bool:
+    """Is ``opt`` a ``torch.distributed.optim.ZeroRedundancyOptimizer`` (its state is sharded)?"""
+    return type(opt).__name__ == "ZeroRedundancyOptimizer" and hasattr(opt, "optim")
+
+
+def _optimizer_target(opt: Any) -> Any:
+    """The object whose ``state_dict`` is this rank's optimizer state: a ZeRO optimizer's local
+    optimizer (its shard; ZeRO's own ``state_dict`` needs a consolidation), else ``opt``."""
+    return opt.optim if _is_zero(opt) else opt
+
+
+def _after_optimizer_load(opt: Any) -> None:
+    """ZeRO keeps hyper-parameters (lr, ...) in its own param_groups too: copy the loaded ones."""
+    if _is_zero(opt):
+        for mine, loaded in zip(opt.param_groups, opt.optim.param_groups):
+            for k, v in loaded.items():
+                if k != "params":
+                    mine[k] = v
 
 
 def _named(obj: Any, what: str) -> Dict[str, Any]:
@@ -97,8 +132,18 @@ class Checkpointer:
         reference_batch / reference_loss: after a load, ``reference_loss(reference_batch)`` is
             recomputed (models in eval mode, no grad) and compared bit for bit (CPU) with the
             value stored at save time.
+        sharded: which optimizers hold only this rank's shard of the state (saved per rank;
+            resumable only with the same world size): None (default) for every
+            ``ZeroRedundancyOptimizer``, True for all, or a list of names (``""`` for a single
+            unnamed optimizer).
+        stop_agreement / agree_every: in a multi-rank job with torch.distributed initialized,
+            agree on stopping every ``agree_every`` steps with one ``all_reduce(MAX)`` (off:
+            each rank stops on its own signal, and ranks stopping at different steps are refused).
         run_dir, signals, binary, commit_args, resume, on_commit_error, verbose: see
             :class:`hpc_ckpt.Session`.
+
+    After :meth:`restore`: :attr:`resumed_world_size` is the number of ranks that wrote the
+    checkpoint, :attr:`rank_state_restored` whether this rank's own state (RNG) was in it.
     """
 
     def __init__(self, model: Any = None, optimizer: Any = None, scheduler: Any = None, scaler: Any = None,
@@ -113,7 +158,9 @@ class Checkpointer:
                  run_dir: Optional[str] = None, signals: Optional[Sequence[SignalSpec]] = None,
                  binary: Optional[str] = None, commit_args: Sequence[str] = (), resume: bool = True,
                  on_commit_error: str = "raise", verbose: bool = True,
-                 session: Optional[Session] = None) -> None:
+                 session: Optional[Session] = None,
+                 sharded: Union[None, bool, Sequence[str]] = None,
+                 stop_agreement: bool = True, agree_every: int = 1) -> None:
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
         if (reference_batch is None) != (reference_loss is None):
@@ -153,6 +200,51 @@ class Checkpointer:
                                           commit_args=commit_args, resume=resume,
                                           on_commit_error=on_commit_error, verbose=verbose)
         self.verbose = verbose
+        self.rank = self.session.rank
+        self.world_size = self.session.world_size
+        self.sharded: Set[str] = self._resolve_sharded(sharded)
+        self.agreement = StopAgreement(self.world_size, every=agree_every, enabled=stop_agreement)
+        self.resumed_world_size: Optional[int] = None
+        self.rank_state_restored: Optional[bool] = None
+        self._world_checked = False
+
+    def _resolve_sharded(self, sharded: Union[None, bool, Sequence[str]]) -> Set[str]:
+        if sharded is None:
+            return {n for n, o in self.optimizers.items() if _is_zero(o)}
+        if sharded is True:
+            return set(self.optimizers)
+        if sharded is False:
+            return set()
+        names = set(sharded)
+        unknown = sorted(names - set(self.optimizers))
+        if unknown:
+            raise ValueError(f"sharded={sorted(names)}: no optimizer named {unknown} "
+                             f"(optimizers: {sorted(self.optimizers)})")
+        return names
+
+    @property
+    def multi_rank(self) -> bool:
+        """Several ranks: per-rank files, rank 0 writes the replicated state."""
+        return self.world_size > 1
+
+    def _check_world(self) -> None:
+        """A torch.distributed job of several ranks that the supervisor sees as one would commit
+        each rank's files as the whole checkpoint: refuse it."""
+        if self._world_checked:
+            return
+        self._world_checked = True
+        torch = torch_module()
+        d = torch.distributed
+        if self.world_size == 1 and self.session.enabled and d.is_available() and d.is_initialized() \
+                and d.get_world_size() > 1:
+            from .errors import ProtocolError  # noqa: PLC0415
+
+            raise ProtocolError(
+                f"torch.distributed runs {d.get_world_size()} ranks but hpc-ckpt sees one (no "
+                "HPC_CKPT_WORLD_SIZE): every rank would commit its files as the whole checkpoint. "
+                f"Run under `hpc-ckpt wrap --ranks {d.get_world_size()}` (or slurm.ntasks / "
+                "distributed.world_size; with torchrun, distributed.launcher: command and "
+                "`hpc-ckpt rank -- CMD` per rank)")
 
     # ------------------------------------------------------------------ protocol-facing
     @property
@@ -195,20 +287,35 @@ class Checkpointer:
             self._update_best()
         if self._stopped:
             return
-        if self.session.stop_requested:
+        self._check_world()
+        stop, timed = self._decide()
+        if stop:
             self._stop()
             return
-        due = (self.every_steps is not None and self.step % self.every_steps == 0) or \
-              (self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds)
+        due = (self.every_steps is not None and self.step % self.every_steps == 0) or timed
         if self.total_steps is not None and self.step >= self.total_steps:
             due = False  # finish() commits it, marked done
         if due and not self.session.covered(self.step):
             self.save(reason="periodic")
 
+    def _decide(self) -> Tuple[bool, bool]:
+        """(stop now, a time-based save is due) at :attr:`step`: this rank's view, or, with
+        several ranks agreeing, the MAX over every rank at agreement steps (False between them)."""
+        stop = self.session.stop_requested
+        timed = self.every_seconds is not None and time.monotonic() - self._last_save >= self.every_seconds
+        if not self.agreement.active():
+            return stop, timed
+        if not self.agreement.due(self.step):
+            return False, False
+        s, t = self.agreement.agree([stop, timed])
+        return bool(s), bool(t)
+
     def should_stop(self) -> bool:
         """True once a stop signal came: the current state is then committed (or requested);
-        leave the loop and call :meth:`finish` (the process should exit 0)."""
-        if not self._stopped and self.session.stop_requested:
+        leave the loop and call :meth:`finish` (the process should exit 0). With several ranks
+        agreeing, True only once they agreed (in :meth:`step_done`): every rank sees True after
+        the same step."""
+        if not self._stopped and self.session.stop_requested and not self.agreement.active():
             self._stop()
         return self._stopped
 
@@ -224,7 +331,11 @@ class Checkpointer:
         if self._finished:
             return not self._stopped
         try:
-            if self._stopped or self.session.stop_requested:
+            if not self._stopped and self.agreement.active():
+                # One last agreement (every rank calls finish()): all save the same way.
+                if self.agreement.agree([self.session.stop_requested])[0]:
+                    self._stop()
+            if self._stopped or (self.session.stop_requested and not self.agreement.active()):
                 self.should_stop()
             elif self.session.enabled and not self.session.covered(self.step):
                 self.save(done=True, reason="final")
@@ -250,8 +361,9 @@ class Checkpointer:
 
     def save(self, *, done: bool = False, reason: str = "manual") -> None:
         """Stage the current state and ask for its commit as :attr:`step` now."""
+        self._check_world()
         self.session.commit(self.step, self.write, epoch=self.epoch, metrics=self._step_metrics,
-                            done=done, reason=reason)
+                            done=done, reason=reason, sharded=self.multi_rank and bool(self.sharded))
         self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------ state <-> files
@@ -270,8 +382,37 @@ class Checkpointer:
             self.best = {"value": v, "step": self.step}
 
     def state(self) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
-        """(trainer_state.json content, {file name: tensors}) of the current state."""
+        """(trainer_state.json content, {file name: tensors}) of the current state, as a 1-rank
+        job saves it (everything in one place)."""
         files: Dict[str, Dict[str, Any]] = {}
+        st = self._replicated_state(files, multi=False)
+        # RNG last, and nothing above may consume randomness (the reference runs in fork_rng).
+        st["rng"], files[RNG_FILE] = S.rng_state(self.rngs, cuda=True)
+        return st, files
+
+    def rank_state(self) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any], Dict[str, Dict[str, Any]]]:
+        """What this rank of a multi-rank job stages: (trainer_state.json content on rank 0,
+        else None; rank_state.json content; {file name: tensors}). Rank 0 adds the replicated
+        state; every rank its RNG streams, data position and optimizer shards."""
+        files: Dict[str, Dict[str, Any]] = {}
+        rep = self._replicated_state(files, multi=True) if self.rank == 0 else None
+        rs: Dict[str, Any] = {"format": FORMAT, "rank": self.rank, "world_size": self.world_size,
+                              "step": self.step, "optimizer": {}}
+        for name in sorted(self.sharded):
+            js, t = S.stateful_state(_optimizer_target(self.optimizers[name]),
+                                     "optimizer" + (f"-{name}" if name else ""))
+            rs["optimizer"][name] = js
+            files[_file("optimizer", name)] = t
+        rs["stateful"] = {n: encode(o.state_dict(), f"stateful.{n}", None,
+                                    f"{type(o).__name__}.state_dict() must be JSON-able (per-rank state)")
+                          for n, o in self.stateful.items() if n in PER_RANK_STATEFUL}
+        rs["rng"], files[RNG_FILE] = S.rng_state(self.rngs, cuda=True)
+        return rep, rs, files
+
+    def _replicated_state(self, files: Dict[str, Dict[str, Any]], multi: bool) -> Dict[str, Any]:
+        """Everything but the RNG streams (trainer_state.json), its tensors added to ``files``.
+        ``multi``: a multi-rank job's rank 0 (sharded optimizers and per-rank stateful objects
+        are left to each rank's rank_state.json)."""
         st: Dict[str, Any] = {"format": FORMAT, "versions": S.versions(), "step": self.step,
                               "epoch": self.epoch}
         st["metrics"] = encode(self.metrics, "metrics", None, "metrics must be numbers or JSON values")
@@ -283,7 +424,10 @@ class Checkpointer:
             st["model"][name], files[_file("model", name)] = S.model_state(m)
         st["optimizer"] = {}
         for name, o in self.optimizers.items():
-            js, t = S.stateful_state(o, "optimizer" + (f"-{name}" if name else ""))
+            if multi and name in self.sharded:
+                st["optimizer"][name] = {"sharded": True}
+                continue
+            js, t = S.stateful_state(_optimizer_target(o), "optimizer" + (f"-{name}" if name else ""))
             st["optimizer"][name] = js
             files[_file("optimizer", name)] = t
         st["scheduler"] = {n: S.scheduler_state(s, f"scheduler{'.' + n if n else ''}")
@@ -292,7 +436,7 @@ class Checkpointer:
         st["scaler"] = None if self.scaler is None else encode(self.scaler.state_dict(), "scaler", aux)
         st["stateful"] = {n: encode(o.state_dict(), f"stateful.{n}", aux,
                                     f"{type(o).__name__}.state_dict() must be JSON-able or tensors")
-                          for n, o in self.stateful.items()}
+                          for n, o in self.stateful.items() if not (multi and n in PER_RANK_STATEFUL)}
         st["extra"] = encode(dict(self.extra), "extra", aux, "extra must be JSON-able or tensors")
         if aux.tensors:
             files["state.safetensors"], aliases = S.dedupe_tensors(aux.tensors)
@@ -304,27 +448,51 @@ class Checkpointer:
             st["reference"] = {"batch": encode(self.reference_batch, "batch", sink),
                                **self._reference_value(self.reference_batch)}
             files["reference_batch.safetensors"] = S.dedupe_tensors(sink.tensors)[0]
-        # RNG last, and nothing above may consume randomness (the reference runs in fork_rng).
-        st["rng"], files["rng.safetensors"] = S.rng_state(self.rngs, cuda=True)
-        return st, files
+        if multi:
+            st["world_size"] = self.world_size
+            st["rng"] = None  # per rank: rank_state.json
+        return st
 
     def write(self, directory: str) -> None:
-        """Write the current state's files into ``directory`` (what a commit stages)."""
-        st, files = self.state()
+        """Write the current state's files into ``directory`` (what a commit stages): all of it
+        in a 1-rank job; this rank's part in a multi-rank job."""
+        jsons: Dict[str, Any] = {}
+        if self.multi_rank:
+            rep, rs, files = self.rank_state()
+            jsons[RANK_STATE_FILE] = rs
+            if rep is not None:
+                jsons[STATE_FILE] = rep
+        else:
+            jsons[STATE_FILE], files = self.state()
         for name, tensors in files.items():
             _save_tensors(os.path.join(directory, name), tensors)
-        with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as f:
-            f.write(dumps(st))
+        for name, content in jsons.items():
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                f.write(dumps(content))
 
     def load(self, path: str) -> None:
-        """Load every registered object's state from checkpoint dir ``path``."""
+        """Load every registered object's state from checkpoint dir ``path``: the replicated
+        state (rank 0's files) and this rank's own (its RNG and data position).
+
+        Another world size than the checkpoint's: the replicated state loads; the data position
+        is a global sample index and is mapped to this world size (the loader raises when it
+        cannot be mapped exactly); a rank the checkpoint has no files of keeps its RNG streams
+        as the program seeded them (a warning says so); sharded optimizer state raises
+        :class:`IncompatibleCheckpointError` (it loads only with the world size that wrote it).
+        """
         where = f"checkpoint {path}"
-        sp = os.path.join(path, STATE_FILE)
+        saved_world = checkpoint_world_size(path, self.session.env.resume_world_size)
+        name = lambda r, n: rank_file(r, n, saved_world)  # noqa: E731
+        sp = os.path.join(path, name(0, STATE_FILE))
         if not os.path.isfile(sp):
-            raise IncompatibleCheckpointError(f"{where}: no {STATE_FILE} (not written by hpc_ckpt.Checkpointer?)")
+            raise IncompatibleCheckpointError(
+                f"{where}: no {os.path.basename(sp)} (not written by hpc_ckpt.Checkpointer?)")
         st = loads_file(sp)
         if st.get("format") != FORMAT:
             raise IncompatibleCheckpointError(f"{where}: format {st.get('format')!r}, expected {FORMAT!r}")
+        if saved_world != self.world_size:
+            log(f"{where} was written by {saved_world} rank(s), this job has {self.world_size}: "
+                "replicated state loads as saved, the data position is mapped by sample index")
         self._check_config(st.get("config"), where)
         for kind, mine in (("model", self.models), ("optimizer", self.optimizers),
                            ("scheduler", self.schedulers)):
@@ -332,26 +500,21 @@ class Checkpointer:
             if saved != set(mine):
                 raise IncompatibleCheckpointError(
                     f"{where}: {kind}s {sorted(saved)} saved, {sorted(mine)} given (names of {kind}=...)")
-        for name, m in self.models.items():
-            S.load_model(m, st["model"][name], _load_tensors(os.path.join(path, _file("model", name)), where),
+        own = self._own_rank_state(path, st, saved_world, where)
+        for n, m in self.models.items():
+            S.load_model(m, st["model"][n], _load_tensors(os.path.join(path, name(0, _file("model", n))), where),
                          where)
-        for name, o in self.optimizers.items():
-            S.load_stateful(o, st["optimizer"][name],
-                            _load_tensors(os.path.join(path, _file("optimizer", name)), where), where)
-        for name, s in self.schedulers.items():
-            S.load_stateful(s, st["scheduler"][name], {}, where)
-        aux = _load_tensors(os.path.join(path, "state.safetensors"), where) \
-            if os.path.isfile(os.path.join(path, "state.safetensors")) else {}
+        for n, o in self.optimizers.items():
+            self._load_optimizer(path, n, o, st, own, saved_world, where)
+        for n, s in self.schedulers.items():
+            S.load_stateful(s, st["scheduler"][n], {}, where)
+        aux_path = os.path.join(path, name(0, "state.safetensors"))
+        aux = _load_tensors(aux_path, where) if os.path.isfile(aux_path) else {}
         if self.scaler is not None:
             if st.get("scaler") is None:
                 raise IncompatibleCheckpointError(f"{where}: no GradScaler state saved")
             S.load_stateful(self.scaler, st["scaler"], aux, where)
-        saved = st.get("stateful", {})
-        missing = sorted(set(self.stateful) - set(saved))
-        if missing:
-            raise IncompatibleCheckpointError(f"{where}: no state for {missing} in the checkpoint")
-        for name, o in self.stateful.items():
-            S.load_stateful(o, saved[name], aux, where)
+        self._load_stateful(path, st, own, saved_world, aux, where)
         S.apply_extra(self.extra, decode(st.get("extra", {}), aux))
         self.step = int(st["step"])
         self.epoch = st.get("epoch")
@@ -360,10 +523,83 @@ class Checkpointer:
         self.best = {"value": decode(b["value"]), "step": b["step"]} if b and "value" in b else None
         ref = st.get("reference")
         if self.reference_batch is not None and ref is not None:
-            batch = decode(ref["batch"], _load_tensors(os.path.join(path, "reference_batch.safetensors"), where))
+            batch = decode(ref["batch"], _load_tensors(
+                os.path.join(path, name(0, "reference_batch.safetensors")), where))
             self._check_reference(ref, batch, where)
-        S.load_rng(st["rng"], _load_tensors(os.path.join(path, "rng.safetensors"), where), self.rngs, where, log)
+        self.resumed_world_size = saved_world
+        self.rank_state_restored = own is not None
+        if own is None:
+            log(f"{where}: no state of rank {self.rank} (written by {saved_world} rank(s)): its RNG "
+                "streams stay as the program seeded them")
+            return
+        S.load_rng(own["rng"], _load_tensors(own["rng_file"], where), self.rngs, where, log)
 
+    def _own_rank_state(self, path: str, st: Mapping[str, Any], saved_world: int,
+                        where: str) -> Optional[Dict[str, Any]]:
+        """This rank's saved state {"rng", "stateful", "optimizer", "rng_file"}, or None when the
+        checkpoint has none of this rank. A 1-rank checkpoint's is rank 0's, in trainer_state.json."""
+        if "world_size" not in st:  # the 1-rank layout: everything in trainer_state.json
+            if self.rank != 0:
+                return None
+            return {"rng": st["rng"], "stateful": st.get("stateful", {}), "optimizer": {},
+                    "rng_file": os.path.join(path, RNG_FILE)}
+        if self.rank >= saved_world:
+            return None
+        rp = os.path.join(path, rank_file(self.rank, RANK_STATE_FILE, saved_world))
+        if not os.path.isfile(rp):
+            raise IncompatibleCheckpointError(f"{where}: {os.path.basename(rp)} is missing (rank {self.rank}'s state)")
+        rs = loads_file(rp)
+        if rs.get("format") != FORMAT or rs.get("rank") != self.rank:
+            raise IncompatibleCheckpointError(
+                f"{where}: {os.path.basename(rp)} has format {rs.get('format')!r} and rank {rs.get('rank')!r}, "
+                f"expected {FORMAT!r} and {self.rank}")
+        return {**rs, "rng_file": os.path.join(path, rank_file(self.rank, RNG_FILE, saved_world))}
+
+    def _load_optimizer(self, path: str, n: str, o: Any, st: Mapping[str, Any],
+                        own: Optional[Mapping[str, Any]], saved_world: int, where: str) -> None:
+        """A replicated optimizer from rank 0's files; a sharded one from this rank's, only with
+        the world size that wrote it."""
+        label = f"optimizer {n!r}" if n else "the optimizer"
+        saved_sharded = st["optimizer"][n] == {"sharded": True}
+        mine_sharded = self.multi_rank and n in self.sharded
+        if saved_sharded and saved_world != self.world_size:
+            raise IncompatibleCheckpointError(
+                f"{where}: {label} is sharded (one shard per rank, written by {saved_world} ranks) and "
+                f"this job has {self.world_size}: sharded state loads only with the world size that "
+                f"wrote it. Resume with {saved_world} ranks (hpc_ckpt does not reshard optimizer state)")
+        if saved_sharded != mine_sharded:
+            raise IncompatibleCheckpointError(
+                f"{where}: {label} was saved {'sharded' if saved_sharded else 'replicated'} and is "
+                f"{'sharded' if mine_sharded else 'replicated'} now (Checkpointer(sharded=...) and "
+                "the optimizer type must match the run that saved it)")
+        if saved_sharded:
+            assert own is not None
+            js = own["optimizer"].get(n)
+            if js is None:
+                raise IncompatibleCheckpointError(f"{where}: rank {self.rank} saved no shard of {label}")
+            f = rank_file(self.rank, _file("optimizer", n), saved_world)
+        else:
+            js, f = st["optimizer"][n], rank_file(0, _file("optimizer", n), saved_world)
+        S.load_stateful(_optimizer_target(o), js, _load_tensors(os.path.join(path, f), where), where)
+        _after_optimizer_load(o)
+
+    def _load_stateful(self, path: str, st: Mapping[str, Any], own: Optional[Mapping[str, Any]],
+                       saved_world: int, aux: Mapping[str, Any], where: str) -> None:
+        """Replicated stateful objects from rank 0's state; per-rank ones (the loader) from this
+        rank's, else from rank 0's (the data position is global: every rank is at the same one)."""
+        saved = dict(st.get("stateful", {}))
+        per_rank: Mapping[str, Any] = own["stateful"] if own is not None else {}
+        if own is None and "world_size" in st:  # a rank the checkpoint lacks: rank 0's position
+            r0 = loads_file(os.path.join(path, rank_file(0, RANK_STATE_FILE, saved_world)))
+            per_rank = r0.get("stateful", {})
+        elif own is None:
+            per_rank = saved
+        saved.update({k: v for k, v in per_rank.items() if k in PER_RANK_STATEFUL})
+        missing = sorted(set(self.stateful) - set(saved))
+        if missing:
+            raise IncompatibleCheckpointError(f"{where}: no state for {missing} in the checkpoint")
+        for n, o in self.stateful.items():
+            S.load_stateful(o, saved[n], aux, where)
     def _check_config(self, saved: Any, where: str) -> None:
         if self.config is None:
             return

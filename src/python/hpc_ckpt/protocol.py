@@ -5,10 +5,21 @@ Under ``hpc-ckpt wrap -- CMD`` the program gets (README, "Child protocol"):
   HPC_CKPT_RUN_DIR          the run directory
   HPC_CKPT_RESUME_FROM      the committed checkpoint dir to resume from (unset: fresh start)
   HPC_CKPT_STAGING          an empty dir to write a checkpoint's files into (plain names)
-  HPC_CKPT_COMMIT_REQUEST   where to ask for a commit: ``{"step", "epoch", "metrics", "done"}``
+  HPC_CKPT_COMMIT_REQUEST   where to ask for a commit: ``{"step", "epoch", "metrics", "done",
+                            "sharded"}``
                             written to ``<path>.tmp`` and renamed; the supervisor commits, writes
                             ``<path>.result``, empties staging and removes the request (the ack)
   HPC_CKPT_SIGNAL           the signal that means "checkpoint and exit 0"
+
+A multi-rank job (``hpc-ckpt wrap --ranks N``, ``slurm.ntasks: N``) gives every rank its own
+staging dir and request file, the same resume point, and (README, "Multi-rank jobs"):
+
+  HPC_CKPT_RANK               this rank (0-based)
+  HPC_CKPT_WORLD_SIZE         the number of ranks
+  HPC_CKPT_RESUME_WORLD_SIZE  how many ranks wrote HPC_CKPT_RESUME_FROM
+
+The supervisor commits rank r's staged file NAME as ``rank<r:05d>.NAME`` once every rank has
+asked for the same step.
 
 Every path is read from the environment once, at start (the staging dir may differ per
 allocation). Outside ``wrap``, a local run dir is committed with ``hpc-ckpt commit`` (the
@@ -60,20 +71,39 @@ class Environment:
     staging: Optional[str]
     request: Optional[str]
     signal_name: Optional[str]
-    # Multi-rank jobs (a later protocol version): rank 0 alone writes replicated state.
+    # Multi-rank jobs: this rank, the number of ranks, and how many wrote resume_from.
     rank: int = 0
     world_size: int = 1
+    resume_world_size: Optional[int] = None
 
     @classmethod
     def from_env(cls, env: Optional[Dict[str, str]] = None) -> "Environment":
+        """Read the protocol's variables; a malformed rank variable raises :class:`ProtocolError`."""
         e = os.environ if env is None else env
 
         def get(k: str) -> Optional[str]:
             return e.get(k) or None
 
+        def num(k: str, default: Optional[int], least: int) -> Optional[int]:
+            v = get(k)
+            if v is None:
+                return default
+            try:
+                n = int(v)
+            except ValueError:
+                raise ProtocolError(f"{k}={v!r} is not a number") from None
+            if n < least:
+                raise ProtocolError(f"{k}={v!r} must be >= {least}")
+            return n
+
+        rank, world = num("HPC_CKPT_RANK", 0, 0), num("HPC_CKPT_WORLD_SIZE", 1, 1)
+        assert rank is not None and world is not None
+        if rank >= world:
+            raise ProtocolError(f"HPC_CKPT_RANK={rank} is not below HPC_CKPT_WORLD_SIZE={world}")
         return cls(run_dir=get("HPC_CKPT_RUN_DIR"), resume_from=get("HPC_CKPT_RESUME_FROM"),
                    staging=get("HPC_CKPT_STAGING"), request=get("HPC_CKPT_COMMIT_REQUEST"),
-                   signal_name=get("HPC_CKPT_SIGNAL"))
+                   signal_name=get("HPC_CKPT_SIGNAL"), rank=rank, world_size=world,
+                   resume_world_size=num("HPC_CKPT_RESUME_WORLD_SIZE", None, 1))
 
     @property
     def under_wrap(self) -> bool:
@@ -153,7 +183,8 @@ class Transport:
         """An empty dir that is ours to write into (waits for the previous acknowledgement)."""
         raise NotImplementedError
 
-    def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool) -> None:
+    def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
+               sharded: bool = False) -> None:
         raise NotImplementedError
 
     def wait(self) -> Optional[CommitResult]:
@@ -220,11 +251,14 @@ class WrapTransport(Transport):
         _clear_dir(self.dir)  # our own leftovers of a failed staging
         return self.dir
 
-    def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool) -> None:
+    def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
+               sharded: bool = False) -> None:
         check_staged(self.dir)
         req: Dict[str, Any] = {"step": int(step), "metrics": metrics, "done": bool(done)}
         if epoch is not None:
             req["epoch"] = int(epoch)
+        if sharded:  # this rank's files are a shard: they load only with the same world size
+            req["sharded"] = True
         tmp = self.request + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(req, f, allow_nan=False)
@@ -318,7 +352,8 @@ class LocalTransport(Transport):
             os.makedirs(self.dir)
         return self.dir
 
-    def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool) -> None:
+    def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
+               sharded: bool = False) -> None:
         check_staged(self.dir)
         args = ["commit", "--run-dir", self.run_dir, "--step", str(int(step)), "--json"]
         if epoch is not None:

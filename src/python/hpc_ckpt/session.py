@@ -66,6 +66,16 @@ class Session:
         return not isinstance(self.transport, NullTransport)
 
     @property
+    def rank(self) -> int:
+        """This rank (0 outside a multi-rank job)."""
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks the supervisor started (1 outside a multi-rank job)."""
+        return self.env.world_size
+
+    @property
     def resume_from(self) -> Optional[str]:
         """The committed checkpoint dir to resume from; None on a fresh start."""
         return self.transport.resume_from
@@ -117,12 +127,13 @@ class Session:
 
     def commit(self, step: int, write: Callable[[str], None], *, epoch: Optional[int] = None,
                metrics: Optional[Mapping[str, object]] = None, done: bool = False,
-               reason: str = "", wait: bool = False) -> bool:
+               reason: str = "", wait: bool = False, sharded: bool = False) -> bool:
         """Stage a checkpoint with ``write(staging_dir)`` and ask for its commit as ``step``.
 
         Waits first for the previous request's acknowledgement (staging is ours only then).
         ``wait=True`` also waits for this one's. Returns False when nothing is saved
-        (checkpoints disabled).
+        (checkpoints disabled). ``sharded``: this rank's files are a shard of the state (the
+        request says so; the checkpoint then loads only with the same world size).
         """
         if not self.enabled:
             return False
@@ -132,7 +143,7 @@ class Session:
         write(d)
         m = jsonable_metrics(metrics, log if self.verbose else None)
         try:
-            self.transport.submit(step, epoch, m, done)
+            self.transport.submit(step, epoch, m, done, sharded)
         except CommitError as e:  # local commits answer at once
             self._commit_failed(e)
             return True
