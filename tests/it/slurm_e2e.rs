@@ -93,8 +93,8 @@ fn write_config(
     (cfg, run)
 }
 
-/// Render the config's sbatch script through the real `hpc-ckpt sbatch` and submit it.
-fn submit_config(conf: &str, cfg: &Path) -> String {
+/// Render the config's sbatch script through the real `hpc-ckpt sbatch`; its path.
+fn render_script(cfg: &Path) -> PathBuf {
     let script = cfg.with_extension("sbatch");
     let o = crate::common::run(&[
         "sbatch",
@@ -104,6 +104,16 @@ fn submit_config(conf: &str, cfg: &Path) -> String {
         script.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
+    script
+}
+
+/// Render the config's sbatch script and submit it; the job id.
+fn submit_config(conf: &str, cfg: &Path) -> String {
+    submit_script(conf, &render_script(cfg))
+}
+
+/// `sbatch --parsable SCRIPT`; the job id.
+fn submit_script(conf: &str, script: &Path) -> String {
     let o = slurm(conf, "sbatch", &["--parsable", script.to_str().unwrap()]);
     assert!(o.status.success(), "sbatch: {}", text(&o));
     String::from_utf8_lossy(&o.stdout)
@@ -260,6 +270,26 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical_builtin_trainer() 
     );
 }
 
+/// The straight run of a chain test: `wrap --config` outside Slurm, in `dir/straight`; its run
+/// dir.
+fn straight_run(
+    dir: &Path,
+    name: &str,
+    command: &[String],
+    layout: &Layout,
+    extra_yaml: &str,
+) -> PathBuf {
+    let dir = dir.join("straight");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cfg, run) = write_config(&dir, name, command, layout, extra_yaml);
+    let o = crate::common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
+        .env_remove("SLURM_JOB_ID")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    run
+}
+
 /// Run `command` straight (outside Slurm, as `straight_command`) and as a Slurm job interrupted
 /// by `scancel --signal=USR1 --batch`, preemption and `scontrol requeue` at seeded moments; the
 /// chain must complete on its own with final weights byte-identical to the straight run.
@@ -275,15 +305,7 @@ fn three_interruptions(
     let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
     let tmp = tempfile::tempdir().unwrap();
-
-    let straight_dir = tmp.path().join("straight");
-    std::fs::create_dir_all(&straight_dir).unwrap();
-    let (cfg, straight) = write_config(&straight_dir, name, straight_command, layout, extra_yaml);
-    let o = crate::common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
-        .env_remove("SLURM_JOB_ID")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let straight = straight_run(tmp.path(), name, straight_command, layout, extra_yaml);
 
     let dir = tmp.path().join("chain");
     std::fs::create_dir_all(&dir).unwrap();
@@ -520,33 +542,18 @@ fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
     let conf = cluster();
     let tmp = tempfile::tempdir().unwrap();
     let steps = 360;
-    let straight_dir = tmp.path().join("straight");
-    std::fs::create_dir_all(&straight_dir).unwrap();
     let fast: Vec<String> = train_args(steps)
         .into_iter()
         .filter(|a| a != "0.1" && a != "--step-delay")
         .collect();
-    let (cfg, straight) = write_config(&straight_dir, "e2e-nowarn", &fast, &ONE_NODE, "");
-    let o = crate::common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
-        .env_remove("SLURM_JOB_ID")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let straight = straight_run(tmp.path(), "e2e-nowarn", &fast, &ONE_NODE, "");
 
     let (cfg, run) = write_config(tmp.path(), "e2e-nowarn", &train_args(steps), &ONE_NODE, "");
     let text_cfg = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("signal_lead: 30", "signal_lead: 30\n  time: '1'");
     std::fs::write(&cfg, text_cfg).unwrap();
-    let script = cfg.with_extension("sbatch");
-    let o = crate::common::run(&[
-        "sbatch",
-        "--config",
-        cfg.to_str().unwrap(),
-        "-o",
-        script.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    let script = render_script(&cfg);
     // What a hand-written script would be: no --signal line.
     let body = std::fs::read_to_string(&script).unwrap();
     assert!(body.contains("#SBATCH --signal="), "{body}");
@@ -556,9 +563,7 @@ fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&script, body).unwrap();
-    let o = slurm(&conf, "sbatch", &["--parsable", script.to_str().unwrap()]);
-    assert!(o.status.success(), "sbatch: {}", text(&o));
-    let job = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let job = submit_script(&conf, &script);
 
     wait_for("the run to finish", Duration::from_secs(240), || {
         count(&run, "run_done") >= 1
