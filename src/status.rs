@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::storage::fsutil::tree_size;
-use crate::storage::journal;
+use crate::storage::journal::{self, StoreEvent};
 use crate::storage::lock::{self, Holder};
 use crate::storage::manifest::Manifest;
 use crate::storage::metrics;
@@ -21,7 +21,7 @@ use crate::storage::pointer::Pointer;
 use crate::storage::retention::{Candidate, Mode, RetentionPolicy, Role};
 use crate::storage::run_dir::{Resolution, RunDir};
 use crate::storage::verify;
-use crate::supervision::events::Stamped;
+use crate::supervision::events::{Event, Stamped, SupervisorEvent};
 use crate::supervision::history::{self, Account, Allocation, Goodput, Interruption};
 use crate::supervision::{protocol, ranks};
 
@@ -51,7 +51,80 @@ pub struct StatusReport {
     pub run: RunChain,
     /// `metrics.jsonl`: what the training recorded.
     pub metrics: MetricsSummary,
+    /// How saves are timed: the interval chosen last (`interval: auto`) and the time-limit watch.
+    pub saves: SaveTiming,
     pub warnings: Vec<String>,
+}
+
+/// How saves are timed, from the journal.
+#[derive(Debug, Default, Serialize)]
+pub struct SaveTiming {
+    /// The newest commit that journaled its cadence (`checkpoint.interval: auto`).
+    pub interval: Option<IntervalStatus>,
+    /// The newest allocation's time-limit watch (a Slurm job with a time limit).
+    pub time_limit_watch: Option<WatchStatus>,
+}
+
+/// The save interval at one commit: recommended, actual, and why.
+#[derive(Debug, Serialize)]
+pub struct IntervalStatus {
+    pub step: u64,
+    pub recommended_seconds: f64,
+    pub actual_seconds: f64,
+    pub reason: String,
+}
+
+/// The time-limit watch of an allocation: when it was to save, and whether it had to.
+#[derive(Debug, Serialize)]
+pub struct WatchStatus {
+    pub seconds_left: u64,
+    pub save_in_seconds: u64,
+    pub lead_seconds: u64,
+    /// The watch stopped the program (no warning signal came before it).
+    pub fired: bool,
+}
+
+/// The save timing facts of the journal: the newest cadence, the newest watch.
+fn save_timing(events: &[Stamped]) -> SaveTiming {
+    let mut t = SaveTiming::default();
+    for e in events {
+        match &e.event {
+            Event::Store(StoreEvent::CheckpointCommitted {
+                step,
+                cadence: Some(c),
+                ..
+            }) => {
+                t.interval = Some(IntervalStatus {
+                    step: *step,
+                    recommended_seconds: c.recommended_seconds,
+                    actual_seconds: c.actual_seconds,
+                    reason: c.reason.clone(),
+                })
+            }
+            Event::Supervisor(SupervisorEvent::AllocationStart { .. }) => {
+                t.time_limit_watch = None;
+            }
+            Event::Supervisor(SupervisorEvent::TimeLimitWatch {
+                seconds_left,
+                save_in_seconds,
+                lead_seconds,
+            }) => {
+                t.time_limit_watch = Some(WatchStatus {
+                    seconds_left: *seconds_left,
+                    save_in_seconds: *save_in_seconds,
+                    lead_seconds: *lead_seconds,
+                    fired: false,
+                })
+            }
+            Event::Supervisor(SupervisorEvent::TimeLimitNear { .. }) => {
+                if let Some(w) = t.time_limit_watch.as_mut() {
+                    w.fired = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    t
 }
 
 /// What `metrics.jsonl` holds.
@@ -433,6 +506,7 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
     let run = chain_of(&stamped, writer.is_some());
     let kept = kept_of(root, &stamped);
     let metrics = metrics_of(root);
+    let saves = save_timing(&stamped);
     let journal = JournalSummary {
         events: raw.len(),
         unreadable_lines: unreadable,
@@ -453,6 +527,7 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
         journal,
         run,
         metrics,
+        saves,
         warnings: Vec::new(),
     };
     report.warnings = warnings(&report, &res);
@@ -841,6 +916,7 @@ pub fn render_text(r: &StatusReport) -> String {
     render_checkpoints(&mut o, r);
     render_allocations(&mut o, r);
     render_goodput(&mut o, r);
+    render_saves(&mut o, r);
     render_kept(&mut o, r);
     render_temp(&mut o, r);
     render_events(&mut o, r);
@@ -1071,6 +1147,31 @@ fn render_goodput(o: &mut String, r: &StatusReport) {
     }
 }
 
+/// How saves are timed: the interval (auto) and the time-limit watch, each with why.
+fn render_saves(o: &mut String, r: &StatusReport) {
+    use std::fmt::Write;
+    if let Some(i) = &r.saves.interval {
+        let _ = writeln!(
+            o,
+            "Save interval: {:.0}s recommended, {:.0}s actual (at step {}) — {}",
+            i.recommended_seconds, i.actual_seconds, i.step, i.reason
+        );
+    }
+    if let Some(w) = &r.saves.time_limit_watch {
+        let what = if w.fired {
+            "it stopped the program for a last save (no warning signal came)"
+        } else {
+            "not needed so far"
+        };
+        let _ = writeln!(
+            o,
+            "Time limit:   {}s left at the allocation's start; the time-limit watch saves \
+             {}s before it (after {}s): {what}",
+            w.seconds_left, w.lead_seconds, w.save_in_seconds
+        );
+    }
+}
+
 fn render_kept(o: &mut String, r: &StatusReport) {
     use std::fmt::Write;
     if r.kept.is_empty() {
@@ -1124,5 +1225,46 @@ fn compact(v: &Value) -> String {
         format!("{}…", &s[..s.floor_char_boundary(57)])
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stamped(v: Vec<Value>) -> Vec<Stamped> {
+        v.into_iter().map(Stamped::from_value).collect()
+    }
+
+    #[test]
+    fn save_timing_takes_the_newest_cadence_and_the_newest_allocations_watch() {
+        let commit = |step: u64, rec: f64| {
+            json!({"event": "checkpoint_committed", "checkpoint": format!("step-{step:012}"),
+                   "step": step, "bytes": 1, "seconds": 0.1,
+                   "cadence": {"recommended_seconds": rec, "actual_seconds": rec + 1.0,
+                               "reason": "Daly"}})
+        };
+        let start = json!({"event": "allocation_start", "restart_count": 0});
+        let watch = json!({"event": "time_limit_watch", "seconds_left": 600,
+                           "save_in_seconds": 480, "lead_seconds": 120});
+        let near = json!({"event": "time_limit_near", "lead_seconds": 120});
+        let t = save_timing(&stamped(vec![
+            start.clone(),
+            watch.clone(),
+            commit(10, 5.0),
+            near,
+            commit(20, 7.0),
+        ]));
+        let i = t.interval.unwrap();
+        assert_eq!((i.step, i.recommended_seconds, i.actual_seconds), (20, 7.0, 8.0));
+        let w = t.time_limit_watch.unwrap();
+        assert!(w.fired);
+        assert_eq!((w.seconds_left, w.save_in_seconds, w.lead_seconds), (600, 480, 120));
+        // A new allocation without a watch (no time limit): nothing to show for it.
+        let t = save_timing(&stamped(vec![start.clone(), watch.clone(), start.clone()]));
+        assert!(t.time_limit_watch.is_none());
+        let t = save_timing(&stamped(vec![start, watch]));
+        assert!(!t.time_limit_watch.unwrap().fired);
     }
 }

@@ -579,6 +579,15 @@ fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
     assert_eq!(first_end["ending"], "warning_signal", "{}", dump(&run));
     assert_eq!(first_end["decision"], "requeue");
     assert_eq!(first_end["exit_code"], 10);
+    let o = crate::common::run(&["status", "--json", run.to_str().unwrap()]);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let w = &st["saves"]["time_limit_watch"];
+    assert_eq!(w["lead_seconds"], 30, "{st}");
+    assert_eq!(w["fired"], false, "the last allocation finished before its watch: {st}");
+    assert_eq!(
+        st["run"]["allocations"][0]["interruption"], "announced",
+        "a save before the limit is an announced interruption: {st}"
+    );
     wait_for("the job to complete", Duration::from_secs(30), || {
         matches!(job_state(&conf, &job).as_str(), "COMPLETED" | "GONE")
     });

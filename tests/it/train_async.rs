@@ -387,4 +387,19 @@ fn interval_auto_saves_at_the_recommended_interval_and_journals_why() {
         "{}",
         cs[1]
     );
+    // status states the newest commit's interval and why.
+    let o = crate::common::run(&["status", run.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("Save interval:") && text(&o).contains("median of the last"),
+        "{}",
+        text(&o)
+    );
+    let o = crate::common::run(&["status", "--json", run.to_str().unwrap()]);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let last = cs.last().unwrap();
+    assert_eq!(st["saves"]["interval"]["step"], last["step"], "{st}");
+    assert_eq!(
+        st["saves"]["interval"]["recommended_seconds"],
+        last["cadence"]["recommended_seconds"]
+    );
 }
