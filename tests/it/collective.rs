@@ -1,7 +1,8 @@
 //! `hpc_ckpt::train::collective` with real ranks: separate processes (this test binary re-run
 //! with `--exact collective::rank_main` and a role in the environment) joined through libtorch's
 //! c10d Gloo, as `srun` would start them. Each rank checks its own results and writes the raw
-//! bytes of what it reduced, so that the parent can compare ranks bit for bit.
+//! bytes of what it reduced, so that the parent can compare ranks bit for bit. Also: a peer that
+//! never comes, dies or stalls is an error within the timeout, never a hang.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,8 @@ use hpc_ckpt::train::collective::{ConnectOptions, ProcessGroup, Rendezvous};
 use tch::{Device, Kind, Tensor};
 
 const ROLE: &str = "HPC_CKPT_IT_COLLECTIVE";
+/// `all` (default): [`rank_body`]; `vanish` and `stall`: [`rank_vanish`].
+const SCENARIO: &str = "HPC_CKPT_IT_COLLECTIVE_SCENARIO";
 /// 4 MiB of f32: a multi-MB buffer, split into several Gloo ring chunks.
 const BIG: i64 = 1 << 20;
 
@@ -33,17 +36,48 @@ fn rank_main() {
         },
         None => Rendezvous::File(PathBuf::from(store)),
     };
+    let scenario = std::env::var(SCENARIO).unwrap_or_default();
+    let vanish = scenario == "vanish" || scenario == "stall";
     tch::set_num_threads(1);
     let mut pg = ProcessGroup::connect(&ConnectOptions {
         rank,
         world_size: world,
         rendezvous,
-        timeout: Duration::from_secs(60),
+        timeout: Duration::from_secs(if vanish { 5 } else { 60 }),
         device_host: Some("127.0.0.1".into()),
     })
     .unwrap();
+    if vanish {
+        return rank_vanish(&mut pg, &out, scenario == "stall");
+    }
     rank_body(&mut pg, &out);
     pg.barrier().unwrap();
+}
+
+/// Rank 1 disappears after joining (SIGKILL) or, with `stall`, stays connected but never joins
+/// the collective; rank 0's next all-reduce must fail with a clear error, not hang. Rank 0
+/// writes the seconds it took and the error.
+fn rank_vanish(pg: &mut ProcessGroup, out: &Path, stall: bool) {
+    pg.barrier().unwrap();
+    if pg.rank() == 1 && stall {
+        let t0 = Instant::now();
+        while !out.join("done.0").exists() && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Gone without a collective: its peer may have timed out, skip the group's goodbye.
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    if pg.rank() == 1 {
+        // Killed: no goodbye on the sockets, like a crashed or preempted rank.
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut t = Tensor::ones([BIG], (Kind::Float, Device::Cpu));
+    let t0 = Instant::now();
+    let e = pg.all_reduce_sum(&mut t).unwrap_err().to_string();
+    let took = t0.elapsed().as_secs_f64();
+    std::fs::write(out.join("err.0"), format!("{took:.3}\n{e}")).unwrap();
+    std::fs::write(out.join("done.0"), b"ok").unwrap();
 }
 
 fn floats(t: &Tensor) -> Vec<f32> {
@@ -134,7 +168,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_rank(rank: usize, world: usize, store: &str, out: &Path) -> Child {
+fn spawn_rank(rank: usize, world: usize, store: &str, out: &Path, scenario: &str) -> Child {
     let log = std::fs::File::create(out.join(format!("log.{rank}"))).unwrap();
     Command::new(std::env::current_exe().unwrap())
         .args([
@@ -144,6 +178,7 @@ fn spawn_rank(rank: usize, world: usize, store: &str, out: &Path) -> Child {
             "--test-threads=1",
         ])
         .env(ROLE, format!("{rank},{world},{store},{}", out.display()))
+        .env(SCENARIO, scenario)
         // To a file, not a pipe: nobody reads a pipe before the rank exits.
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))
@@ -151,11 +186,11 @@ fn spawn_rank(rank: usize, world: usize, store: &str, out: &Path) -> Child {
         .unwrap()
 }
 
-/// Run `world` ranks to the end (killing them after `limit`), assert that all succeeded, and
-/// return the hard-sum bytes of each rank.
-fn run_ranks(world: usize, store: &str, out: &Path, limit: Duration) -> Vec<Vec<u8>> {
+/// Run `world` ranks of `scenario` to the end (killing them after `limit`) and assert that each
+/// exited 0 having written `done.<rank>` (for `vanish`: rank 0 did, rank 1 ended).
+fn run_scenario(scenario: &str, world: usize, store: &str, out: &Path, limit: Duration) {
     let mut children: Vec<Child> = (0..world)
-        .map(|r| spawn_rank(r, world, store, out))
+        .map(|r| spawn_rank(r, world, store, out, scenario))
         .collect();
     let t0 = Instant::now();
     let mut status = vec![None; world];
@@ -177,11 +212,19 @@ fn run_ranks(world: usize, store: &str, out: &Path, limit: Duration) -> Vec<Vec<
         report.push_str(&format!("--- rank {r}: {s:?}\n{log}\n"));
     }
     for (r, s) in status.iter().enumerate() {
-        assert!(
-            out.join(format!("done.{r}")).exists() && s.is_some_and(|s| s.success()),
-            "rank {r} did not finish (limit {limit:?}):\n{report}"
-        );
+        // `vanish`, `stall`: rank 1 kills itself; only its end matters.
+        let ok = if scenario != "all" && r > 0 {
+            s.is_some()
+        } else {
+            out.join(format!("done.{r}")).exists() && s.is_some_and(|s| s.success())
+        };
+        assert!(ok, "rank {r} did not finish (limit {limit:?}):\n{report}");
     }
+}
+
+/// [`run_scenario`] `all`, then the hard-sum bytes of each rank.
+fn run_ranks(world: usize, store: &str, out: &Path, limit: Duration) -> Vec<Vec<u8>> {
+    run_scenario("all", world, store, out, limit);
     (0..world)
         .map(|r| std::fs::read(out.join(format!("hard.{r}"))).unwrap())
         .collect()
@@ -273,4 +316,36 @@ fn a_peer_that_never_comes_is_a_clear_error_after_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let (e, _) = join_alone(0, Rendezvous::File(dir.path().join("store")), limit);
     assert!(e.contains("rank 0 of 2 could not join"), "{e}");
+}
+
+#[test]
+fn a_peer_that_dies_fails_the_next_all_reduce_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("tcp:{}", free_port());
+    run_scenario("vanish", 2, &store, dir.path(), Duration::from_secs(120));
+    let report = std::fs::read_to_string(dir.path().join("err.0")).unwrap();
+    let (took, e) = report.split_once('\n').unwrap();
+    eprintln!("after {took} s: {e}");
+    assert!(
+        e.starts_with("rank 0 of 2: all_reduce_sum of Float [1048576] failed: "),
+        "{e}"
+    );
+    // The collective timeout is 5 s; a dead peer's socket usually fails it at once.
+    assert!(took.parse::<f64>().unwrap() < 30.0, "{took} s: {e}");
+}
+
+#[test]
+fn a_peer_that_stalls_fails_the_all_reduce_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("tcp:{}", free_port());
+    run_scenario("stall", 2, &store, dir.path(), Duration::from_secs(120));
+    let report = std::fs::read_to_string(dir.path().join("err.0")).unwrap();
+    let (took, e) = report.split_once('\n').unwrap();
+    eprintln!("after {took} s: {e}");
+    assert!(
+        e.starts_with("rank 0 of 2: all_reduce_sum of Float [1048576] failed: "),
+        "{e}"
+    );
+    let took: f64 = took.parse().unwrap();
+    assert!((4.0..30.0).contains(&took), "{took} s (timeout 5 s): {e}");
 }
