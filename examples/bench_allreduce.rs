@@ -3,9 +3,11 @@
 //! `torch.distributed` gloo `all_reduce` of the same sizes and a memcpy of the same bytes.
 //!
 //! ```text
-//! cargo run --release --example bench_allreduce -- [--rounds 20] [--warm 3] \
+//! cargo run --example bench_allreduce -- [--rounds 20] [--warm 3] \
 //!     [--layers 4 --d-model 128 --heads 4 --context 64] [--python .venv/bin/python] [--json FILE]
 //! ```
+//!
+//! (A debug build is enough: the time is spent inside libtorch's Gloo, which is optimised.)
 //!
 //! The model is built by the trainer's own code (`Model::build` on `examples/jobs/gpt.yaml`'s
 //! model by default; `--layers 7 --d-model 768 --heads 12 --context 32` is `bench_saves`'s
