@@ -5,6 +5,10 @@
 //! - compiles `src/train/shim.cpp` (the few libtorch calls tch does not expose, see
 //!   `src/train/ffi.rs`) against the headers of the same libtorch torch-sys links, with the flags
 //!   torch-sys uses (`-std=c++17`, `-D_GLIBCXX_USE_CXX11_ABI=1`);
+//! - compiles `src/train/collective.cpp` (libtorch's c10d `ProcessGroupGloo`, see
+//!   `src/train/collective.rs`) the same way plus `-DUSE_C10D_GLOO` and Gloo's headers, which the
+//!   torch wheel lacks: Debian's `libgloo-dev` (`tests/setup.sh --torch` installs it) in
+//!   `/usr/include`, or the dir in `GLOO_INCLUDE`. Without them the build stops and says so;
 //! - adds an rpath to libtorch's lib dir to every binary of this package (the CLI, test binaries,
 //!   examples), so they run without `LD_LIBRARY_PATH`. The dir comes from torch-sys's `links`
 //!   metadata (`DEP_TCH_LIBTORCH_LIB`), i.e. exactly the libtorch torch-sys found via `LIBTORCH`;
@@ -28,6 +32,7 @@ mod torch {
 
     pub fn main() {
         println!("cargo:rerun-if-changed=src/train/shim.cpp");
+        println!("cargo:rerun-if-changed=src/train/collective.cpp");
         // torch-sys (`links = "tch"`) prints `cargo:libtorch_lib=DIR` on Linux and macOS.
         let lib = env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_else(|_| {
             panic!(
@@ -68,22 +73,65 @@ mod torch {
         );
         println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
         let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-        cc::Build::new()
-            .cpp(true)
-            .pic(true)
-            .warnings(false)
-            .include(&include)
-            .include(
-                include
-                    .join("torch")
-                    .join("csrc")
-                    .join("api")
-                    .join("include"),
-            )
-            .flag("-std=c++17")
-            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-            .flag("-DGLOG_USE_GLOG_EXPORT")
+        let libtorch_cpp = || {
+            let mut b = cc::Build::new();
+            b.cpp(true)
+                .pic(true)
+                .warnings(false)
+                .include(&include)
+                .include(
+                    include
+                        .join("torch")
+                        .join("csrc")
+                        .join("api")
+                        .join("include"),
+                )
+                .flag("-std=c++17")
+                .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+                .flag("-DGLOG_USE_GLOG_EXPORT");
+            b
+        };
+        libtorch_cpp()
             .file("src/train/shim.cpp")
             .compile("hpc_ckpt_shim");
+
+        let gloo = gloo_include();
+        let mut collective = libtorch_cpp();
+        collective.define("USE_C10D_GLOO", None);
+        if let Some(dir) = &gloo {
+            collective.include(dir);
+        }
+        collective
+            .file("src/train/collective.cpp")
+            .compile("hpc_ckpt_collective");
+    }
+
+    /// Gloo's headers: `GLOO_INCLUDE` (a dir holding `gloo/`), else the system include dir
+    /// (`None`: the compiler's default path has them). Panics, naming the fix, when absent.
+    fn gloo_include() -> Option<PathBuf> {
+        // One header ProcessGroupGloo.hpp includes.
+        const PROBE: &str = "gloo/rendezvous/store.h";
+        println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
+        if let Ok(dir) = env::var("GLOO_INCLUDE") {
+            let dir = PathBuf::from(dir);
+            assert!(
+                dir.join(PROBE).exists(),
+                "GLOO_INCLUDE={} has no {PROBE}: point it at the dir that holds gloo/",
+                dir.display()
+            );
+            return Some(dir);
+        }
+        let system = std::path::Path::new("/usr/include");
+        if system.join(PROBE).exists() {
+            println!("cargo:rerun-if-changed={}", system.join(PROBE).display());
+            return None;
+        }
+        panic!(
+            "Gloo's headers are missing (no /usr/include/{PROBE}). The trainer's collectives \
+             (src/train/collective.cpp, libtorch's c10d ProcessGroupGloo) compile against them; \
+             the torch wheel does not ship them. Run `tests/setup.sh --torch` (installs Debian's \
+             libgloo-dev), or `apt-get install libgloo-dev`, or set GLOO_INCLUDE to a dir holding \
+             gloo/. Or build without the trainer: --no-default-features."
+        );
     }
 }

@@ -5,7 +5,9 @@
 #   - with --torch, PyPI's torch wheel too (libtorch for the trainer and the benchmarks), and
 #     .cargo/config.toml (generated, git-ignored) whose [env] sets LIBTORCH to the venv's torch
 #     dir, so a plain `cargo build` finds libtorch; the file is rewritten only when its content
-#     changes (a changed LIBTORCH makes torch-sys rebuild, ~2 min);
+#     changes (a changed LIBTORCH makes torch-sys rebuild, ~2 min); and Debian's libgloo-dev
+#     (Gloo's headers, which the torch wheel lacks: build.rs compiles src/train/collective.cpp,
+#     libtorch's c10d ProcessGroupGloo, against them), via apt when /usr/include/gloo is missing;
 #   - with --slurm, the Debian packages of a local Slurm cluster (sbatch/local-cluster.sh install).
 #
 # Usage: tests/setup.sh [--torch] [--slurm]
@@ -35,6 +37,42 @@ for comp in rustfmt clippy; do
     fi
 done
 
+# Debian's libgloo-dev (headers only matter: Gloo's code is inside libtorch_cpu.so). Idempotent:
+# nothing runs when the header is there. apt as sbatch/local-cluster.sh does it: update only when
+# there are no package lists, or once when the install fails on stale lists.
+GLOO_HEADER=/usr/include/gloo/allreduce.h
+install_gloo_headers() {
+    [[ -f $GLOO_HEADER ]] && return 0
+    command -v apt-get >/dev/null 2>&1 ||
+        { echo "setup: $GLOO_HEADER missing and no apt-get: install Gloo's headers (Debian: libgloo-dev)" >&2; exit 1; }
+    local -a sudo=()
+    if [[ $EUID -ne 0 ]]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo=(sudo -n)
+        else
+            echo "setup: libgloo-dev is needed; run as root (or: apt-get install libgloo-dev)" >&2
+            exit 1
+        fi
+    fi
+    local aptlog
+    aptlog="$(mktemp -t hpc-ckpt-apt.XXXXXX)"
+    echo "setup: installing libgloo-dev (Gloo's headers for src/train/collective.cpp); log: $aptlog" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+        "${sudo[@]}" apt-get update -q >>"$aptlog" 2>&1 ||
+            { tail -n 20 "$aptlog" >&2; echo "setup: apt-get update failed" >&2; exit 1; }
+    fi
+    if ! "${sudo[@]}" apt-get install -y -q --no-install-recommends libgloo-dev >>"$aptlog" 2>&1; then
+        echo "setup: apt-get install failed; running apt-get update and retrying" >&2
+        "${sudo[@]}" apt-get update -q >>"$aptlog" 2>&1 ||
+            { tail -n 20 "$aptlog" >&2; echo "setup: apt-get update failed" >&2; exit 1; }
+        "${sudo[@]}" apt-get install -y -q --no-install-recommends libgloo-dev >>"$aptlog" 2>&1 ||
+            { tail -n 20 "$aptlog" >&2; echo "setup: apt-get install libgloo-dev failed" >&2; exit 1; }
+    fi
+    [[ -f $GLOO_HEADER ]] || { echo "setup: still no $GLOO_HEADER after installing libgloo-dev" >&2; exit 1; }
+    rm -f "$aptlog"
+}
+
 if [[ $torch == 1 ]]; then
     # stdout carries only the LIBTORCH dir (progress goes to stderr).
     libtorch="$("$REPO/tests/setup-python.sh" --print-libtorch)"
@@ -53,6 +91,7 @@ LIBTORCH = \"$esc\"
         mv -f "$cfg.tmp" "$cfg"
         echo "setup: wrote $cfg (LIBTORCH=$libtorch)" >&2
     fi
+    install_gloo_headers
 else
     "$REPO/tests/setup-python.sh"
 fi

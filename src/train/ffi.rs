@@ -66,8 +66,17 @@ extern "C" {
 
 /// Turn the shim's return value into a `Result`, freeing the error string.
 fn take_error(op: &'static str, err: *mut c_char) -> Result<(), ShimError> {
+    match take_message(err) {
+        None => Ok(()),
+        Some(message) => Err(ShimError { op, message }),
+    }
+}
+
+/// The message of a shim function's return value (`None`: success), freeing the string. Shared
+/// with [`super::collective`], whose C++ follows the same convention.
+pub(crate) fn take_message(err: *mut c_char) -> Option<String> {
     if err.is_null() {
-        return Ok(());
+        return None;
     }
     // SAFETY: a non-null return is a NUL-terminated string malloc'ed by the shim, not yet freed;
     // we copy it, then hand it back to the shim's free exactly once.
@@ -75,7 +84,7 @@ fn take_error(op: &'static str, err: *mut c_char) -> Result<(), ShimError> {
         .to_string_lossy()
         .into_owned();
     unsafe { hpc_ckpt_shim_free_error(err) };
-    Err(ShimError { op, message })
+    Some(message)
 }
 
 /// Wrap a tensor the shim allocated (after a successful call).

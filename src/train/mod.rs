@@ -14,9 +14,12 @@
 //! - [`ffi`]: the small C++ shim (`shim.cpp`, compiled by `build.rs`) for the libtorch calls tch
 //!   does not expose: scalar-exact `add_`/`addcmul_`/`addcdiv_`, the default generators' state
 //!   (`get_rng_state`/`set_rng_state`), deterministic algorithms, `.grad` assignment.
+//! - [`collective`]: libtorch's own collective engine (c10d `ProcessGroupGloo`, through
+//!   `collective.cpp`): all-reduce, broadcast and barrier of CPU tensors across ranks.
 //!
 //! Dependencies flow one way: train → storage; storage knows nothing of torch.
 
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod ffi;

@@ -9,6 +9,8 @@
 mod common;
 
 mod child_adoption;
+#[cfg(feature = "torch")]
+mod collective;
 mod crash_consistency;
 mod fault_injection;
 #[cfg(feature = "torch")]
