@@ -1257,10 +1257,16 @@ mod tests {
             commit(20, 7.0),
         ]));
         let i = t.interval.unwrap();
-        assert_eq!((i.step, i.recommended_seconds, i.actual_seconds), (20, 7.0, 8.0));
+        assert_eq!(
+            (i.step, i.recommended_seconds, i.actual_seconds),
+            (20, 7.0, 8.0)
+        );
         let w = t.time_limit_watch.unwrap();
         assert!(w.fired);
-        assert_eq!((w.seconds_left, w.save_in_seconds, w.lead_seconds), (600, 480, 120));
+        assert_eq!(
+            (w.seconds_left, w.save_in_seconds, w.lead_seconds),
+            (600, 480, 120)
+        );
         // A new allocation without a watch (no time limit): nothing to show for it.
         let t = save_timing(&stamped(vec![start.clone(), watch.clone(), start.clone()]));
         assert!(t.time_limit_watch.is_none());

@@ -583,7 +583,10 @@ fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
     let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let w = &st["saves"]["time_limit_watch"];
     assert_eq!(w["lead_seconds"], 30, "{st}");
-    assert_eq!(w["fired"], false, "the last allocation finished before its watch: {st}");
+    assert_eq!(
+        w["fired"], false,
+        "the last allocation finished before its watch: {st}"
+    );
     assert_eq!(
         st["run"]["allocations"][0]["interruption"], "announced",
         "a save before the limit is an announced interruption: {st}"
