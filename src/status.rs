@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::storage::fsutil::tree_size;
-use crate::storage::journal::{self, StoreEvent};
+use crate::storage::journal;
 use crate::storage::lock::{self, Holder};
 use crate::storage::manifest::Manifest;
 use crate::storage::metrics;
@@ -21,8 +21,10 @@ use crate::storage::pointer::Pointer;
 use crate::storage::retention::{Candidate, Mode, RetentionPolicy, Role};
 use crate::storage::run_dir::{Resolution, RunDir};
 use crate::storage::verify;
-use crate::supervision::events::{Event, Stamped, SupervisorEvent};
-use crate::supervision::history::{self, Account, Allocation, Goodput, Interruption};
+use crate::supervision::events::Stamped;
+use crate::supervision::history::{
+    self, Account, Allocation, Chain, Goodput, Interruption, TimeLimitWatch,
+};
 use crate::supervision::{protocol, ranks};
 
 pub const SCHEMA: &str = "hpc-ckpt-status/1";
@@ -62,7 +64,7 @@ pub struct SaveTiming {
     /// The newest commit that journaled its cadence (`checkpoint.interval: auto`).
     pub interval: Option<IntervalStatus>,
     /// The newest allocation's time-limit watch (a Slurm job with a time limit).
-    pub time_limit_watch: Option<WatchStatus>,
+    pub time_limit_watch: Option<TimeLimitWatch>,
 }
 
 /// The save interval at one commit: recommended, actual, and why.
@@ -74,57 +76,23 @@ pub struct IntervalStatus {
     pub reason: String,
 }
 
-/// The time-limit watch of an allocation: when it was to save, and whether it had to.
-#[derive(Debug, Serialize)]
-pub struct WatchStatus {
-    pub seconds_left: u64,
-    pub save_in_seconds: u64,
-    pub lead_seconds: u64,
-    /// The watch stopped the program (no warning signal came before it).
-    pub fired: bool,
-}
-
-/// The save timing facts of the journal: the newest cadence, the newest watch.
-fn save_timing(events: &[Stamped]) -> SaveTiming {
-    let mut t = SaveTiming::default();
-    for e in events {
-        match &e.event {
-            Event::Store(StoreEvent::CheckpointCommitted {
-                step,
-                cadence: Some(c),
-                ..
-            }) => {
-                t.interval = Some(IntervalStatus {
-                    step: *step,
-                    recommended_seconds: c.recommended_seconds,
-                    actual_seconds: c.actual_seconds,
-                    reason: c.reason.clone(),
-                })
-            }
-            Event::Supervisor(SupervisorEvent::AllocationStart { .. }) => {
-                t.time_limit_watch = None;
-            }
-            Event::Supervisor(SupervisorEvent::TimeLimitWatch {
-                seconds_left,
-                save_in_seconds,
-                lead_seconds,
-            }) => {
-                t.time_limit_watch = Some(WatchStatus {
-                    seconds_left: *seconds_left,
-                    save_in_seconds: *save_in_seconds,
-                    lead_seconds: *lead_seconds,
-                    fired: false,
-                })
-            }
-            Event::Supervisor(SupervisorEvent::TimeLimitNear { .. }) => {
-                if let Some(w) = t.time_limit_watch.as_mut() {
-                    w.fired = true;
-                }
-            }
-            _ => {}
-        }
+/// The save timing facts of the run: the newest commit's interval, the newest allocation's
+/// time-limit watch (both from the journal's one fold).
+fn save_timing(chain: &Chain) -> SaveTiming {
+    SaveTiming {
+        interval: chain
+            .allocations
+            .iter()
+            .rev()
+            .find_map(|a| a.cadence.as_ref())
+            .map(|(step, c)| IntervalStatus {
+                step: *step,
+                recommended_seconds: c.recommended_seconds,
+                actual_seconds: c.actual_seconds,
+                reason: c.reason.clone(),
+            }),
+        time_limit_watch: chain.allocations.last().and_then(|a| a.time_limit_watch),
     }
-    t
 }
 
 /// What `metrics.jsonl` holds.
@@ -343,9 +311,8 @@ impl AllocationStatus {
     }
 }
 
-/// The job chain from journal events (the shared fold), and where it stands.
-pub fn chain_of(events: &[Stamped], writer_running: bool) -> RunChain {
-    let chain = history::fold(events);
+/// The job chain of the journal's one fold ([`history::fold`]), and where it stands.
+pub fn chain_of(chain: &Chain, writer_running: bool) -> RunChain {
     let (state, reason) = match chain.allocations.last() {
         _ if writer_running => (RunState::Running, None),
         None => (RunState::Fresh, None),
@@ -503,10 +470,11 @@ pub fn inspect(root: &Path, verify_all: bool) -> std::io::Result<StatusReport> {
     };
     let (raw, unreadable) = journal::read_all(root);
     let stamped: Vec<Stamped> = raw.iter().cloned().map(Stamped::from_value).collect();
-    let run = chain_of(&stamped, writer.is_some());
+    let chain = history::fold(&stamped);
+    let run = chain_of(&chain, writer.is_some());
     let kept = kept_of(root, &stamped);
     let metrics = metrics_of(root);
-    let saves = save_timing(&stamped);
+    let saves = save_timing(&chain);
     let journal = JournalSummary {
         events: raw.len(),
         unreadable_lines: unreadable,
@@ -1233,8 +1201,9 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn stamped(v: Vec<Value>) -> Vec<Stamped> {
-        v.into_iter().map(Stamped::from_value).collect()
+    fn timing(v: Vec<Value>) -> SaveTiming {
+        let events: Vec<Stamped> = v.into_iter().map(Stamped::from_value).collect();
+        save_timing(&history::fold(&events))
     }
 
     #[test]
@@ -1249,13 +1218,13 @@ mod tests {
         let watch = json!({"event": "time_limit_watch", "seconds_left": 600,
                            "save_in_seconds": 480, "lead_seconds": 120});
         let near = json!({"event": "time_limit_near", "lead_seconds": 120});
-        let t = save_timing(&stamped(vec![
+        let t = timing(vec![
             start.clone(),
             watch.clone(),
             commit(10, 5.0),
             near,
             commit(20, 7.0),
-        ]));
+        ]);
         let i = t.interval.unwrap();
         assert_eq!(
             (i.step, i.recommended_seconds, i.actual_seconds),
@@ -1268,9 +1237,9 @@ mod tests {
             (600, 480, 120)
         );
         // A new allocation without a watch (no time limit): nothing to show for it.
-        let t = save_timing(&stamped(vec![start.clone(), watch.clone(), start.clone()]));
+        let t = timing(vec![start.clone(), watch.clone(), start.clone()]);
         assert!(t.time_limit_watch.is_none());
-        let t = save_timing(&stamped(vec![start, watch]));
+        let t = timing(vec![start, watch]);
         assert!(!t.time_limit_watch.unwrap().fired);
     }
 }

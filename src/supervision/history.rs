@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use super::events::{Event, Stamped, SupervisorEvent};
 use super::policy::History;
-use crate::storage::journal::StoreEvent;
+use crate::storage::journal::{Cadence, StoreEvent};
 
 /// One allocation of the run, as the journal tells it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -64,6 +64,21 @@ pub struct Allocation {
     /// What `training_started` of this allocation says of its predecessor: the last step the
     /// metrics file recorded, and when.
     pub predecessor_reached: Option<(u64, Option<SystemTime>)>,
+    /// The interval of its newest commit that journaled one (`checkpoint.interval: auto`), with
+    /// that commit's step.
+    pub cadence: Option<(u64, Cadence)>,
+    /// Its time-limit watch (a Slurm job with a time limit), if armed.
+    pub time_limit_watch: Option<TimeLimitWatch>,
+}
+
+/// An allocation's time-limit watch ([`super::deadline`]): as armed, and whether it fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TimeLimitWatch {
+    pub seconds_left: u64,
+    pub save_in_seconds: u64,
+    pub lead_seconds: u64,
+    /// The watch stopped the program (no warning signal came before it).
+    pub fired: bool,
 }
 
 /// Where one allocation's wall time went, seconds (see [`Chain::goodput`]).
@@ -448,11 +463,32 @@ fn apply(
             a.signal = Some(signal.clone());
             *signal_at = e.ts;
         }
+        Event::Supervisor(SupervisorEvent::TimeLimitWatch {
+            seconds_left,
+            save_in_seconds,
+            lead_seconds,
+        }) => {
+            a.time_limit_watch = Some(TimeLimitWatch {
+                seconds_left: *seconds_left,
+                save_in_seconds: *save_in_seconds,
+                lead_seconds: *lead_seconds,
+                fired: false,
+            });
+        }
+        Event::Supervisor(SupervisorEvent::TimeLimitNear { .. }) => {
+            if let Some(w) = a.time_limit_watch.as_mut() {
+                w.fired = true;
+            }
+        }
         Event::Store(StoreEvent::CheckpointCommitted {
             step,
             stall_seconds,
+            cadence,
             ..
         }) => {
+            if let Some(c) = cadence {
+                a.cadence = Some((*step, c.clone()));
+            }
             a.new_checkpoints += 1;
             a.save_stalls.extend(*stall_seconds);
             a.last_step = Some(a.last_step.map_or(*step, |m| m.max(*step)));
