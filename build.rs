@@ -33,6 +33,7 @@ mod torch {
     pub fn main() {
         println!("cargo:rerun-if-changed=src/train/shim.cpp");
         println!("cargo:rerun-if-changed=src/train/collective.cpp");
+        println!("cargo:rerun-if-changed=src/train/shim_error.hpp");
         // torch-sys (`links = "tch"`) prints `cargo:libtorch_lib=DIR` on Linux and macOS.
         let lib = env::var("DEP_TCH_LIBTORCH_LIB").unwrap_or_else(|_| {
             panic!(

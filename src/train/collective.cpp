@@ -31,29 +31,13 @@
 #error "collective.cpp needs -DUSE_C10D_GLOO (build.rs sets it)"
 #endif
 
-namespace {
+#include "shim_error.hpp"
 
-char *dup_error(const char *what) {
-    std::size_t n = std::strlen(what);
-    char *out = static_cast<char *>(std::malloc(n + 1));
-    if (out != nullptr) {
-        std::memcpy(out, what, n + 1);
-    }
-    return out;
-}
+namespace {
 
 template <typename F>
 char *guarded(F f) {
-    try {
-        f();
-        return nullptr;
-    } catch (const c10::Error &e) {
-        return dup_error(e.what_without_backtrace());
-    } catch (const std::exception &e) {
-        return dup_error(e.what());
-    } catch (...) {
-        return dup_error("unknown C++ exception in hpc-ckpt's collective shim");
-    }
+    return hpc_ckpt_shim::guarded("collective shim", f);
 }
 
 struct Group {

@@ -23,30 +23,13 @@
 #include <mutex>
 #include <string>
 
-namespace {
+#include "shim_error.hpp"
 
-char *dup_error(const char *what) {
-    std::size_t n = std::strlen(what);
-    char *out = static_cast<char *>(std::malloc(n + 1));
-    if (out != nullptr) {
-        std::memcpy(out, what, n + 1);
-    }
-    return out;
-}
+namespace {
 
 template <typename F>
 char *guarded(F f) {
-    try {
-        f();
-        return nullptr;
-    } catch (const c10::Error &e) {
-        // what_without_backtrace(): the message without libtorch's C++ stack dump.
-        return dup_error(e.what_without_backtrace());
-    } catch (const std::exception &e) {
-        return dup_error(e.what());
-    } catch (...) {
-        return dup_error("unknown C++ exception in hpc-ckpt's libtorch shim");
-    }
+    return hpc_ckpt_shim::guarded("libtorch shim", f);
 }
 
 void check_ptr(const void *p, const char *what) {

@@ -76,18 +76,7 @@ fn sigkilled_training_resumes_byte_identical() {
     for round in 0..3 {
         let before = commits(&run);
         let mut child = train(&cfg, &run).spawn().unwrap();
-        let t = Instant::now();
-        while commits(&run) < before + 2 {
-            assert!(
-                t.elapsed() < Duration::from_secs(120),
-                "no progress in round {round}"
-            );
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "training finished before the kill in round {round}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_commits(&run, &mut child, before + 2, round);
         std::thread::sleep(Duration::from_millis(rng.below(200)));
         kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
         child.wait().unwrap();
@@ -167,18 +156,7 @@ fn status_classifies_and_draws_a_warned_and_a_killed_allocation() {
     for (round, signal) in [Signal::SIGUSR1, Signal::SIGKILL].into_iter().enumerate() {
         let before = commits(&run);
         let mut child = train(&cfg, &run).spawn().unwrap();
-        let t = Instant::now();
-        while commits(&run) < before + 2 {
-            assert!(
-                t.elapsed() < Duration::from_secs(120),
-                "no progress in round {round}"
-            );
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "finished in round {round}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_commits(&run, &mut child, before + 2, round);
         std::thread::sleep(Duration::from_millis(100));
         kill(Pid::from_raw(child.id() as i32), signal).unwrap();
         child.wait().unwrap();
@@ -256,4 +234,20 @@ fn status_classifies_and_draws_a_warned_and_a_killed_allocation() {
     ]);
     assert_ne!(o.status.code(), Some(0));
     assert!(text(&o).contains("no metrics to plot"), "{}", text(&o));
+}
+
+/// Wait until `run` holds `n` commits, the training still running (round `round` of a test).
+fn wait_for_commits(run: &Path, child: &mut std::process::Child, n: usize, round: usize) {
+    let t = Instant::now();
+    while commits(run) < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no progress in round {round}"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "training finished before the kill in round {round}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
