@@ -38,8 +38,7 @@ from typing import (Any, Callable, Dict, Iterator, List, Mapping, MutableMapping
 
 from . import state as S
 from ._codec import TensorSink, decode, dumps, encode, is_tensor, loads_file, torch_module
-from .errors import (ConfigMismatchError, IncompatibleCheckpointError, NotSerializableError,
-                     ReferenceMismatchError)
+from .errors import ConfigMismatchError, IncompatibleCheckpointError, ReferenceMismatchError
 from .protocol import log
 from .ranks import StopAgreement, checkpoint_world_size, rank_file
 from .session import Session, SignalSpec
@@ -438,16 +437,15 @@ class Checkpointer:
                                     f"{type(o).__name__}.state_dict() must be JSON-able or tensors")
                           for n, o in self.stateful.items() if not (multi and n in PER_RANK_STATEFUL)}
         st["extra"] = encode(dict(self.extra), "extra", aux, "extra must be JSON-able or tensors")
-        if aux.tensors:
-            files["state.safetensors"], aliases = S.dedupe_tensors(aux.tensors)
-            if aliases:
-                raise NotSerializableError("extra/stateful", aliases, "two entries share one tensor")
+        if aux.tensors:  # one tensor in several places (also across parts): saved once, re-tied on load
+            (st["scaler"], st["stateful"], st["extra"]), files["state.safetensors"] = S.dedupe_encoded(
+                [st["scaler"], st["stateful"], st["extra"]], aux.tensors)
         st["reference"] = None
         if self.reference_batch is not None:
             sink = TensorSink()
-            st["reference"] = {"batch": encode(self.reference_batch, "batch", sink),
-                               **self._reference_value(self.reference_batch)}
-            files["reference_batch.safetensors"] = S.dedupe_tensors(sink.tensors)[0]
+            batch, files["reference_batch.safetensors"] = S.dedupe_encoded(
+                encode(self.reference_batch, "batch", sink), sink.tensors)
+            st["reference"] = {"batch": batch, **self._reference_value(self.reference_batch)}
         if multi:
             st["world_size"] = self.world_size
             st["rng"] = None  # per rank: rank_state.json

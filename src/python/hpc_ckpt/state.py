@@ -99,10 +99,18 @@ def stateful_state(obj: Any, name: str) -> Tuple[Any, Tensors]:
     sink = TensorSink(strip=name)  # tensor names as in the state dict: state.0.exp_avg
     js = encode(obj.state_dict(), name, sink,
                 hint=f"{type(obj).__name__}.state_dict() must hold only tensors and JSON-able values")
-    tensors, aliases = dedupe_tensors(sink.tensors)
-    if aliases:  # two state entries on one tensor: store once, point both at it
-        js = _realias(js, aliases)
-    return js, tensors
+    return dedupe_encoded(js, sink.tensors)
+
+
+def dedupe_encoded(js: Any, tensors: Mapping[str, Any]) -> Tuple[Any, Tensors]:
+    """``js`` (encoded into a sink holding ``tensors``) and the tensors to save, each once.
+
+    A tensor under several names (``(x, x)``, identical views of one storage) is saved once and
+    every ``{"$tensor": name}`` of it points at that copy, so decoding ties them again (one tensor
+    object), as :func:`load_model` ties a model's aliases. ``js`` may be a list of such parts.
+    """
+    out, aliases = dedupe_tensors(tensors)
+    return (_realias(js, aliases) if aliases else js), out
 
 
 def _realias(js: Any, aliases: Mapping[str, str]) -> Any:
