@@ -395,6 +395,19 @@ fn adopt_one(dir: &Path, name: &str, src: &Path) -> Result<FileEntry> {
     })
 }
 
+/// Write every file of `snapshot` into the existing directory `dir` (no manifest: a program's
+/// staging dir, which the supervisor commits), fsync each, then fsync `dir`. A file of the same
+/// name must not exist (a staging dir is emptied after every commit). Returns the bytes written.
+pub fn write_files(dir: &Path, snapshot: &Snapshot<'_>) -> Result<u64> {
+    snapshot.validate()?;
+    let mut bytes = 0;
+    for (name, src) in &snapshot.files {
+        bytes += write_one(dir, name, src)?.size;
+    }
+    fsync_dir(dir)?;
+    Ok(bytes)
+}
+
 /// Write every file of `snapshot` and then the manifest into `dir` (an empty directory this
 /// process created exclusively), fsync each, then fsync `dir`. Returns the manifest written.
 pub fn stage(dir: &Path, snapshot: &Snapshot<'_>, manifest_base: Manifest) -> Result<Manifest> {

@@ -8,6 +8,7 @@
 //! - [`stop`]: the stop sequence (forward, grace, TERM, KILL) as a state machine.
 //! - [`protocol`]: the child protocol: staging, commit requests, answers, kept files — per rank,
 //!   with one coordinated commit of every rank's files.
+//! - [`client`]: the program's side of the protocol, for the built-in trainer's ranks.
 //! - [`ranks`]: the ranks of a multi-rank job: how they start (`srun`, locally, the program's
 //!   own launcher), each rank's environment (`hpc-ckpt rank`), per-rank file names.
 //! - [`events`] and [`history`]: the supervisor's journal events and the one fold from the
@@ -18,6 +19,7 @@
 //! - [`wrap`]: one allocation: open, run the workload, decide, journal.
 
 pub mod child;
+pub mod client;
 pub mod deadline;
 pub mod events;
 pub mod history;

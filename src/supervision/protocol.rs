@@ -31,7 +31,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::events::SupervisorEvent;
@@ -52,7 +52,7 @@ pub use crate::storage::metrics::METRICS_FILE;
 const MAX_REQUEST_BYTES: u64 = 1 << 20;
 
 /// What a program writes to ask for a commit.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     pub step: u64,
@@ -66,6 +66,14 @@ pub struct Request {
     /// This rank's files are a shard of the state (they load only with the same world size).
     #[serde(default)]
     pub sharded: bool,
+    /// Values for the manifest's `extra` (rank 0's request; the supervisor's own keys —
+    /// `world_size`, `rank_files`, `sharded` — may not be set).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The program appends its own per-step lines to `metrics.jsonl` (the built-in trainer's
+    /// ranks do): the supervisor adds no line for this commit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_logged: bool,
 }
 
 /// How a request was answered.
@@ -105,7 +113,8 @@ impl Slot {
         serde_json::from_slice(&bytes).map_err(|e| {
             format!(
                 "{}: not a valid commit request ({e}); expected {{\"step\": N, \"epoch\"?: E, \
-                 \"metrics\"?: {{..}}, \"done\"?: bool, \"sharded\"?: bool}}",
+                 \"metrics\"?: {{..}}, \"done\"?: bool, \"sharded\"?: bool, \"extra\"?: {{..}}, \
+                 \"metrics_logged\"?: bool}}",
                 self.request.display()
             )
         })
@@ -423,7 +432,15 @@ impl ChildProtocol {
 
     fn commit(&mut self, store: &mut Store, req: &Request, sharded: bool) -> Result<String> {
         let snapshot = self.snapshot()?;
-        let mut extra = serde_json::Map::new();
+        let reserved = [EXTRA_WORLD_SIZE, EXTRA_RANK_FILES, EXTRA_SHARDED];
+        if let Some(k) = req.extra.keys().find(|k| reserved.contains(&k.as_str())) {
+            anyhow::bail!(
+                "the request's extra sets {k:?}, which the supervisor writes itself (reserved: \
+                 {})",
+                reserved.join(", ")
+            );
+        }
+        let mut extra = req.extra.clone();
         if self.world_size() > 1 {
             extra.insert(EXTRA_WORLD_SIZE.into(), json!(self.world_size()));
             extra.insert(EXTRA_RANK_FILES.into(), json!("rank{rank:05}.{name}"));
@@ -440,10 +457,13 @@ impl ChildProtocol {
             ..Default::default()
         };
         let report = store.commit(&snapshot, &meta)?;
-        let line = json!({"ts": now_rfc3339(), "step": req.step, "epoch": req.epoch, "metrics": req.metrics});
-        let (mut f, _) = storage_metrics::open_append(&self.run_dir)?;
-        storage_metrics::append(&mut f, &line)
-            .with_context(|| format!("append to {}", self.run_dir.join(METRICS_FILE).display()))?;
+        if !req.metrics_logged {
+            let line = json!({"ts": now_rfc3339(), "step": req.step, "epoch": req.epoch, "metrics": req.metrics});
+            let (mut f, _) = storage_metrics::open_append(&self.run_dir)?;
+            storage_metrics::append(&mut f, &line).with_context(|| {
+                format!("append to {}", self.run_dir.join(METRICS_FILE).display())
+            })?;
+        }
         for slot in &self.slots {
             slot.clear()?;
         }
