@@ -84,6 +84,13 @@ pub enum Command {
     /// HPC_CKPT_COMMIT_REQUEST from SLURM_PROCID (or RANK), then execs CMD.
     #[command(hide = true)]
     Rank(RankArgs),
+    /// Internal: one rank of the built-in trainer in a multi-rank job. `wrap -- train` (and
+    /// `train`) start it N times when the job has N > 1 ranks; it reads the child protocol's
+    /// variables (HPC_CKPT_RANK, HPC_CKPT_WORLD_SIZE, HPC_CKPT_STAGING, …) and joins its peers
+    /// at MASTER_ADDR:MASTER_PORT.
+    #[cfg(feature = "torch")]
+    #[command(hide = true, name = "train-rank")]
+    TrainRank(TrainRankArgs),
     /// Write the self-resubmitting sbatch script for a job config.
     ///
     /// Renders templates/auto_resume.sbatch from the config's `slurm:` section: the #SBATCH
@@ -138,6 +145,14 @@ pub struct WrapCliArgs {
     /// The program and its arguments (default: the config's `command`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[cfg(feature = "torch")]
+#[derive(Debug, Args)]
+pub struct TrainRankArgs {
+    /// The job config (default: the one `wrap` uses without --config, named after the run dir).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -285,6 +300,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::Train(a) => train(a),
         Command::Sbatch(a) => sbatch(a),
         Command::Rank(a) => Err(crate::supervision::ranks::exec_rank(&a.command)),
+        #[cfg(feature = "torch")]
+        Command::TrainRank(a) => train_rank(a),
     };
     match result {
         Ok(code) => code,
@@ -454,23 +471,7 @@ fn wrap(a: WrapCliArgs) -> Result<i32> {
             let Some(dir) = &a.run_dir else {
                 anyhow::bail!("give --config FILE or --run-dir DIR");
             };
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| "run".into());
-            let name: String = name
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            crate::config::JobConfig::parse(&format!("name: {name}\n"))
-                .map_err(anyhow::Error::msg)?
+            config_named_after(dir)?
         }
     };
     let mut config = config;
@@ -502,6 +503,26 @@ fn wrap(a: WrapCliArgs) -> Result<i32> {
     })
 }
 
+/// The job config of `wrap --run-dir DIR` without --config: every default, named after DIR.
+fn config_named_after(dir: &Path) -> Result<crate::config::JobConfig> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "run".into());
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    crate::config::JobConfig::parse(&format!("name: {name}\n")).map_err(anyhow::Error::msg)
+}
+
 /// The typed workload of a command line: `train` is the built-in trainer (its config checked
 /// before anything runs), anything else a program.
 fn workload_of(
@@ -512,18 +533,6 @@ fn workload_of(
 ) -> Result<Workload> {
     if !is_builtin(&command) {
         return Ok(Workload::Program(command));
-    }
-    if cfg.world_size() > 1 {
-        return Err(crate::config::ConfigError {
-            file: file.map_or("job config".into(), |f| f.display().to_string()),
-            message: format!(
-                "the built-in trainer runs as one rank, and this job has {} \
-                 (distributed.world_size / slurm.ntasks / slurm.nodes): wrap a multi-rank \
-                 program instead (e.g. `-- python ddp_train.py`)",
-                cfg.world_size()
-            ),
-        }
-        .into());
     }
     builtin_trainer(cfg, file, resume)
 }
@@ -562,19 +571,42 @@ fn sbatch(a: SbatchArgs) -> Result<i32> {
     Ok(exit_code::SUCCESS)
 }
 
-/// The built-in trainer for `wrap -- train` / `train`, its config checked before anything runs.
+/// The built-in trainer for `wrap -- train` / `train`, its config checked before anything runs:
+/// in this process for one rank; for N ranks, N `hpc-ckpt train-rank` programs (each a child
+/// of the protocol, started as the job's launcher says).
 #[cfg(feature = "torch")]
 fn builtin_trainer(
     cfg: &crate::config::JobConfig,
     file: Option<&Path>,
     resume: &str,
 ) -> Result<Workload> {
-    crate::train::config::TrainConfig::from_job(cfg).map_err(|e| crate::config::ConfigError {
+    let refused = |message: String| crate::config::ConfigError {
         file: file
             .map(|f| f.display().to_string())
             .unwrap_or_else(|| "job config".into()),
-        message: format!("{}: {}", e.key, e.message),
-    })?;
+        message,
+    };
+    let tc = crate::train::config::TrainConfig::from_job(cfg)
+        .map_err(|e| refused(format!("{}: {}", e.key, e.message)))?;
+    let world = cfg.world_size();
+    if world > 1 {
+        crate::train::trainer::world_fits(tc.batch_size, world)
+            .map_err(|e| refused(format!("{}: {}", e.key, e.message)))?;
+        if resume != "auto" {
+            return Err(refused(format!(
+                "--resume {resume}: a job of {world} ranks resumes from the run dir's newest \
+                 checkpoint that restores (--resume auto); to start over, use a new run dir"
+            ))
+            .into());
+        }
+        let exe = std::env::current_exe().context("locate this binary for the ranks")?;
+        let mut command = vec![exe.display().to_string(), "train-rank".into()];
+        if let Some(f) = file {
+            let f = std::fs::canonicalize(f).with_context(|| format!("{}", f.display()))?;
+            command.extend(["--config".into(), f.display().to_string()]);
+        }
+        return Ok(Workload::Program(command));
+    }
     let resume = match resume {
         "auto" => crate::train::trainer::Resume::Auto,
         "never" => crate::train::trainer::Resume::Never,
@@ -642,6 +674,23 @@ fn failure_of(e: crate::train::trainer::TrainError, cfg: &crate::config::JobConf
         _ => FailureKind::Crash,
     };
     Failure::new(kind, e.to_string())
+}
+
+/// One rank of the built-in trainer (see [`Command::TrainRank`]): exit 0 once its last state is
+/// committed (training complete, or stopped by the signal).
+#[cfg(feature = "torch")]
+fn train_rank(a: TrainRankArgs) -> Result<i32> {
+    let config = match &a.config {
+        Some(p) => crate::config::JobConfig::load(p)?,
+        None => {
+            let dir = std::env::var_os("HPC_CKPT_RUN_DIR")
+                .context("HPC_CKPT_RUN_DIR is not set: train-rank runs under `hpc-ckpt wrap`")?;
+            config_named_after(Path::new(&dir))?
+        }
+    };
+    let out = crate::train::trainer::run_rank(&config)?;
+    tracing::debug!(completed = out.completed, step = out.last_step, "rank done");
+    Ok(exit_code::SUCCESS)
 }
 
 #[cfg(feature = "torch")]

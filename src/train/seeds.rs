@@ -10,7 +10,9 @@
 //! - [`init_seed`] (stream 3, index 0): libtorch's `manual_seed` before the model is built, i.e.
 //!   the parameter init (`trainer.rs`);
 //! - [`step_seed`] (stream 4, index = global step + 1): libtorch's `manual_seed` before that
-//!   optimizer step, i.e. dropout (`trainer.rs`).
+//!   optimizer step, i.e. dropout (`trainer.rs`); in a data-parallel run rank r > 0 draws from
+//!   [`rank_step_seed`] (stream 5 of the step's seed, index = r), rank 0 from the step seed
+//!   itself, so a 1-rank run is unchanged and no two ranks share a dropout mask.
 //!
 //! Changing an id, the mixing, or what a stream seeds changes every result: it is a new
 //! checkpoint format, not a refactor.
@@ -50,10 +52,12 @@ const STREAM_DATA: u64 = 1;
 const STREAM_EPOCH_ORDER: u64 = 2;
 const STREAM_INIT: u64 = 3;
 const STREAM_STEP: u64 = 4;
+const STREAM_RANK: u64 = 5;
 
 /// How [`step_seed`] is derived, in words (recorded in `trainer_state.json` for readers).
-pub const SCHEME: &str = "manual_seed(derive_seed(seed, 4, global_step + 1)) before each step; \
-                          data order from (seed, epoch)";
+pub const SCHEME: &str = "manual_seed(derive_seed(seed, 4, global_step + 1)) before each step \
+                          (rank r > 0 of a data-parallel run: derive_seed(that, 5, r)); data \
+                          order from (seed, epoch)";
 
 /// A seed derived from a base seed, a stream id and an index (different streams never collide
 /// in practice).
@@ -84,6 +88,16 @@ pub fn step_seed(seed: u64, global_step: u64) -> i64 {
     derive_seed(seed, STREAM_STEP, global_step + 1) as i64
 }
 
+/// libtorch's seed of rank `rank` before optimizer step `global_step + 1` (rank 0's is
+/// [`step_seed`]).
+pub fn rank_step_seed(seed: u64, global_step: u64, rank: u32) -> i64 {
+    let step = step_seed(seed, global_step);
+    if rank == 0 {
+        return step;
+    }
+    derive_seed(step as u64, STREAM_RANK, rank as u64) as i64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,7 +115,10 @@ mod tests {
             epoch_order_seed(7, 1),
             init_seed(7) as u64,
             step_seed(7, 0) as u64,
+            rank_step_seed(7, 0, 1) as u64,
+            rank_step_seed(7, 0, 2) as u64,
         ];
+        assert_eq!(rank_step_seed(7, 9, 0), step_seed(7, 9));
         let distinct: std::collections::BTreeSet<u64> = all.iter().copied().collect();
         assert_eq!(distinct.len(), all.len());
     }

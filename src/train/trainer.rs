@@ -45,12 +45,15 @@
 //! libtorch's generators and thread pool are process-global: one [`run`] at a time per process
 //! (a lock serialises concurrent calls).
 
+mod data_parallel;
 mod restore;
 mod save;
 
+pub use data_parallel::{run_rank, world_fits, RANK_STATE_FILE};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -164,6 +167,13 @@ pub enum TrainError {
         #[source]
         source: StorageError,
     },
+    /// A rank's checkpoint was not committed (the supervisor's reason).
+    #[error("the checkpoint of step {step} was not committed: {reason}")]
+    Commit { step: u64, reason: String },
+    /// The ranks of a data-parallel run could not work together (the protocol's environment,
+    /// joining the group, a collective, another rank's failure).
+    #[error("{0}")]
+    Team(String),
     #[error("the metrics file: {0}")]
     Metrics(#[source] StorageError),
     #[error("the journal: {0}")]
@@ -282,7 +292,7 @@ pub fn run(
                         .into(),
                 });
             }
-            Trainer::new(tc, store)?
+            Trainer::new(tc, store.run_dir().root())?
         }
         Resume::From(p) => restore::resume_from(&tc, store, p)?,
     };
@@ -358,6 +368,8 @@ struct Trainer {
     st: TrainerState,
     reference: (Tensor, Tensor),
     total: u64,
+    /// This process's rank of a data-parallel run (`None`: the only one).
+    dp: Option<data_parallel::Team>,
     /// The newest step durably committed (restored from, or saved by this process).
     committed: Option<u64>,
     /// Checkpoints this process committed.
@@ -378,7 +390,7 @@ struct Trainer {
 }
 
 impl Trainer {
-    fn new(tc: TrainConfig, store: &Store) -> Result<Trainer, TrainError> {
+    fn new(tc: TrainConfig, run_dir: &Path) -> Result<Trainer, TrainError> {
         keep_freed_heap_memory();
         let device = resolve_device(tc.device)?;
         tch::set_num_threads(tc.threads as i32);
@@ -411,7 +423,7 @@ impl Trainer {
             data.batch(split, &idx, Device::Cpu)
         };
         let (metrics, metrics_last) =
-            storage_metrics::open_append(store.run_dir().root()).map_err(TrainError::Metrics)?;
+            storage_metrics::open_append(run_dir).map_err(TrainError::Metrics)?;
         let st = TrainerState {
             format_version: STATE_FORMAT_VERSION,
             global_step: 0,
@@ -461,6 +473,7 @@ impl Trainer {
             st,
             reference,
             total,
+            dp: None,
             committed: None,
             commits: 0,
             pending: None,
@@ -609,25 +622,34 @@ impl Trainer {
     /// Whether step `gs` is due for a periodic checkpoint: by the step or the time cadence, by
     /// the `auto` interval, or because it is an eval step whose value `keep_best` monitors.
     fn commit_due(&self, gs: u64, evaluated: bool) -> bool {
-        let since = self.last_save.elapsed();
+        self.step_due(gs, evaluated) || self.time_due()
+    }
+
+    /// The part of [`Self::commit_due`] that depends on the step alone (the same on every rank).
+    fn step_due(&self, gs: u64, evaluated: bool) -> bool {
         self.tc
             .checkpoint_every_steps
             .is_some_and(|n| gs.is_multiple_of(n))
-            || self
-                .tc
-                .checkpoint_every_seconds
-                .is_some_and(|s| since.as_secs() >= s)
+            || (evaluated && self.tc.commits_at_eval())
+    }
+
+    /// The part of [`Self::commit_due`] that depends on the clock (ranks agree on it).
+    fn time_due(&self) -> bool {
+        let since = self.last_save.elapsed();
+        self.tc
+            .checkpoint_every_seconds
+            .is_some_and(|s| since.as_secs() >= s)
             || self
                 .auto
                 .as_ref()
                 .is_some_and(|a| since.as_secs_f64() >= a.recommend().seconds)
-            || (evaluated && self.tc.commits_at_eval())
     }
 
     /// One optimizer step (over `grad_accum` micro-batches); returns (mean loss, lr).
     fn step(&mut self) -> Result<(f64, f64), TrainError> {
         let gs = self.st.global_step;
-        tch::manual_seed(seeds::step_seed(self.tc.seed, gs));
+        let rank = self.dp.as_ref().map_or(0, |t| t.rank());
+        tch::manual_seed(seeds::rank_step_seed(self.tc.seed, gs, rank));
         let lr = self.sched.lr(gs);
         self.opt.zero_grad()?;
         let accum = self.tc.grad_accum;
@@ -636,6 +658,10 @@ impl Trainer {
         for a in 0..accum {
             self.st.accum_position = a;
             let idx = self.loader.next(&mut self.pos);
+            let idx = match &self.dp {
+                Some(team) => team.shard(&idx).to_vec(),
+                None => idx,
+            };
             let (x, y) = self.data.batch(Split::Train, &idx, self.device);
             let loss = self.model.loss(&x, &y, true);
             loss_sum += loss.double_value(&[]);
@@ -643,7 +669,12 @@ impl Trainer {
             scaled.backward();
         }
         self.st.accum_position = 0;
-        let loss = loss_sum / accum as f64;
+        let mut loss = loss_sum / accum as f64;
+        // Every rank's share of the global batch: gradients and loss averaged over the ranks.
+        let due = self.dp.is_some() && self.time_due();
+        if let Some(team) = self.dp.as_mut() {
+            loss = team.reduce_step(&self.params, loss, due)?;
+        }
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { step: gs + 1, loss });
         }
@@ -651,6 +682,9 @@ impl Trainer {
             clip_grad_norm(&self.params, max_norm);
         }
         self.opt.step(lr)?;
+        if self.dp.is_some() {
+            self.share_buffers()?;
+        }
         self.st.global_step += 1;
         self.st.samples_seen += accum * self.tc.batch_size;
         self.st.step_in_epoch = if self.pos.epoch != epoch_before {

@@ -1,6 +1,7 @@
 //! The integration tests: one test binary (`cargo test --test it`), one module per suite.
 //!
-//! One binary instead of one per file links libtorch once, not ten times (see README, "Tests").
+//! One binary instead of one per file links libtorch once, not ten times (README, "Guarantees and
+//! the tests that hold them").
 //! Suites that need the built-in trainer are compiled only with the `torch` feature; the suites
 //! that need a Slurm cluster start the project's local one themselves
 //! (`sbatch/local-cluster.sh start`, idempotent). Filter by module: `cargo test --test it
@@ -28,6 +29,8 @@ mod train_best;
 mod train_fallback;
 #[cfg(feature = "torch")]
 mod train_kill;
+#[cfg(feature = "torch")]
+mod train_ranks;
 #[cfg(feature = "torch")]
 mod train_resume;
 mod wrap_in_process;

@@ -33,7 +33,7 @@ pub(super) fn resume_auto(tc: &TrainConfig, store: &mut Store) -> Result<Trainer
     }
     let Some((first, _)) = resolution.chosen else {
         if refused.is_empty() {
-            return Trainer::new(tc.clone(), store);
+            return Trainer::new(tc.clone(), store.run_dir().root());
         }
         return Err(nothing_restores(store, refused));
     };
@@ -45,7 +45,7 @@ pub(super) fn resume_auto(tc: &TrainConfig, store: &mut Store) -> Result<Trainer
         .filter(|l| l.step < first.step)
         .collect();
     for candidate in std::iter::once(first).chain(older) {
-        match restore_dir(tc, store, &candidate.path) {
+        match restore_dir(tc, store.run_dir().root(), &candidate.path, (0, 1)) {
             Ok(trainer) => {
                 journal_used(store, &candidate, !refused.is_empty())?;
                 return Ok(trainer);
@@ -69,7 +69,7 @@ pub(super) fn resume_from(
     store: &Store,
     dir: &Path,
 ) -> Result<Trainer, TrainError> {
-    restore_dir(tc, store, dir).map_err(|e| match e.checkpoint_faults() {
+    restore_dir(tc, store.run_dir().root(), dir, (0, 1)).map_err(|e| match e.checkpoint_faults() {
         Some(faults) => TrainError::NothingRestores {
             searched: dir.to_path_buf(),
             tried: vec![Refused {
@@ -81,20 +81,61 @@ pub(super) fn resume_from(
     })
 }
 
-/// Verify and read the checkpoint in `dir`, then restore it into a fresh trainer.
-fn restore_dir(tc: &TrainConfig, store: &Store, dir: &Path) -> Result<Trainer, TrainError> {
+/// Verify and read the checkpoint in `dir`, then restore it into a fresh trainer, as rank
+/// `rank` of `world` (`(0, 1)` for a run of one rank). A checkpoint written by several ranks is
+/// read through [`rank_view`]; one of another world size restores its replicated state, with a
+/// warning (the run's numbers then differ from an uninterrupted run of either size).
+pub(super) fn restore_dir(
+    tc: &TrainConfig,
+    run_dir: &Path,
+    dir: &Path,
+    (rank, world): (u32, u32),
+) -> Result<Trainer, TrainError> {
     let loaded = verify::load_checkpoint(dir).map_err(|faults| {
         TrainError::Load(StorageError::Corrupt {
             dir: dir.to_path_buf(),
             faults,
         })
     })?;
-    let mut trainer = Trainer::new(tc.clone(), store)?;
-    trainer.restore(&Source {
+    let (saved, _) = crate::supervision::protocol::world_of(&loaded.manifest);
+    if saved != world && rank == 0 {
+        tracing::warn!(checkpoint = %dir.display(), saved_world_size = saved, world_size = world,
+            "resuming with another world size: the replicated state is restored exactly, but the \
+             gradients are now summed over another number of ranks, so the numbers differ from an \
+             uninterrupted run of either size");
+    }
+    let loaded = rank_view(loaded, rank);
+    let mut trainer = Trainer::new(tc.clone(), run_dir)?;
+    let src = Source {
         dir,
         loaded: &loaded,
-    })?;
+    };
+    trainer.restore(&src)?;
+    if rank > 0 {
+        data_parallel::restore_rank_rng(&src, rank)?;
+    }
     Ok(trainer)
+}
+
+/// A checkpoint as rank `rank` reads it: in one written by several ranks
+/// (`rank<NNNNN>.<name>`), rank 0's files under their plain names (the replicated state) and
+/// this rank's [`RANK_STATE_FILE`]; a 1-rank checkpoint as it is.
+fn rank_view(loaded: Loaded, rank: u32) -> Loaded {
+    let (world, _) = crate::supervision::protocol::world_of(&loaded.manifest);
+    if world <= 1 {
+        return loaded;
+    }
+    let Loaded { manifest, files } = loaded;
+    let files = files
+        .into_iter()
+        .filter_map(|(name, bytes)| {
+            let (r, plain) = crate::supervision::ranks::parse_rank_file(&name)?;
+            let keep =
+                (r == 0 && plain != RANK_STATE_FILE) || (r == rank && plain == RANK_STATE_FILE);
+            keep.then(|| (plain.to_string(), bytes))
+        })
+        .collect();
+    Loaded { manifest, files }
 }
 
 /// Log (ERROR, naming the checkpoint dir and each file) and journal a refused checkpoint, as the

@@ -195,7 +195,7 @@ impl Trainer {
     /// Phase 1: the current state as a snapshot in `buffers`, the commit's metadata, and `best`
     /// before this save changed it. With `keep_best`, `best` takes this checkpoint's monitored
     /// value when it is at least as good, so the state it records names what retention keeps.
-    fn snapshot(
+    pub(super) fn snapshot(
         &mut self,
         buffers: &mut Buffers,
     ) -> Result<(Snapshot<'static>, CommitMeta, Option<Option<BestMetric>>), StorageError> {
