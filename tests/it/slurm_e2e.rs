@@ -3,8 +3,11 @@
 //! `wrap`. The tests share one node and run one at a time.
 //!
 //! - three interruptions by three mechanisms (`scancel --signal=USR1 --batch`, preemption by a
-//!   job in the `high` partition, `scontrol requeue`) at seeded moments: the chain completes on
-//!   its own and the final weights are byte-identical to a straight run;
+//!   job in the `high` partition, `scontrol requeue`) at seeded moments, and for some chains a
+//!   fourth, a SIGKILL of the program (the Python child, or one rank of the built-in trainer):
+//!   the chain completes on its own and the final files are byte-identical to a straight run —
+//!   the Python child, 2-rank DDP (1 node, 2 nodes), the built-in trainer (1 rank; 2 ranks of
+//!   the gpt on 1 node, of the cnn on 2 nodes);
 //! - a program that always crashes: the chain stops after `max_no_progress`, saying why;
 //! - `scancel` by the user: checkpoint, no requeue.
 
@@ -168,26 +171,43 @@ fn dump(run: &Path) -> String {
 }
 
 #[test]
-fn three_interruptions_by_three_mechanisms_end_byte_identical_python_child() {
+fn four_interruptions_by_four_mechanisms_end_byte_identical_python_child() {
     let steps = 200;
     // The straight run, outside Slurm, without the per-step delay.
     let fast: Vec<String> = train_args(steps)
         .into_iter()
         .filter(|a| a != "0.1" && a != "--step-delay")
         .collect();
-    three_interruptions(
-        "e2e-three-py",
-        &train_args(steps),
-        &fast,
-        &ONE_NODE,
-        "",
+    interruptions(&Chain {
+        name: "e2e-three-py",
+        command: &train_args(steps),
+        straight_command: &fast,
+        layout: &ONE_NODE,
+        extra_yaml: "",
         steps,
-        SINGLE_FILES,
-    );
+        files: PY_FILES,
+        kill: Some(Kill {
+            cmdline: "examples/python/train.py",
+            rank: None,
+        }),
+    });
 }
 
-/// The files compared with the straight run (a 1-rank program's).
-const SINGLE_FILES: &[&str] = &["model.safetensors", "optimizer.safetensors"];
+/// The files compared with the straight run (`examples/python/train.py`'s, all of them).
+const PY_FILES: &[&str] = &[
+    "model.safetensors",
+    "optimizer.safetensors",
+    "rng.safetensors",
+    "trainer_state.json",
+    "reference_batch.safetensors",
+];
+
+/// The files compared with the straight run (the built-in trainer's, 1 rank).
+const SINGLE_FILES: &[&str] = &[
+    "model.safetensors",
+    "optimizer.safetensors",
+    "trainer_state.json",
+];
 
 /// `examples/python/ddp_train.py` for `steps` steps, a commit every 15.
 fn ddp_command(steps: u32, delay: bool) -> Vec<String> {
@@ -222,15 +242,16 @@ const DDP_FILES: &[&str] = &[
 #[test]
 fn three_interruptions_of_a_two_rank_ddp_job_end_byte_identical() {
     let steps = 120;
-    three_interruptions(
-        "e2e-three-ddp",
-        &ddp_command(steps, true),
-        &ddp_command(steps, false),
-        &ONE_NODE,
-        "distributed:\n  world_size: 2\n",
+    interruptions(&Chain {
+        name: "e2e-three-ddp",
+        command: &ddp_command(steps, true),
+        straight_command: &ddp_command(steps, false),
+        layout: &ONE_NODE,
+        extra_yaml: "distributed:\n  world_size: 2\n",
         steps,
-        DDP_FILES,
-    );
+        files: DDP_FILES,
+        kill: None,
+    });
 }
 
 /// The same DDP job as 2 nodes × 1 task (the local cluster's two slurmd nodes): the batch step
@@ -239,15 +260,16 @@ fn three_interruptions_of_a_two_rank_ddp_job_end_byte_identical() {
 #[test]
 fn three_interruptions_of_a_two_node_ddp_job_end_byte_identical() {
     let steps = 90;
-    three_interruptions(
-        "e2e-three-ddp-2n",
-        &ddp_command(steps, true),
-        &ddp_command(steps, false),
-        &TWO_NODES,
-        "",
+    interruptions(&Chain {
+        name: "e2e-three-ddp-2n",
+        command: &ddp_command(steps, true),
+        straight_command: &ddp_command(steps, false),
+        layout: &TWO_NODES,
+        extra_yaml: "",
         steps,
-        DDP_FILES,
-    );
+        files: DDP_FILES,
+        kill: None,
+    });
 }
 
 /// The built-in trainer (in-process under the supervisor): a small char-level GPT with dropout,
@@ -259,15 +281,74 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical_builtin_trainer() 
                 optimizer: {kind: adamw, lr: 0.001}\nscheduler: {kind: cosine, warmup_steps: 20}\n\
                 checkpoint: {every_steps: 25, keep_last: 3}\n";
     let train = vec!["train".to_string()];
-    three_interruptions(
-        "e2e-three-builtin",
-        &train,
-        &train,
-        &ONE_NODE,
-        yaml,
-        2000,
-        SINGLE_FILES,
-    );
+    interruptions(&Chain {
+        name: "e2e-three-builtin",
+        command: &train,
+        straight_command: &train,
+        layout: &ONE_NODE,
+        extra_yaml: yaml,
+        steps: 2000,
+        files: SINGLE_FILES,
+        kill: None,
+    });
+}
+
+/// The files of a 2-rank checkpoint of the built-in trainer compared with the straight run.
+const BUILTIN_RANK_FILES: &[&str] = &[
+    "rank00000.model.safetensors",
+    "rank00000.optimizer.safetensors",
+    "rank00000.trainer_state.json",
+    "rank00000.rank_state.json",
+    "rank00001.rank_state.json",
+];
+
+/// The built-in trainer as 2 data-parallel ranks (`srun` of `hpc-ckpt train-rank`, c10d Gloo):
+/// the gpt, interrupted by USR1, preemption, `scontrol requeue` and a SIGKILL of rank 1; the
+/// straight run starts its 2 ranks locally.
+#[test]
+fn four_interruptions_of_the_builtin_trainer_on_two_ranks_end_byte_identical() {
+    let yaml = "seed: 3\nthreads: 1\nmodel: {kind: gpt, layers: 2, heads: 2, d_model: 64, context: 32, dropout: 0.1}\n\
+                data: {kind: text}\nbatch_size: 16\ngrad_accum: 2\ngrad_clip: 1.0\nmax_steps: 1500\n\
+                optimizer: {kind: adamw, lr: 0.001}\nscheduler: {kind: cosine, warmup_steps: 20}\n\
+                checkpoint: {every_steps: 25, keep_last: 3}\ndistributed:\n  world_size: 2\n";
+    let train = vec!["train".to_string()];
+    interruptions(&Chain {
+        name: "e2e-builtin-2r",
+        command: &train,
+        straight_command: &train,
+        layout: &ONE_NODE,
+        extra_yaml: yaml,
+        steps: 1500,
+        files: BUILTIN_RANK_FILES,
+        kill: Some(Kill {
+            cmdline: "train-rank",
+            rank: Some(1),
+        }),
+    });
+}
+
+/// The same as 2 nodes × 1 task with the cnn, whose batchnorm statistics rank 0 shares after
+/// every step.
+#[test]
+fn four_interruptions_of_the_builtin_cnn_on_two_nodes_end_byte_identical() {
+    let yaml = "seed: 3\nthreads: 1\nmodel: {kind: cnn, channels: [8, 16], dropout: 0.1}\n\
+                data: {kind: synthetic-images, samples: 2000, size: 12, classes: 4}\nbatch_size: 32\n\
+                max_steps: 1200\noptimizer: {kind: sgd, lr: 0.05, momentum: 0.9}\n\
+                checkpoint: {every_steps: 25, keep_last: 3}\n";
+    let train = vec!["train".to_string()];
+    interruptions(&Chain {
+        name: "e2e-builtin-2n",
+        command: &train,
+        straight_command: &train,
+        layout: &TWO_NODES,
+        extra_yaml: yaml,
+        steps: 1200,
+        files: BUILTIN_RANK_FILES,
+        kill: Some(Kill {
+            cmdline: "train-rank",
+            rank: Some(1),
+        }),
+    });
 }
 
 /// The straight run of a chain test: `wrap --config` outside Slurm, in `dir/straight`; its run
@@ -290,18 +371,65 @@ fn straight_run(
     run
 }
 
-/// Run `command` straight (outside Slurm, as `straight_command`) and as a Slurm job interrupted
-/// by `scancel --signal=USR1 --batch`, preemption and `scontrol requeue` at seeded moments; the
-/// chain must complete on its own with final weights byte-identical to the straight run.
-fn three_interruptions(
-    name: &str,
-    command: &[String],
-    straight_command: &[String],
-    layout: &Layout,
-    extra_yaml: &str,
+/// A chain test: what runs, where, and how it is interrupted.
+struct Chain<'a> {
+    name: &'a str,
+    command: &'a [String],
+    /// The same program outside Slurm (e.g. without a per-step delay).
+    straight_command: &'a [String],
+    layout: &'a Layout,
+    extra_yaml: &'a str,
     steps: u32,
-    files: &[&str],
-) {
+    /// The final checkpoint's files that must be byte-identical.
+    files: &'a [&'a str],
+    /// A fourth interruption: SIGKILL of one of the program's processes.
+    kill: Option<Kill<'a>>,
+}
+
+/// Which process a chain SIGKILLs: the run's process whose command line contains `cmdline`
+/// (and whose `HPC_CKPT_RANK` is `rank`, when given).
+struct Kill<'a> {
+    cmdline: &'a str,
+    rank: Option<u32>,
+}
+
+/// The pid of the run's process `k` names, if it runs (read from /proc: srun's tasks are not
+/// the supervisor's children).
+fn find_process(run: &Path, k: &Kill) -> Option<i32> {
+    let run_env = format!("HPC_CKPT_RUN_DIR={}", run.display());
+    let rank_env = k.rank.map(|r| format!("HPC_CKPT_RANK={r}"));
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(k.cmdline) {
+            return None;
+        }
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let vars: Vec<String> = environ
+            .split(|&b| b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        let has = |want: &str| vars.iter().any(|v| v == want);
+        (has(&run_env) && rank_env.as_deref().is_none_or(has)).then_some(pid)
+    })
+}
+
+/// Run the chain's command straight (outside Slurm, as `straight_command`) and as a Slurm job
+/// interrupted by `scancel --signal=USR1 --batch`, preemption and `scontrol requeue` (and a
+/// SIGKILL, when the chain says) at seeded moments; the chain must complete on its own with
+/// final files byte-identical to the straight run.
+fn interruptions(chain: &Chain) {
+    let Chain {
+        name,
+        command,
+        straight_command,
+        layout,
+        extra_yaml,
+        steps,
+        files,
+        ..
+    } = *chain;
     let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
     let tmp = tempfile::tempdir().unwrap();
@@ -361,6 +489,28 @@ fn three_interruptions(
     let o = slurm(&conf, "scontrol", &["requeue", &job]);
     assert!(o.status.success(), "{}", text(&o));
     wait_for("allocation 4", limit, || count(&run, "child_started") >= 4);
+
+    // 4. SIGKILL of one process of the program (a crash: the supervisor requeues).
+    if let Some(k) = &chain.kill {
+        let c = count(&run, "checkpoint_committed");
+        wait_for("a commit in allocation 4", limit, || {
+            count(&run, "checkpoint_committed") > c
+        });
+        std::thread::sleep(jitter());
+        let mut pid = None;
+        wait_for("the process to kill", limit, || {
+            pid = find_process(&run, k);
+            pid.is_some()
+        });
+        let pid = pid.unwrap();
+        eprintln!("SIGKILL to {pid} ({})", k.cmdline);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_for("allocation 5", limit, || count(&run, "child_started") >= 5);
+    }
 
     // The chain completes on its own.
     wait_for("the run to finish", limit, || count(&run, "run_done") >= 1);
