@@ -757,8 +757,17 @@ fn temp_entries(dir: &RunDir) -> Vec<TempEntry> {
         .collect()
 }
 
-/// Everything a person should act on, one line each.
+/// Everything a person should act on, one line each: about the checkpoints, the files staged
+/// and requests refused, and the disk and the logs.
 fn warnings(r: &StatusReport, res: &Resolution) -> Vec<String> {
+    let mut w = checkpoint_warnings(r, res);
+    w.extend(protocol_warnings(r));
+    w.extend(disk_and_log_warnings(r));
+    w
+}
+
+/// The pointer, checkpoints it does not name, corrupt ones, none at all.
+fn checkpoint_warnings(r: &StatusReport, res: &Resolution) -> Vec<String> {
     let mut w = Vec::new();
     if let Some(d) = &r.pointer.detail {
         w.push(format!(
@@ -785,6 +794,12 @@ fn warnings(r: &StatusReport, res: &Resolution) -> Vec<String> {
     if r.checkpoints.is_empty() {
         w.push("nothing committed yet: a resume starts fresh".into());
     }
+    w
+}
+
+/// Staged files kept aside, commit requests refused.
+fn protocol_warnings(r: &StatusReport) -> Vec<String> {
+    let mut w = Vec::new();
     for k in &r.kept {
         w.push(format!(
             "staged files were never committed and are kept in {} ({}): {}. To commit them: {}",
@@ -799,6 +814,12 @@ fn warnings(r: &StatusReport, res: &Resolution) -> Vec<String> {
             w.push(format!("a commit request was refused: {reason}"));
         }
     }
+    w
+}
+
+/// Temp entries, free space, unreadable journal and metrics lines, redone work.
+fn disk_and_log_warnings(r: &StatusReport) -> Vec<String> {
+    let mut w = Vec::new();
     if !r.temp_entries.is_empty() && r.writer.is_none() {
         w.push(format!(
             "{} temp entr{} ({}) left by an interrupted write: never read, removed when a writer \

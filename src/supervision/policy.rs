@@ -135,7 +135,9 @@ fn unretryable(ending: &Ending) -> Option<Decision> {
 }
 
 /// Decide. `restart_count` is the larger of Slurm's `SLURM_RESTART_COUNT` and the journal's
-/// allocation count; `slurm_state` is `scontrol`'s JobState when known.
+/// allocation count; `slurm_state` is `scontrol`'s JobState when known. The rules, in order:
+/// done; a failure a retry cannot fix; a stop without warning ([`unwarned`]); the limits
+/// ([`over_limits`]); else requeue.
 pub fn decide(
     ending: &Ending,
     new_checkpoints: u32,
@@ -155,73 +157,12 @@ pub fn decide(
         warned: false,
     } = ending
     {
-        match slurm_state {
-            Some("CANCELLED") => {
-                return Decision::Stop {
-                    reason: format!(
-                        "{signal} with no warning and Slurm says CANCELLED: cancelled by its user"
-                    ),
-                    why: StopWhy::Policy,
-                }
-            }
-            Some(s @ ("PREEMPTED" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "PENDING")) => {
-                return Decision::SlurmRequeues {
-                    reason: format!("{signal} and Slurm state {s}: Slurm requeues the job itself"),
-                }
-            }
-            Some("TIMEOUT") | Some("DEADLINE") => {}
-            // What Slurm shows while it kills a job, whether its user ran `scancel` or it was
-            // preempted without a warning signal (measured: both read COMPLETING): never requeue
-            // ourselves — a preempted job is requeued by Slurm, a cancelled one must stay dead.
-            Some(s @ ("RUNNING" | "COMPLETING")) => {
-                return Decision::Stop {
-                    reason: format!(
-                        "{signal} with no warning (Slurm state {s}): cancelled by its user, or \
-                         preempted (then Slurm requeues it itself); not requeueing"
-                    ),
-                    why: StopWhy::Policy,
-                }
-            }
-            Some(other) => {
-                return Decision::Stop {
-                    reason: format!(
-                        "{signal} with no warning, Slurm state {other}: not requeueing"
-                    ),
-                    why: StopWhy::Policy,
-                }
-            }
-            None => {
-                return Decision::Stop {
-                    reason: format!(
-                    "{signal} with no warning outside a known Slurm state (a user's interrupt or \
-                         kill): not requeueing; run again to resume"
-                ),
-                    why: StopWhy::Policy,
-                }
-            }
+        if let Some(d) = unwarned(signal, slurm_state) {
+            return d;
         }
     }
-    if restart_count >= cfg.max_restarts {
-        return Decision::Stop {
-            reason: format!(
-                "max_restarts reached ({restart_count} of {}); work is left: resubmit to continue",
-                cfg.max_restarts
-            ),
-            why: StopWhy::Policy,
-        };
-    }
-    if new_checkpoints == 0 {
-        let streak = history.no_progress_streak + 1;
-        if streak >= cfg.max_no_progress {
-            return Decision::Stop {
-                reason: format!(
-                    "{streak} allocation(s) in a row ended without a new checkpoint (max_no_progress \
-                     = {}): a crash loop, not requeueing",
-                    cfg.max_no_progress
-                ),
-                why: StopWhy::CrashLoop,
-            };
-        }
+    if let Some(d) = over_limits(new_checkpoints, history, restart_count, cfg) {
+        return d;
     }
     let reason = match ending {
         Ending::Stopped {
@@ -235,6 +176,73 @@ pub fn decide(
         Ending::Completed => unreachable!(),
     };
     Decision::Requeue { reason }
+}
+
+/// A stop by `signal` with no warning before it: what Slurm's state says it was. `None` only at
+/// the time limit (TIMEOUT, DEADLINE), which is requeued like a warning.
+fn unwarned(signal: &str, slurm_state: Option<&str>) -> Option<Decision> {
+    let stop = |reason: String| {
+        Some(Decision::Stop {
+            reason,
+            why: StopWhy::Policy,
+        })
+    };
+    match slurm_state {
+        Some("CANCELLED") => stop(format!(
+            "{signal} with no warning and Slurm says CANCELLED: cancelled by its user"
+        )),
+        Some(s @ ("PREEMPTED" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "PENDING")) => {
+            Some(Decision::SlurmRequeues {
+                reason: format!("{signal} and Slurm state {s}: Slurm requeues the job itself"),
+            })
+        }
+        Some("TIMEOUT") | Some("DEADLINE") => None,
+        // What Slurm shows while it kills a job, whether its user ran `scancel` or it was
+        // preempted without a warning signal (measured: both read COMPLETING): never requeue
+        // ourselves — a preempted job is requeued by Slurm, a cancelled one must stay dead.
+        Some(s @ ("RUNNING" | "COMPLETING")) => stop(format!(
+            "{signal} with no warning (Slurm state {s}): cancelled by its user, or preempted \
+             (then Slurm requeues it itself); not requeueing"
+        )),
+        Some(other) => stop(format!(
+            "{signal} with no warning, Slurm state {other}: not requeueing"
+        )),
+        None => stop(format!(
+            "{signal} with no warning outside a known Slurm state (a user's interrupt or kill): \
+             not requeueing; run again to resume"
+        )),
+    }
+}
+
+/// `max_restarts` reached, or `max_no_progress` allocations in a row without a new checkpoint
+/// (a crash loop).
+fn over_limits(
+    new_checkpoints: u32,
+    history: &History,
+    restart_count: u32,
+    cfg: &RequeueConfig,
+) -> Option<Decision> {
+    if restart_count >= cfg.max_restarts {
+        return Some(Decision::Stop {
+            reason: format!(
+                "max_restarts reached ({restart_count} of {}); work is left: resubmit to continue",
+                cfg.max_restarts
+            ),
+            why: StopWhy::Policy,
+        });
+    }
+    let streak = history.no_progress_streak + 1;
+    if new_checkpoints == 0 && streak >= cfg.max_no_progress {
+        return Some(Decision::Stop {
+            reason: format!(
+                "{streak} allocation(s) in a row ended without a new checkpoint (max_no_progress \
+                 = {}): a crash loop, not requeueing",
+                cfg.max_no_progress
+            ),
+            why: StopWhy::CrashLoop,
+        });
+    }
+    None
 }
 
 #[cfg(test)]
