@@ -297,11 +297,15 @@ fn changed_config_and_threads_are_refused_on_resume() {
 #[test]
 fn example_jobs_are_valid_trainer_configs() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/jobs");
-    for name in ["mlp.yaml", "cnn.yaml", "gpt.yaml"] {
+    for name in ["mlp.yaml", "cnn.yaml", "gpt.yaml", "gpt-2ranks.yaml"] {
         let cfg = JobConfig::load(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
-        hpc_ckpt::train::config::TrainConfig::from_job(&cfg)
+        let tc = hpc_ckpt::train::config::TrainConfig::from_job(&cfg)
             .unwrap_or_else(|e| panic!("examples/jobs/{name}: {e}"));
+        hpc_ckpt::train::trainer::world_fits(tc.batch_size, cfg.world_size())
+            .unwrap_or_else(|e| panic!("examples/jobs/{name}: {}: {}", e.key, e.message));
     }
+    let two = JobConfig::load(&dir.join("gpt-2ranks.yaml")).unwrap();
+    assert_eq!(two.world_size(), 2);
 }
 
 #[test]
