@@ -497,6 +497,7 @@ impl Trainer {
             return Ok(());
         }
         self.last_save = Instant::now();
+        let started = Instant::now();
         let staged = self.stage(client);
         let failed_here = staged.is_err();
         let failed = self.team().count(&[failed_here])?[0];
@@ -514,6 +515,8 @@ impl Trainer {
             self.committed = Some(step);
             self.commits += 1;
             if self.is_lead() {
+                // Training waited for all of it: the stall `interval: auto` weighs.
+                self.note_stall(started.elapsed().as_secs_f64());
                 tracing::debug!(step, checkpoint = %name, "committed");
             }
             return Ok(());

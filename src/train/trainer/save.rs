@@ -115,7 +115,7 @@ impl Trainer {
     }
 
     /// With `interval: auto`, feed a save's stall to the interval; log a changed recommendation.
-    fn note_stall(&mut self, seconds: f64) {
+    pub(super) fn note_stall(&mut self, seconds: f64) {
         let Some(auto) = self.auto.as_mut() else {
             return;
         };
