@@ -584,14 +584,20 @@ impl Trainer {
             return None;
         }
         let v = self.evaluate(e.batches.0);
+        self.take_eval(gs, &e.metric, v);
+        Some(v)
+    }
+
+    /// The eval value `v` of step `gs`: the scheduler sees it, `best` follows it (without
+    /// `keep_best`), the checkpoint of this step alone carries it.
+    fn take_eval(&mut self, gs: u64, metric: &str, v: f64) {
         self.eval_at = Some((gs, v));
         self.st.last_eval = Some(v);
         self.sched.observe(v);
         self.st.scheduler = self.sched.state().clone();
         if self.tc.keep_best.is_none() {
-            note_best(&mut self.st.best, &e.metric, Mode::Min, v, gs);
+            note_best(&mut self.st.best, metric, Mode::Min, v, gs);
         }
-        Some(v)
     }
 
     /// Append the line of step `gs` to `metrics.jsonl` (with the eval metric at eval steps).

@@ -211,3 +211,22 @@ pub fn last_phase(log: &Path) -> String {
         })
         .unwrap_or_else(|| "startup".into())
 }
+
+/// step → the loss bits of each of its lines in `run`'s metrics.jsonl, in file order (a redone
+/// step has several; they must agree). A line torn by a kill mid-write is skipped, as every
+/// reader does.
+pub fn losses(run: &Path) -> std::collections::BTreeMap<u64, Vec<u64>> {
+    let mut m: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for line in std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(s), Some(l)) = (v["step"].as_u64(), v["metrics"]["loss"].as_f64()) {
+            m.entry(s).or_default().push(l.to_bits());
+        }
+    }
+    m
+}

@@ -10,7 +10,7 @@
 //!
 //! Needs the project venv with torch (`tests/setup.sh --torch`); `HPC_CKPT_PYTHON` overrides the
 //! interpreter. The benchmark (`bench_step_10m_params`, ignored by default) prints timings:
-//! `cargo test --test optim_parity -- --ignored --nocapture` (the work is in libtorch, and the
+//! `cargo test --test it optim_parity::bench_step_10m_params -- --ignored --nocapture` (the work is in libtorch, and the
 //! dev profile already optimises dependencies, tch included: release changes little).
 
 use std::collections::BTreeMap;
@@ -368,7 +368,7 @@ fn save_load_continue_equals_straight_run() {
 /// Not a test: timings of our step vs torch.optim's on ~10M parameters (prints, asserts
 /// nothing). `HPC_CKPT_BENCH_THREADS` sets the intra-op threads (default 1).
 #[test]
-#[ignore = "benchmark: cargo test --test optim_parity -- --ignored --nocapture"]
+#[ignore = "benchmark: cargo test --test it optim_parity::bench_step_10m_params -- --ignored --nocapture"]
 fn bench_step_10m_params() {
     let threads: i32 = std::env::var("HPC_CKPT_BENCH_THREADS")
         .ok()

@@ -5,7 +5,6 @@
 //! each kill as an unannounced interruption and counts the redone steps; a run interrupted once
 //! by a warning and once by a kill, with a torn metrics line, is told and drawn by `status`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -39,24 +38,6 @@ fn commits(run: &Path) -> usize {
         .iter()
         .filter(|e| e["event"] == "checkpoint_committed")
         .count()
-}
-
-/// step → loss bits, the last line for each step (a redone step must repeat the same value).
-fn losses(run: &Path) -> BTreeMap<u64, Vec<u64>> {
-    let mut m: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for line in std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-    {
-        // A line torn by a kill mid-write is skipped, as every reader does.
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if let (Some(s), Some(l)) = (v["step"].as_u64(), v["metrics"]["loss"].as_f64()) {
-            m.entry(s).or_default().push(l.to_bits());
-        }
-    }
-    m
 }
 
 #[test]

@@ -88,23 +88,18 @@ fn exit_of(child: std::process::Child) -> (i32, String) {
     (o.status.code().unwrap_or(-1), text(&o))
 }
 
-/// step → loss bits of every metrics line (a redone step must repeat its loss).
+/// step → loss bits (a redone step must repeat its loss).
 fn losses(run: &Path) -> BTreeMap<u64, u64> {
-    let mut m = BTreeMap::new();
-    for line in std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-    {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if let (Some(s), Some(l)) = (v["step"].as_u64(), v["metrics"]["loss"].as_f64()) {
-            if let Some(prev) = m.insert(s, l.to_bits()) {
-                assert_eq!(prev, l.to_bits(), "step {s} redone with another loss");
-            }
-        }
-    }
-    m
+    crate::common::losses(run)
+        .into_iter()
+        .map(|(step, all)| {
+            assert!(
+                all.iter().all(|l| *l == all[0]),
+                "step {step} redone with another loss"
+            );
+            (step, all[0])
+        })
+        .collect()
 }
 
 fn final_checkpoint(run: &Path, step: u64) -> PathBuf {

@@ -121,24 +121,12 @@ impl Team {
         loss: f64,
         due: bool,
     ) -> Result<f64, TrainError> {
-        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
-        let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
-        if !defined.is_empty() {
-            let device = defined[0].device();
-            let flat: Vec<Tensor> = defined.iter().map(|g| g.reshape([-1])).collect();
-            let mut flat = Tensor::cat(&flat, 0).to_device(Device::Cpu).contiguous();
-            self.collective(|pg| pg.all_reduce_sum(&mut flat))?;
-            let flat = (flat / self.world as f64).to_device(device);
-            let mut at = 0;
-            tch::no_grad(|| {
-                for g in &defined {
-                    let n = g.numel() as i64;
-                    let mut g = g.shallow_clone();
-                    g.copy_(&flat.narrow(0, at, n).view_as(&g));
-                    at += n;
-                }
-            });
-        }
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .collect();
+        self.average(&grads)?;
         let stop = self.signalled.load(Ordering::SeqCst);
         let mut scalars = Tensor::from_slice(&[loss, f64::from(stop), f64::from(due)]);
         self.collective(|pg| pg.all_reduce_sum(&mut scalars))?;
@@ -148,21 +136,22 @@ impl Team {
         Ok(s[0] / self.world as f64)
     }
 
-    /// Average the float buffers (batchnorm's running statistics) over the ranks, in place.
-    pub(super) fn average_buffers(&mut self, buffers: &[Tensor]) -> Result<(), TrainError> {
-        if buffers.is_empty() {
+    /// Average `tensors` (of one dtype, on one device) over the ranks, in place: flattened into
+    /// one buffer, one all-reduce (through host memory), written back.
+    pub(super) fn average(&mut self, tensors: &[Tensor]) -> Result<(), TrainError> {
+        if tensors.is_empty() {
             return Ok(());
         }
-        let device = buffers[0].device();
-        let flat: Vec<Tensor> = buffers.iter().map(|b| b.reshape([-1])).collect();
+        let device = tensors[0].device();
+        let flat: Vec<Tensor> = tensors.iter().map(|t| t.reshape([-1])).collect();
         let mut flat = Tensor::cat(&flat, 0).to_device(Device::Cpu).contiguous();
         self.collective(|pg| pg.all_reduce_sum(&mut flat))?;
         let flat = (flat / self.world as f64).to_device(device);
         let mut at = 0;
         tch::no_grad(|| {
-            for b in buffers {
-                let n = b.numel() as i64;
-                b.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(b));
+            for t in tensors {
+                let n = t.numel() as i64;
+                t.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(t));
                 at += n;
             }
         });
@@ -397,7 +386,7 @@ impl Trainer {
             .filter(|(n, t)| !params.contains(n) && t.is_floating_point())
             .map(|(_, t)| t)
             .collect();
-        self.team().average_buffers(&buffers)
+        self.team().average(&buffers)
     }
 
     /// The loop of one rank (as [`Trainer::train_with`] is for one process).
@@ -476,13 +465,7 @@ impl Trainer {
             0.0
         };
         let v = self.team().broadcast_value(mine)?;
-        self.eval_at = Some((gs, v));
-        self.st.last_eval = Some(v);
-        self.sched.observe(v);
-        self.st.scheduler = self.sched.state().clone();
-        if self.tc.keep_best.is_none() {
-            note_best(&mut self.st.best, &e.metric, Mode::Min, v, gs);
-        }
+        self.take_eval(gs, &e.metric, v);
         Ok(Some(v))
     }
 
