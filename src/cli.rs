@@ -605,7 +605,7 @@ fn builtin_trainer(
             let f = std::fs::canonicalize(f).with_context(|| format!("{}", f.display()))?;
             command.extend(["--config".into(), f.display().to_string()]);
         }
-        return Ok(Workload::Program(command));
+        return Ok(Workload::TrainerRanks(command));
     }
     let resume = match resume {
         "auto" => crate::train::trainer::Resume::Auto,
@@ -666,7 +666,7 @@ fn failure_of(e: crate::train::trainer::TrainError, cfg: &crate::config::JobConf
     let kind = match &e {
         // The config (or thread count, data, --resume) does not fit the run: the user's to fix.
         E::Config(_) | E::ConfigChanged { .. } | E::Resume { .. } => FailureKind::ConfigRefused,
-        E::Save { .. } if stop_on_save_error => FailureKind::SaveFailed,
+        E::Save { .. } | E::Commit { .. } if stop_on_save_error => FailureKind::SaveFailed,
         E::Load(StorageError::NothingValid { .. } | StorageError::Corrupt { .. }) => {
             FailureKind::NothingRestores
         }
@@ -677,7 +677,9 @@ fn failure_of(e: crate::train::trainer::TrainError, cfg: &crate::config::JobConf
 }
 
 /// One rank of the built-in trainer (see [`Command::TrainRank`]): exit 0 once its last state is
-/// committed (training complete, or stopped by the signal).
+/// committed (training complete, or stopped by the signal); otherwise the exit code of the
+/// failure's kind ([`FailureKind::exit_code`]: a refused config is 7, as in one process), which
+/// the supervisor reads back for its decision.
 #[cfg(feature = "torch")]
 fn train_rank(a: TrainRankArgs) -> Result<i32> {
     let config = match &a.config {
@@ -688,9 +690,18 @@ fn train_rank(a: TrainRankArgs) -> Result<i32> {
             config_named_after(Path::new(&dir))?
         }
     };
-    let out = crate::train::trainer::run_rank(&config)?;
-    tracing::debug!(completed = out.completed, step = out.last_step, "rank done");
-    Ok(exit_code::SUCCESS)
+    match crate::train::trainer::run_rank(&config) {
+        Ok(out) => {
+            tracing::debug!(completed = out.completed, step = out.last_step, "rank done");
+            Ok(exit_code::SUCCESS)
+        }
+        Err(e) => {
+            let f = failure_of(e, &config);
+            let rank = std::env::var(crate::supervision::ranks::ENV_RANK).unwrap_or_default();
+            eprintln!("error: rank {rank}: {f}");
+            Ok(f.kind.exit_code())
+        }
+    }
 }
 
 #[cfg(feature = "torch")]

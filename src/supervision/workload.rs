@@ -18,14 +18,17 @@ pub enum Workload {
     InProcess(Box<dyn InProcess>),
     /// Any other program, as a child in its own process group, speaking the child protocol.
     Program(Vec<String>),
+    /// The built-in trainer's ranks (`hpc-ckpt train-rank`): a program like any other, except
+    /// that its exit code says why it failed ([`FailureKind::exit_code`]).
+    TrainerRanks(Vec<String>),
 }
 
 impl Workload {
-    /// The command as journaled (`["train"]` for the built-in trainer).
+    /// The command as journaled (`["train"]` for the built-in trainer in this process).
     pub fn command(&self) -> Vec<String> {
         match self {
             Workload::InProcess(_) => vec![BUILTIN.to_string()],
-            Workload::Program(c) => c.clone(),
+            Workload::Program(c) | Workload::TrainerRanks(c) => c.clone(),
         }
     }
 }
@@ -68,6 +71,31 @@ pub enum FailureKind {
     NothingRestores,
 }
 
+impl FailureKind {
+    /// The exit code a built-in trainer rank ends with for this kind (and the kind its
+    /// supervisor reads back with [`FailureKind::of_exit_code`]).
+    pub fn exit_code(self) -> i32 {
+        match self {
+            FailureKind::Crash => crate::exit_code::FAILURE,
+            FailureKind::SaveFailed => crate::exit_code::STOPPED,
+            FailureKind::ConfigRefused => crate::exit_code::CONFIG,
+            FailureKind::NothingRestores => crate::exit_code::CORRUPT,
+        }
+    }
+
+    /// The kind of a built-in trainer rank's exit code; any other failure is a crash.
+    pub fn of_exit_code(code: i32) -> FailureKind {
+        [
+            FailureKind::SaveFailed,
+            FailureKind::ConfigRefused,
+            FailureKind::NothingRestores,
+        ]
+        .into_iter()
+        .find(|k| k.exit_code() == code)
+        .unwrap_or(FailureKind::Crash)
+    }
+}
+
 /// A failure with its kind and its message (which names the file, key or checkpoint).
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -106,6 +134,20 @@ impl From<crate::storage::StorageError> for Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ranks_exit_code_says_its_failure_kind() {
+        for k in [
+            FailureKind::Crash,
+            FailureKind::SaveFailed,
+            FailureKind::ConfigRefused,
+            FailureKind::NothingRestores,
+        ] {
+            assert_eq!(FailureKind::of_exit_code(k.exit_code()), k);
+        }
+        assert_eq!(FailureKind::of_exit_code(137), FailureKind::Crash);
+        assert_eq!(FailureKind::of_exit_code(0), FailureKind::Crash);
+    }
 
     #[test]
     fn only_the_bare_word_is_the_builtin_trainer() {

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::Receiver;
 use nix::sys::signal::Signal;
 
-use super::child::{ChildGroup, Team};
+use super::child::{ChildGroup, Exit, Team};
 use super::deadline::EndWatch;
 use super::events::{self, Event, SupervisorEvent};
 use super::history::{self, Chain};
@@ -64,7 +64,8 @@ pub fn run(mut args: WrapArgs) -> Result<i32> {
     let mut alloc = Allocation::open(&args.config, &args.run_dir, signals, &args.workload)?;
     let ran = match &mut args.workload {
         Workload::InProcess(trainer) => alloc.run_in_process(trainer.as_mut()),
-        Workload::Program(command) => alloc.run_program(command),
+        Workload::Program(command) => alloc.run_program(command, false),
+        Workload::TrainerRanks(command) => alloc.run_program(command, true),
     };
     alloc.end(ran)
 }
@@ -286,7 +287,9 @@ impl<'a> Allocation<'a> {
 
     /// A program as a child: the child protocol, the stop sequence, commits of what it stages.
     /// A multi-rank program is the same, with every rank's files committed together.
-    fn run_program(&mut self, command: &[String]) -> Result<Ran> {
+    /// Run the program (its ranks) to its end. `coded`: its exit code says why it failed
+    /// (the built-in trainer's ranks, [`FailureKind::of_exit_code`]); else a failure is a crash.
+    fn run_program(&mut self, command: &[String], coded: bool) -> Result<Ran> {
         let (mut proto, mut team, launch) = match self.start_program(command)? {
             Ok(started) => started,
             Err(failure) => {
@@ -330,7 +333,13 @@ impl<'a> Allocation<'a> {
             Some(e) if self.cfg.checkpoint.on_save_error == OnSaveError::Stop => {
                 Some(Failure::new(FailureKind::SaveFailed, e))
             }
-            _ if !exit.success() => Some(Failure::new(FailureKind::Crash, how)),
+            _ if !exit.success() => {
+                let kind = match exit {
+                    Exit::Code(c) if coded => FailureKind::of_exit_code(c),
+                    _ => FailureKind::Crash,
+                };
+                Some(Failure::new(kind, how))
+            }
             // Every rank exited 0, but not every rank's last state was committed: not complete.
             _ => save
                 .incomplete

@@ -199,6 +199,16 @@ fn a_two_rank_checkpoint_resumes_with_one_rank_and_configs_that_do_not_fit_are_r
     let child = start_and_wait(&cfg, &run, 1);
     kill(Pid::from_raw(child.id() as i32), Signal::SIGUSR1).unwrap();
     assert_eq!(exit_of(child).0, 11);
+    // A changed learning rate: every rank refuses the checkpoint, and the supervisor stops with
+    // exit 7 (the user's to fix) instead of requeueing into the same refusal.
+    let other = tmp.path().join("changed");
+    std::fs::create_dir_all(&other).unwrap();
+    let changed = write_config(&other, &GPT.replace("lr: 0.002", "lr: 0.003"));
+    let (code, log) = exit_of(train(&changed, &run, 2).spawn().unwrap());
+    assert_eq!(code, 7, "{log}");
+    assert!(log.contains("optimizer.lr"), "{log}");
+    let end = events(&run, "allocation_end").pop().unwrap();
+    assert_eq!(end["decision"], "stop", "{end}");
     // One rank (in-process) takes the replicated state of a 2-rank checkpoint, with a warning.
     let (code, log) = exit_of(train(&cfg, &run, 1).spawn().unwrap());
     assert_eq!(code, 0, "{log}");
