@@ -2,8 +2,9 @@
 //! commits checkpoints of 1 KiB to 64 MiB, and after every kill check the store's promises:
 //! the pointer names a checkpoint that verifies (or nothing, before the first commit), every
 //! committed checkpoint verifies, committed steps only grow, and the next writer removes every
-//! temp entry. Kill instants are spread over each commit's measured duration so that they land in
-//! every phase (open, file writes, fsyncs, manifest, rename, pointer swap, journal, retention);
+//! temp entry. Half of the kills land at random instants of each commit's measured duration,
+//! half as soon as the writer has begun a randomly chosen phase (write, fsync, manifest, rename,
+//! pointer swap, retention) — under load, random instants alone fall mostly in process start-up;
 //! the phase each kill hit is read from the writer's debug log and the spread is asserted.
 //!
 //! Seed: `HPC_CKPT_TEST_SEED` (printed). Process kills leave the page cache intact, so this tests
@@ -18,6 +19,29 @@ use crate::common::*;
 use hpc_ckpt::storage::run_dir::RunDir;
 
 const KILLS: usize = 200;
+
+/// The commit phases half of the kills aim at (the writer logs each at debug level).
+const TARGETS: [&str; 6] = [
+    "write",
+    "fsync",
+    "manifest",
+    "rename",
+    "pointer",
+    "retention",
+];
+
+/// Wait until the writer's log says it began phase `phase` (or it ended, or 30 s passed).
+fn wait_for_phase(log: &Path, phase: &str, child: &mut std::process::Child) {
+    let (quoted, bare) = (format!("phase=\"{phase}\""), format!("phase={phase} "));
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) && child.try_wait().unwrap().is_none() {
+        let s = std::fs::read_to_string(log).unwrap_or_default();
+        if s.contains(&quoted) || s.contains(&bare) {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
 
 #[test]
 fn sigkill_at_random_instants_never_breaks_the_store() {
@@ -110,8 +134,16 @@ fn sigkill_at_random_instants_never_breaks_the_store() {
         let k = rng.below(srcs.len() as u64) as usize;
         let window = durations[k].mul_f64(1.3);
         let delay = window.mul_f64(rng.unit());
+        let target = TARGETS[rng.below(TARGETS.len() as u64) as usize];
         let mut child = spawn(step, &srcs[k]);
-        std::thread::sleep(delay);
+        if rng.below(2) == 0 {
+            // A random instant of the calibrated duration.
+            std::thread::sleep(delay);
+        } else {
+            // Once the writer has begun phase `target`: every phase is hit whatever the load
+            // (under load, random instants fall mostly in process start-up).
+            wait_for_phase(&log, target, &mut child);
+        }
         let killed = child.try_wait().unwrap().is_none();
         if killed {
             nix::sys::signal::kill(
