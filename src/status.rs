@@ -636,22 +636,22 @@ fn checkpoint_rows(
                 roles: roles.get(&l.name).cloned().unwrap_or_default(),
                 verified,
                 faults,
-                world_size: m.map(|m| protocol::world_of(m).0).filter(|w| *w > 1),
+                world_size: m.map(|m| protocol::world_of(m).world).filter(|w| *w > 1),
                 rank_bytes: m.map(rank_bytes).unwrap_or_default(),
             }
         })
         .collect()
 }
 
-/// A multi-rank checkpoint's bytes by rank, from its `rank<NNNNN>.` file names.
+/// A multi-rank checkpoint's bytes by rank, from its file names ([`ranks::rank_of_file`]).
 fn rank_bytes(m: &Manifest) -> Vec<u64> {
-    let (world, _) = protocol::world_of(m);
+    let world = protocol::world_of(m).world;
     if world <= 1 {
         return Vec::new();
     }
     let mut by_rank = vec![0u64; world as usize];
     for f in &m.files {
-        if let Some((r, _)) = ranks::parse_rank_file(&f.name) {
+        if let Some(r) = ranks::rank_of_file(&f.name) {
             if let Some(b) = by_rank.get_mut(r as usize) {
                 *b += f.size;
             }

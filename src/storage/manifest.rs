@@ -124,9 +124,15 @@ impl Manifest {
     }
 }
 
+/// The one hidden file name a checkpoint may hold: the metadata file of a
+/// torch.distributed.checkpoint directory, which DCP's readers look for under exactly this name
+/// (a checkpoint's sharded part stays loadable by plain DCP).
+pub const DCP_METADATA_FILE: &str = ".metadata";
+
 /// A checkpoint file name must be one plain path component of letters, digits, `.`, `_`, `-`,
-/// not starting with `.`, at most 255 bytes. This refuses `..`, absolute paths, separators,
-/// control characters and non-UTF-8 names before any path is built from them.
+/// not starting with `.` (except [`DCP_METADATA_FILE`]), at most 255 bytes. This refuses `..`,
+/// absolute paths, separators, control characters and non-UTF-8 names before any path is built
+/// from them.
 pub fn check_file_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty file name".into());
@@ -134,8 +140,11 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
     if name.len() > 255 {
         return Err("file name longer than 255 bytes".into());
     }
-    if name.starts_with('.') {
-        return Err("file name starts with '.' (hidden names and '..' are refused)".into());
+    if name.starts_with('.') && name != DCP_METADATA_FILE {
+        return Err(format!(
+            "file name starts with '.' (hidden names and '..' are refused; the one allowed is \
+             {DCP_METADATA_FILE}, torch.distributed.checkpoint's metadata file)"
+        ));
     }
     if let Some(c) = name
         .chars()
@@ -187,12 +196,15 @@ mod tests {
             "/etc/passwd",
             "a/b",
             ".hidden",
+            ".metadata.tmp",
+            ".",
             "a\u{0}b",
             "é",
         ] {
             assert!(check_file_name(bad).is_err(), "{bad:?}");
         }
         check_file_name("model.safetensors").unwrap();
+        check_file_name(DCP_METADATA_FILE).unwrap();
     }
 
     #[test]

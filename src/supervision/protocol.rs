@@ -63,11 +63,16 @@ pub struct Request {
     /// The program says this is its final checkpoint: training is complete.
     #[serde(default)]
     pub done: bool,
-    /// This rank's files are a shard of the state (they load only with the same world size).
+    /// This rank's files are a shard of the state (they load only with the same world size,
+    /// unless `reshardable`).
     #[serde(default)]
     pub sharded: bool,
+    /// The sharded state is written in a format whose reader reshards it to any world size
+    /// (torch.distributed.checkpoint): the checkpoint resumes on another number of ranks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reshardable: bool,
     /// Values for the manifest's `extra` (rank 0's request; the supervisor's own keys —
-    /// `world_size`, `rank_files`, `sharded` — may not be set).
+    /// `world_size`, `rank_files`, `sharded`, `reshardable` — may not be set).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// The program appends its own per-step lines to `metrics.jsonl` (the built-in trainer's
@@ -113,8 +118,8 @@ impl Slot {
         serde_json::from_slice(&bytes).map_err(|e| {
             format!(
                 "{}: not a valid commit request ({e}); expected {{\"step\": N, \"epoch\"?: E, \
-                 \"metrics\"?: {{..}}, \"done\"?: bool, \"sharded\"?: bool, \"extra\"?: {{..}}, \
-                 \"metrics_logged\"?: bool}}",
+                 \"metrics\"?: {{..}}, \"done\"?: bool, \"sharded\"?: bool, \"reshardable\"?: bool, \
+                 \"extra\"?: {{..}}, \"metrics_logged\"?: bool}}",
                 self.request.display()
             )
         })
@@ -295,7 +300,7 @@ impl ChildProtocol {
                 }
             }
             Err(other) => other,
-            Ok((req, sharded)) => self.commit_or_refuse(store, &req, sharded)?,
+            Ok((req, sharding)) => self.commit_or_refuse(store, &req, sharding)?,
         };
         let result = match &answer {
             Answer::Committed { name, .. } => json!({"ok": true, "checkpoint": name}),
@@ -309,11 +314,11 @@ impl ChildProtocol {
     }
 
     /// The one request of all ranks (rank 0's epoch, metrics and `done`; sharded when any rank
-    /// says so), or why there is none: an invalid request fails, different steps are refused.
+    /// says so, reshardable when every rank does), or why there is none: an invalid request fails, different steps are refused.
     fn agreed(
         &self,
         requests: &[std::result::Result<Request, String>],
-    ) -> std::result::Result<(Request, bool), Answer> {
+    ) -> std::result::Result<(Request, Sharding), Answer> {
         let errors: Vec<String> = requests
             .iter()
             .zip(&self.slots)
@@ -342,8 +347,11 @@ impl ChildProtocol {
                 ),
             });
         }
-        let sharded = reqs.iter().any(|r| r.sharded);
-        Ok((lead, sharded))
+        let sharding = Sharding {
+            sharded: reqs.iter().any(|r| r.sharded),
+            reshardable: reqs.iter().all(|r| r.reshardable),
+        };
+        Ok((lead, sharding))
     }
 
     fn of_rank(&self, rank: u32, msg: &str) -> String {
@@ -358,7 +366,7 @@ impl ChildProtocol {
         &mut self,
         store: &mut Store,
         req: &Request,
-        sharded: bool,
+        sharding: Sharding,
     ) -> Result<Answer> {
         if let Some(reason) = self.refusal(req.step) {
             tracing::error!(step = req.step, %reason, "commit request refused");
@@ -371,7 +379,7 @@ impl ChildProtocol {
                 reason: with_kept(&reason, kept.as_deref()),
             });
         }
-        match self.commit(store, req, sharded) {
+        match self.commit(store, req, sharding) {
             Ok(name) => {
                 self.floor = Some(self.floor.map_or(req.step, |f| f.max(req.step)));
                 Ok(Answer::Committed {
@@ -408,18 +416,31 @@ impl ChildProtocol {
         ))
     }
 
-    /// The files of every rank as one snapshot (a multi-rank job's under `rank<NNNNN>.` names).
-    /// Staged in the run dir, they are adopted (linked in and read once), not copied again.
+    /// The files of every rank as one snapshot (a multi-rank job's under `rank<NNNNN>.` names,
+    /// DCP's files under their own: [`ranks::committed_name`]); two ranks staging one DCP name
+    /// fail the commit. Staged in the run dir, they are adopted (linked in and read once), not
+    /// copied again.
     fn snapshot(&self) -> Result<Snapshot<'static>> {
         if self.world_size() == 1 {
             return Ok(Snapshot::adopt_dir(self.staging())?);
         }
         let mut all = Snapshot::new();
+        let mut owner = BTreeMap::new();
         for slot in self.slots.iter().filter(|s| !s.is_empty()) {
             let snap = Snapshot::adopt_dir(&slot.staging)
                 .with_context(|| format!("rank {}", slot.rank))?;
             for (name, src) in snap.files {
-                all.add(ranks::rank_file(slot.rank, &name), src);
+                let committed = ranks::committed_name(slot.rank, &name);
+                if let Some(other) = owner.insert(committed.clone(), slot.rank) {
+                    anyhow::bail!(
+                        "ranks {other} and {} both staged {name:?}, a torch.distributed.checkpoint \
+                         file that keeps its name in the checkpoint: DCP writes each such name \
+                         on one rank only (.metadata on its coordinator, __<rank>_<n>.distcp on \
+                         <rank>); did two ranks save with different process groups?",
+                        slot.rank
+                    );
+                }
+                all.add(committed, src);
             }
         }
         anyhow::ensure!(
@@ -430,9 +451,14 @@ impl ChildProtocol {
         Ok(all)
     }
 
-    fn commit(&mut self, store: &mut Store, req: &Request, sharded: bool) -> Result<String> {
+    fn commit(&mut self, store: &mut Store, req: &Request, sharding: Sharding) -> Result<String> {
         let snapshot = self.snapshot()?;
-        let reserved = [EXTRA_WORLD_SIZE, EXTRA_RANK_FILES, EXTRA_SHARDED];
+        let reserved = [
+            EXTRA_WORLD_SIZE,
+            EXTRA_RANK_FILES,
+            EXTRA_SHARDED,
+            EXTRA_RESHARDABLE,
+        ];
         if let Some(k) = req.extra.keys().find(|k| reserved.contains(&k.as_str())) {
             anyhow::bail!(
                 "the request's extra sets {k:?}, which the supervisor writes itself (reserved: \
@@ -445,8 +471,11 @@ impl ChildProtocol {
             extra.insert(EXTRA_WORLD_SIZE.into(), json!(self.world_size()));
             extra.insert(EXTRA_RANK_FILES.into(), json!("rank{rank:05}.{name}"));
         }
-        if sharded {
+        if sharding.sharded {
             extra.insert(EXTRA_SHARDED.into(), json!(true));
+        }
+        if sharding.reshardable {
+            extra.insert(EXTRA_RESHARDABLE.into(), json!(true));
         }
         let meta = CommitMeta {
             step: req.step,
@@ -578,19 +607,55 @@ pub const EXTRA_RANK_FILES: &str = "rank_files";
 /// world size, unless the program reshards).
 pub const EXTRA_SHARDED: &str = "sharded";
 
+/// Manifest `extra` key: every rank said its state is in a format whose reader reshards it
+/// (torch.distributed.checkpoint): the checkpoint loads with any world size.
+pub const EXTRA_RESHARDABLE: &str = "reshardable";
+
+/// How the ranks' state of one commit is laid out (from their requests, into the manifest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sharding {
+    /// Some rank's files are a shard of the state.
+    pub sharded: bool,
+    /// Every rank's state is reshardable by its reader (DCP).
+    pub reshardable: bool,
+}
+
+/// What a manifest records of the ranks that wrote its checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedWorld {
+    /// The number of ranks (1 for a 1-rank checkpoint).
+    pub world: u32,
+    pub sharding: Sharding,
+}
+
+impl SavedWorld {
+    /// The state loads only with the world size that wrote it (sharded, not reshardable).
+    pub fn pinned(&self) -> bool {
+        self.sharding.sharded && !self.sharding.reshardable
+    }
+}
+
 /// The world size and sharding a manifest records.
-pub fn world_of(manifest: &crate::storage::Manifest) -> (u32, bool) {
+pub fn world_of(manifest: &crate::storage::Manifest) -> SavedWorld {
+    let flag = |k: &str| {
+        manifest
+            .extra
+            .get(k)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
     let world = manifest
         .extra
         .get(EXTRA_WORLD_SIZE)
         .and_then(|v| v.as_u64())
         .map_or(1, |w| w as u32);
-    let sharded = manifest
-        .extra
-        .get(EXTRA_SHARDED)
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    (world, sharded)
+    SavedWorld {
+        world,
+        sharding: Sharding {
+            sharded: flag(EXTRA_SHARDED),
+            reshardable: flag(EXTRA_RESHARDABLE),
+        },
+    }
 }
 
 /// Keep aside whatever earlier allocations left under `staging/` (their staged files; an
@@ -868,7 +933,8 @@ mod tests {
                 "rank00001.rng.bin"
             ]
         );
-        assert_eq!(world_of(&m), (2, false));
+        assert_eq!(world_of(&m).world, 2);
+        assert!(!world_of(&m).sharding.sharded);
         for r in 0..2 {
             assert!(!p.request_of(r).exists(), "answered");
             let res = fs::read_to_string(result_path(p.request_of(r))).unwrap();
@@ -886,7 +952,64 @@ mod tests {
             Answer::Committed { .. }
         ));
         let (l, m) = s.resume_point().unwrap().unwrap();
-        assert_eq!((l.step, world_of(&m)), (20, (2, true)));
+        assert_eq!((l.step, world_of(&m).world), (20, 2));
+        assert!(world_of(&m).pinned(), "sharded, not reshardable");
+    }
+
+    #[test]
+    fn dcp_files_keep_their_names_and_a_reshardable_request_is_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = store(d.path());
+        let mut p = ChildProtocol::prepare(&mut s, "a1", 2, None, false, None).unwrap();
+        let reshardable = |p: &ChildProtocol, rank: u32, step: u64| {
+            fs::write(
+                p.request_of(rank),
+                format!("{{\"step\": {step}, \"sharded\": true, \"reshardable\": true}}"),
+            )
+            .unwrap()
+        };
+        stage_rank(&p, 0, 4, &[".metadata", "__0_0.distcp", "state.json"]);
+        stage_rank(&p, 1, 4, &["__1_0.distcp", "state.json"]);
+        reshardable(&p, 0, 4);
+        reshardable(&p, 1, 4);
+        assert!(matches!(
+            p.answer(&mut s).unwrap(),
+            Answer::Committed { .. }
+        ));
+        let (_, m) = s.resume_point().unwrap().unwrap();
+        let mut names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                ".metadata",
+                "__0_0.distcp",
+                "__1_0.distcp",
+                "rank00000.state.json",
+                "rank00001.state.json"
+            ]
+        );
+        let w = world_of(&m);
+        assert!(w.sharding.sharded && w.sharding.reshardable && !w.pinned());
+        // One rank not reshardable: the checkpoint is pinned to its world size.
+        stage_rank(&p, 0, 5, &["state.json"]);
+        stage_rank(&p, 1, 5, &["state.json"]);
+        reshardable(&p, 0, 5);
+        fs::write(p.request_of(1), "{\"step\": 5, \"sharded\": true}").unwrap();
+        p.answer(&mut s).unwrap();
+        let (_, m) = s.resume_point().unwrap().unwrap();
+        assert!(world_of(&m).pinned());
+        // Two ranks staging one DCP name: nothing committed, both kept.
+        stage_rank(&p, 0, 6, &[".metadata"]);
+        stage_rank(&p, 1, 6, &[".metadata"]);
+        let Answer::Failed { error } = p.answer(&mut s).unwrap() else {
+            panic!()
+        };
+        assert!(
+            error.contains("ranks 0 and 1 both staged \".metadata\""),
+            "{error}"
+        );
+        assert_eq!(s.resume_point().unwrap().unwrap().0.step, 5);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //!   `HPC_CKPT_COMMIT_REQUEST`, the same `HPC_CKPT_RESUME_FROM`) plus `HPC_CKPT_RANK` and
 //!   `HPC_CKPT_WORLD_SIZE`; a 1-rank job is started exactly as before (no shim, no `srun`);
 //! - a rank's files are committed as `rank<NNNNN>.<name>` ([`rank_file`]): plain names, one
-//!   flat directory, never two ranks' files under one name;
+//!   flat directory, never two ranks' files under one name; the files torch.distributed.checkpoint
+//!   writes keep DCP's own names ([`committed_name`]), which DCP makes unique across ranks, so
+//!   plain `dcp.load(checkpoint_id=<checkpoint dir>)` reads the checkpoint;
 //! - the `hpc-ckpt rank` shim ([`rank_env`]) refuses to start a rank whose launcher disagrees
 //!   with the supervisor on the world size, or that has no rank number.
 
@@ -76,6 +78,49 @@ pub fn rank_token(token: &str, rank: u32, world: u32) -> String {
 /// The name under which rank `rank`'s staged file `name` is committed (multi-rank jobs).
 pub fn rank_file(rank: u32, name: &str) -> String {
     format!("rank{rank:05}.{name}")
+}
+
+/// Is `name` a file of torch.distributed.checkpoint's file-system layout: its metadata file
+/// (`.metadata`, written by the coordinator rank only) or a shard file `__<rank>_<n>.distcp`
+/// (DCP puts the writing rank in the name)?
+pub fn is_dcp_file(name: &str) -> bool {
+    if name == crate::storage::manifest::DCP_METADATA_FILE {
+        return true;
+    }
+    let Some(stem) = name
+        .strip_prefix("__")
+        .and_then(|n| n.strip_suffix(".distcp"))
+    else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    stem.split_once('_')
+        .is_some_and(|(r, k)| digits(r) && digits(k))
+}
+
+/// The name in the one checkpoint of rank `rank`'s staged file `name`: DCP's files keep their
+/// names (unique across ranks by DCP's construction, and where DCP's readers look), every other
+/// file is [`rank_file`]'s.
+pub fn committed_name(rank: u32, name: &str) -> String {
+    if is_dcp_file(name) {
+        name.to_string()
+    } else {
+        rank_file(rank, name)
+    }
+}
+
+/// The rank whose file a committed multi-rank file name is: `rank<NNNNN>.` files, DCP shard
+/// files by the rank DCP put in their name, DCP's metadata by its coordinator (rank 0).
+pub fn rank_of_file(name: &str) -> Option<u32> {
+    if let Some((r, _)) = parse_rank_file(name) {
+        return Some(r);
+    }
+    if name == crate::storage::manifest::DCP_METADATA_FILE {
+        return Some(0);
+    }
+    is_dcp_file(name)
+        .then(|| name[2..].split_once('_')?.0.parse().ok())
+        .flatten()
 }
 
 /// The rank and staged name of a committed multi-rank file name, if it is one.
@@ -262,6 +307,27 @@ mod tests {
         assert_eq!(parse_rank_file("model.safetensors"), None);
         assert_eq!(parse_rank_file("rank1.x"), None);
         assert_eq!(parse_rank_file("rank00001."), None);
+    }
+
+    #[test]
+    fn dcp_files_keep_their_names_and_name_their_rank() {
+        for (name, rank) in [(".metadata", 0), ("__0_0.distcp", 0), ("__12_3.distcp", 12)] {
+            assert!(is_dcp_file(name), "{name}");
+            assert_eq!(committed_name(7, name), name);
+            assert_eq!(rank_of_file(name), Some(rank), "{name}");
+        }
+        for name in [
+            "__0.distcp",
+            "__a_0.distcp",
+            "__0_0.distcp.tmp",
+            ".metadata.tmp",
+            "_0_0.distcp",
+        ] {
+            assert!(!is_dcp_file(name), "{name}");
+            assert_eq!(committed_name(7, name), format!("rank00007.{name}"));
+        }
+        assert_eq!(rank_of_file("rank00003.rng.safetensors"), Some(3));
+        assert_eq!(rank_of_file("model.safetensors"), None);
     }
 
     #[test]

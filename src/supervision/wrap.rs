@@ -396,7 +396,7 @@ impl<'a> Allocation<'a> {
             Some((name, ..)) => tracing::info!(checkpoint = %name, "resuming"),
             None => tracing::info!("fresh start: no checkpoint to resume from"),
         }
-        let resume_env = resume_from.as_ref().map(|(_, p, (w, _))| (p.clone(), *w));
+        let resume_env = resume_from.as_ref().map(|(_, p, w)| (p.clone(), w.world));
         let members = self.spawn_members(launch, command, &proto, resume_env.as_ref(), slots)?;
         let team = Team::new(members);
         let pids = team.pids();
@@ -414,30 +414,36 @@ impl<'a> Allocation<'a> {
         Ok(Ok((proto, team, launch)))
     }
 
-    /// Sharded state loads only with the world size that wrote it (unless the program
-    /// reshards); replicated state loads anywhere, with a warning.
+    /// Sharded state loads only with the world size that wrote it, unless its format reshards
+    /// (DCP: the ranks said `reshardable`) or the program reshards (`distributed.reshard`);
+    /// replicated state loads anywhere, with a warning.
     fn refuse_world_size(
         &self,
-        resume: Option<&(String, PathBuf, (u32, bool))>,
+        resume: Option<&(String, PathBuf, protocol::SavedWorld)>,
         world: u32,
     ) -> Option<Failure> {
-        let (name, _, (saved, sharded)) = resume?;
-        if *saved == world {
+        let (name, _, saved_world) = resume?;
+        let saved = saved_world.world;
+        if saved == world {
             return None;
         }
-        if *sharded && !self.cfg.distributed.reshard {
+        let sharded = saved_world.sharding.sharded;
+        let reshardable = saved_world.sharding.reshardable;
+        if saved_world.pinned() && !self.cfg.distributed.reshard {
             return Some(Failure::new(
                 FailureKind::ConfigRefused,
                 format!(
                     "checkpoint {name} holds sharded state written by {saved} ranks, and this job \
-                     has {world}: sharded state loads only with the world size that wrote it. Run \
-                     with {saved} ranks, or set distributed.reshard: true if the program reshards \
-                     (it reads HPC_CKPT_RESUME_WORLD_SIZE)"
+                     has {world}: sharded state that is not reshardable (one shard per rank, such \
+                     as a ZeroRedundancyOptimizer's) loads only with the world size that wrote \
+                     it. Run with {saved} ranks, or set distributed.reshard: true if the program \
+                     reshards (it reads HPC_CKPT_RESUME_WORLD_SIZE); state saved through \
+                     torch.distributed.checkpoint (FSDP2, DTensor) reshards by itself"
                 ),
             ));
         }
         tracing::warn!(checkpoint = %name, saved_world_size = saved, world_size = world,
-            sharded, "resuming with another world size (the program sees HPC_CKPT_RESUME_WORLD_SIZE)");
+            sharded, reshardable, "resuming with another world size (the program sees HPC_CKPT_RESUME_WORLD_SIZE)");
         None
     }
 

@@ -97,7 +97,7 @@ pub(super) fn restore_dir(
             faults,
         })
     })?;
-    let (saved, _) = crate::supervision::protocol::world_of(&loaded.manifest);
+    let saved = crate::supervision::protocol::world_of(&loaded.manifest).world;
     if saved != world && rank == 0 {
         tracing::warn!(checkpoint = %dir.display(), saved_world_size = saved, world_size = world,
             "resuming with another world size: the replicated state is restored exactly, but the \
@@ -121,7 +121,7 @@ pub(super) fn restore_dir(
 /// (`rank<NNNNN>.<name>`), rank 0's files under their plain names (the replicated state) and
 /// this rank's [`RANK_STATE_FILE`]; a 1-rank checkpoint as it is.
 fn rank_view(loaded: Loaded, rank: u32) -> Loaded {
-    let (world, _) = crate::supervision::protocol::world_of(&loaded.manifest);
+    let world = crate::supervision::protocol::world_of(&loaded.manifest).world;
     if world <= 1 {
         return loaded;
     }
