@@ -1029,10 +1029,11 @@ fn render_allocations(o: &mut String, r: &StatusReport) {
     let _ = writeln!(o, "\nAllocations ({}):", r.run.allocations.len());
     let _ = writeln!(
         o,
-        "  {:>3} {:>12} {:<10} {:<20} {:<15} {:<12} {:>10} {:>7} {:>7}  {:<14} WHY",
+        "  {:>3} {:>12} {:<10} {:>5} {:<20} {:<15} {:<12} {:>10} {:>7} {:>7}  {:<14} WHY",
         "#",
         "JOB.RESTART",
         "HOST",
+        "RANKS",
         "STARTED",
         "ENDING",
         "INTERRUPTION",
@@ -1045,10 +1046,11 @@ fn render_allocations(o: &mut String, r: &StatusReport) {
     for (i, a) in r.run.allocations.iter().enumerate() {
         let _ = writeln!(
             o,
-            "  {:>3} {:>12} {:<10} {:<20} {:<15} {:<12} {:>10} {:>7} {:>7}  {:<14} {}",
+            "  {:>3} {:>12} {:<10} {:>5} {:<20} {:<15} {:<12} {:>10} {:>7} {:>7}  {:<14} {}",
             i + 1,
             format!("{}.{}", a.job_id.as_deref().unwrap_or("-"), a.restart_count),
             cut(a.host.as_deref(), 10),
+            a.world_size.unwrap_or(1),
             cut(a.started_at.as_deref(), 19),
             a.ending.as_deref().unwrap_or("(no word)"),
             match a.interruption {

@@ -32,10 +32,12 @@ import math
 import os
 import struct
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import (Any, Callable, Dict, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Set,
                     Tuple, Union)
 
+from . import sharded as dcp_state
 from . import state as S
 from ._codec import TensorSink, decode, dumps, encode, is_tensor, loads_file, torch_module
 from .errors import ConfigMismatchError, IncompatibleCheckpointError, ReferenceMismatchError
@@ -47,6 +49,8 @@ FORMAT = "hpc-ckpt-python/1"
 STATE_FILE = "trainer_state.json"
 RANK_STATE_FILE = "rank_state.json"
 RNG_FILE = "rng.safetensors"
+# trainer_state.json's entry of a model or optimizer whose state is in the checkpoint's DCP files.
+DCP_ENTRY = {"dcp": True}
 # ``stateful`` entries that are per rank (the rest is replicated): the data position.
 PER_RANK_STATEFUL = ("loader",)
 
@@ -135,6 +139,13 @@ class Checkpointer:
             resumable only with the same world size): None (default) for every
             ``ZeroRedundancyOptimizer``, True for all, or a list of names (``""`` for a single
             unnamed optimizer).
+        dcp: save the models and optimizers through torch.distributed.checkpoint (DCP): None
+            (default) when a model holds DTensors (FSDP2 ``fully_shard``, tensor parallel) or is
+            FSDP1; their files are DCP's, the checkpoint resumes on any world size (DCP
+            reshards) and loads with plain ``dcp.load`` too (:mod:`hpc_ckpt.sharded`).
+        async_save: with ``dcp``, save with ``dcp.async_save``: :meth:`save` returns once the
+            state is copied, the files are written in the background and the commit is asked
+            for when they are durable; the next save and a stop wait for it.
         stop_agreement / agree_every: in a multi-rank job with torch.distributed initialized,
             agree on stopping every ``agree_every`` steps with one ``all_reduce(MAX)`` (off:
             each rank stops on its own signal, and ranks stopping at different steps are refused).
@@ -159,6 +170,7 @@ class Checkpointer:
                  on_commit_error: str = "raise", verbose: bool = True,
                  session: Optional[Session] = None,
                  sharded: Union[None, bool, Sequence[str]] = None,
+                 dcp: Optional[bool] = None, async_save: bool = False,
                  stop_agreement: bool = True, agree_every: int = 1) -> None:
         if mode not in ("min", "max"):
             raise ValueError("mode must be 'min' or 'max'")
@@ -202,6 +214,8 @@ class Checkpointer:
         self.rank = self.session.rank
         self.world_size = self.session.world_size
         self.sharded: Set[str] = self._resolve_sharded(sharded)
+        self.dcp = self._resolve_dcp(dcp, async_save)
+        self.async_save = async_save
         self.agreement = StopAgreement(self.world_size, every=agree_every, enabled=stop_agreement)
         self.resumed_world_size: Optional[int] = None
         self.rank_state_restored: Optional[bool] = None
@@ -220,6 +234,17 @@ class Checkpointer:
             raise ValueError(f"sharded={sorted(names)}: no optimizer named {unknown} "
                              f"(optimizers: {sorted(self.optimizers)})")
         return names
+
+    def _resolve_dcp(self, dcp: Optional[bool], async_save: bool) -> bool:
+        use = any(dcp_state.is_sharded_module(m) for m in self.models.values()) if dcp is None else dcp
+        if use and self.sharded:
+            raise ValueError(f"optimizers {sorted(self.sharded)} are saved one shard per rank "
+                             "(sharded=...), and the models through DCP (dcp=...): choose one; DCP "
+                             "saves sharded optimizer state of FSDP/DTensor models by itself")
+        if async_save and not use:
+            raise ValueError("async_save=True applies to state saved through DCP (a sharded "
+                             "model, or dcp=True)")
+        return use
 
     @property
     def multi_rank(self) -> bool:
@@ -362,7 +387,9 @@ class Checkpointer:
         """Stage the current state and ask for its commit as :attr:`step` now."""
         self._check_world()
         self.session.commit(self.step, self.write, epoch=self.epoch, metrics=self._step_metrics,
-                            done=done, reason=reason, sharded=self.multi_rank and bool(self.sharded))
+                            done=done, reason=reason,
+                            sharded=self.multi_rank and (bool(self.sharded) or self.dcp),
+                            reshardable=self.dcp)
         self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------ state <-> files
@@ -394,7 +421,10 @@ class Checkpointer:
         else None; rank_state.json content; {file name: tensors}). Rank 0 adds the replicated
         state; every rank its RNG streams, data position and optimizer shards."""
         files: Dict[str, Dict[str, Any]] = {}
-        rep = self._replicated_state(files, multi=True) if self.rank == 0 else None
+        # A sharded model's forward is a collective: every rank computes the reference loss.
+        ref = self._reference_value(self.reference_batch) \
+            if self.dcp and self.reference_batch is not None else None
+        rep = self._replicated_state(files, multi=True, reference=ref) if self.rank == 0 else None
         rs: Dict[str, Any] = {"format": FORMAT, "rank": self.rank, "world_size": self.world_size,
                               "step": self.step, "optimizer": {}}
         for name in sorted(self.sharded):
@@ -408,10 +438,13 @@ class Checkpointer:
         rs["rng"], files[RNG_FILE] = S.rng_state(self.rngs, cuda=True)
         return rep, rs, files
 
-    def _replicated_state(self, files: Dict[str, Dict[str, Any]], multi: bool) -> Dict[str, Any]:
+    def _replicated_state(self, files: Dict[str, Dict[str, Any]], multi: bool,
+                          reference: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Everything but the RNG streams (trainer_state.json), its tensors added to ``files``.
         ``multi``: a multi-rank job's rank 0 (sharded optimizers and per-rank stateful objects
-        are left to each rank's rank_state.json)."""
+        are left to each rank's rank_state.json). Models and optimizers saved through DCP are
+        only marked here (``{"dcp": true}``). ``reference``: the reference loss, when every rank
+        computed it."""
         st: Dict[str, Any] = {"format": FORMAT, "versions": S.versions(), "step": self.step,
                               "epoch": self.epoch}
         st["metrics"] = encode(self.metrics, "metrics", None, "metrics must be numbers or JSON values")
@@ -420,9 +453,15 @@ class Checkpointer:
         st["config"] = None if self.config is None else encode(self.config, "config", None)
         st["model"] = {}
         for name, m in self.models.items():
+            if self.dcp:
+                st["model"][name] = dict(DCP_ENTRY)
+                continue
             st["model"][name], files[_file("model", name)] = S.model_state(m)
         st["optimizer"] = {}
         for name, o in self.optimizers.items():
+            if self.dcp:
+                st["optimizer"][name] = dict(DCP_ENTRY)
+                continue
             if multi and name in self.sharded:
                 st["optimizer"][name] = {"sharded": True}
                 continue
@@ -445,15 +484,17 @@ class Checkpointer:
             sink = TensorSink()
             batch, files["reference_batch.safetensors"] = S.dedupe_encoded(
                 encode(self.reference_batch, "batch", sink), sink.tensors)
-            st["reference"] = {"batch": batch, **self._reference_value(self.reference_batch)}
+            st["reference"] = {"batch": batch, **(reference or self._reference_value(self.reference_batch))}
         if multi:
             st["world_size"] = self.world_size
             st["rng"] = None  # per rank: rank_state.json
         return st
 
-    def write(self, directory: str) -> None:
+    def write(self, directory: str) -> Optional["Future[Any]"]:
         """Write the current state's files into ``directory`` (what a commit stages): all of it
-        in a 1-rank job; this rank's part in a multi-rank job."""
+        in a 1-rank job; this rank's part in a multi-rank job (with DCP, a collective). With
+        ``async_save``, returns the future of the DCP files (the rest is written)."""
+        sharded = dcp_state.state_of(self.models, self.optimizers) if self.dcp else None
         jsons: Dict[str, Any] = {}
         if self.multi_rank:
             rep, rs, files = self.rank_state()
@@ -467,6 +508,12 @@ class Checkpointer:
         for name, content in jsons.items():
             with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
                 f.write(dumps(content))
+        if sharded is None:
+            return None
+        if self.async_save:
+            return dcp_state.save_async(sharded, directory)
+        dcp_state.save(sharded, directory)
+        return None
 
     def load(self, path: str) -> None:
         """Load every registered object's state from checkpoint dir ``path``: the replicated
@@ -490,7 +537,8 @@ class Checkpointer:
             raise IncompatibleCheckpointError(f"{where}: format {st.get('format')!r}, expected {FORMAT!r}")
         if saved_world != self.world_size:
             log(f"{where} was written by {saved_world} rank(s), this job has {self.world_size}: "
-                "replicated state loads as saved, the data position is mapped by sample index")
+                "replicated state loads as saved, sharded (DCP) state is resharded by DCP, the "
+                "data position is mapped by sample index")
         self._check_config(st.get("config"), where)
         for kind, mine in (("model", self.models), ("optimizer", self.optimizers),
                            ("scheduler", self.schedulers)):
@@ -499,11 +547,15 @@ class Checkpointer:
                 raise IncompatibleCheckpointError(
                     f"{where}: {kind}s {sorted(saved)} saved, {sorted(mine)} given (names of {kind}=...)")
         own = self._own_rank_state(path, st, saved_world, where)
-        for n, m in self.models.items():
-            S.load_model(m, st["model"][n], _load_tensors(os.path.join(path, name(0, _file("model", n))), where),
-                         where)
-        for n, o in self.optimizers.items():
-            self._load_optimizer(path, n, o, st, own, saved_world, where)
+        self._check_dcp(st, where)
+        if self.dcp:  # a collective: every rank loads its shards, resharded by DCP
+            dcp_state.load_into(path, self.models, self.optimizers)
+        else:
+            for n, m in self.models.items():
+                S.load_model(m, st["model"][n],
+                             _load_tensors(os.path.join(path, name(0, _file("model", n))), where), where)
+            for n, o in self.optimizers.items():
+                self._load_optimizer(path, n, o, st, own, saved_world, where)
         for n, s in self.schedulers.items():
             S.load_stateful(s, st["scheduler"][n], {}, where)
         aux_path = os.path.join(path, name(0, "state.safetensors"))
@@ -531,6 +583,16 @@ class Checkpointer:
                 "streams stay as the program seeded them")
             return
         S.load_rng(own["rng"], _load_tensors(own["rng_file"], where), self.rngs, where, log)
+
+    def _check_dcp(self, st: Mapping[str, Any], where: str) -> None:
+        """The models and optimizers were saved the way they are saved now (DCP or not)."""
+        saved = [st[k][n] == DCP_ENTRY for k in ("model", "optimizer") for n in st.get(k, {})]
+        if saved and any(saved) != self.dcp:
+            how = lambda d: "through DCP (sharded)" if d else "as safetensors (not sharded)"  # noqa: E731
+            raise IncompatibleCheckpointError(
+                f"{where}: the models and optimizers were saved {how(any(saved))} and are saved "
+                f"{how(self.dcp)} now: shard the model as the run that saved it did (or pass "
+                "Checkpointer(dcp=...) to match it)")
 
     def _own_rank_state(self, path: str, st: Mapping[str, Any], saved_world: int,
                         where: str) -> Optional[Dict[str, Any]]:

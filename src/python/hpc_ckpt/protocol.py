@@ -43,6 +43,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from .errors import CommitError, ProtocolError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+# The one hidden name a checkpoint may hold: torch.distributed.checkpoint's metadata file.
+DCP_METADATA = ".metadata"
 POLL_S = 0.01
 
 
@@ -184,7 +186,7 @@ class Transport:
         raise NotImplementedError
 
     def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
-               sharded: bool = False) -> None:
+               sharded: bool = False, reshardable: bool = False) -> None:
         raise NotImplementedError
 
     def wait(self) -> Optional[CommitResult]:
@@ -211,9 +213,9 @@ def _clear_dir(d: str) -> None:
 def check_staged(d: str) -> List[str]:
     names = sorted(os.listdir(d))
     for n in names:
-        if not NAME_RE.match(n) or n == "MANIFEST.json":
+        if not (NAME_RE.match(n) or n == DCP_METADATA) or n == "MANIFEST.json":
             raise ProtocolError(f"staged file name {n!r} is not allowed (letters, digits, '.', '_', '-';"
-                                f" not starting with '.'; not MANIFEST.json)")
+                                f" not starting with '.' but for DCP's {DCP_METADATA}; not MANIFEST.json)")
         if not os.path.isfile(os.path.join(d, n)) or os.path.islink(os.path.join(d, n)):
             raise ProtocolError(f"staged {n!r} is not a regular file")
     if not names:
@@ -252,13 +254,15 @@ class WrapTransport(Transport):
         return self.dir
 
     def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
-               sharded: bool = False) -> None:
+               sharded: bool = False, reshardable: bool = False) -> None:
         check_staged(self.dir)
         req: Dict[str, Any] = {"step": int(step), "metrics": metrics, "done": bool(done)}
         if epoch is not None:
             req["epoch"] = int(epoch)
-        if sharded:  # this rank's files are a shard: they load only with the same world size
+        if sharded:  # this rank's files are a shard: they load only with the same world size...
             req["sharded"] = True
+        if reshardable:  # ...unless their reader reshards them (DCP)
+            req["reshardable"] = True
         tmp = self.request + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(req, f, allow_nan=False)
@@ -353,7 +357,7 @@ class LocalTransport(Transport):
         return self.dir
 
     def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
-               sharded: bool = False) -> None:
+               sharded: bool = False, reshardable: bool = False) -> None:
         check_staged(self.dir)
         args = ["commit", "--run-dir", self.run_dir, "--step", str(int(step)), "--json"]
         if epoch is not None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
-from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 from ._codec import jsonable_metrics
 from .errors import CommitError
@@ -50,6 +52,9 @@ class Session:
         self.last_result: Optional[CommitResult] = None
         self.last_save_seconds: Optional[float] = None
         self._manual_stop: Optional[str] = None
+        # An asynchronous save whose files are still being written: (step, thread that asks for
+        # the commit once they are durable, the error it met).
+        self._inflight: Optional[_Inflight] = None
         if self.enabled:
             if signals is None:
                 signals = [self.env.signal_name or "USR1", "TERM"]
@@ -102,12 +107,24 @@ class Session:
             self._manual_stop = reason
 
     def covered(self, step: int) -> bool:
-        """Is the state at ``step`` committed, or awaiting its commit?"""
-        return step in (self.committed_step, self.transport.pending)
+        """Is the state at ``step`` committed, being written, or awaiting its commit?"""
+        inflight = self._inflight.step if self._inflight is not None else None
+        return step in (self.committed_step, self.transport.pending, inflight)
 
     # -- commits
     def wait(self) -> Optional[CommitResult]:
-        """Wait for the last request's acknowledgement (errors per ``on_commit_error``)."""
+        """Wait for an asynchronous save in flight to be written and asked for, then for the
+        last request's acknowledgement (errors per ``on_commit_error``)."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            t0 = time.monotonic()
+            inflight.thread.join()
+            if self.verbose and time.monotonic() - t0 > 0.05:
+                log(f"waited {time.monotonic() - t0:.2f} s for the asynchronous save of step "
+                    f"{inflight.step} to be written")
+            if inflight.error is not None:
+                self._commit_failed(inflight.error)
+                return None
         try:
             res = self.transport.wait()
         except CommitError as e:
@@ -125,32 +142,49 @@ class Session:
             raise e
         log(f"WARNING: {e} (training goes on; the previous checkpoint stays the resume point)")
 
-    def commit(self, step: int, write: Callable[[str], None], *, epoch: Optional[int] = None,
-               metrics: Optional[Mapping[str, object]] = None, done: bool = False,
-               reason: str = "", wait: bool = False, sharded: bool = False) -> bool:
+    def commit(self, step: int, write: Callable[[str], "Optional[Future[Any]]"], *,
+               epoch: Optional[int] = None, metrics: Optional[Mapping[str, object]] = None,
+               done: bool = False, reason: str = "", wait: bool = False, sharded: bool = False,
+               reshardable: bool = False) -> bool:
         """Stage a checkpoint with ``write(staging_dir)`` and ask for its commit as ``step``.
 
-        Waits first for the previous request's acknowledgement (staging is ours only then).
-        ``wait=True`` also waits for this one's. Returns False when nothing is saved
+        Waits first for the previous save (in flight, then its acknowledgement: staging is ours
+        only then). ``wait=True`` also waits for this one's. Returns False when nothing is saved
         (checkpoints disabled). ``sharded``: this rank's files are a shard of the state (the
-        request says so; the checkpoint then loads only with the same world size).
+        request says so; the checkpoint then loads only with the same world size, unless
+        ``reshardable``: their reader reshards them, as DCP's does).
+
+        ``write`` may return a future (an asynchronous save: files still being written): the
+        request is then made by a background thread once the future is done, and this returns
+        at once; :meth:`wait` (the next save, a stop, :meth:`close`) waits for it.
         """
         if not self.enabled:
             return False
         t0 = time.monotonic()
         self.wait()
         d = self.transport.staging()
-        write(d)
+        pending = write(d)
         m = jsonable_metrics(metrics, log if self.verbose else None)
-        try:
-            self.transport.submit(step, epoch, m, done, sharded)
-        except CommitError as e:  # local commits answer at once
-            self._commit_failed(e)
-            return True
-        self.last_save_seconds = time.monotonic() - t0
-        if self.verbose:
-            log(f"checkpoint step={step}{'' if epoch is None else f' epoch={epoch}'} staged in "
-                f"{self.last_save_seconds:.2f} s{f' ({reason})' if reason else ''}{', final' if done else ''}")
+        what = f"checkpoint step={step}{'' if epoch is None else f' epoch={epoch}'}"
+        tail = f"{f' ({reason})' if reason else ''}{', final' if done else ''}"
+
+        def submit() -> None:
+            self.transport.submit(step, epoch, m, done, sharded, reshardable)
+
+        if pending is not None:
+            self._inflight = _Inflight.start(step, pending, submit)
+            self.last_save_seconds = time.monotonic() - t0
+            if self.verbose:
+                log(f"{what} copied in {self.last_save_seconds:.2f} s, written in the background{tail}")
+        else:
+            try:
+                submit()
+            except CommitError as e:  # local commits answer at once
+                self._commit_failed(e)
+                return True
+            self.last_save_seconds = time.monotonic() - t0
+            if self.verbose:
+                log(f"{what} staged in {self.last_save_seconds:.2f} s{tail}")
         if wait:
             self.wait()
         return True
@@ -181,6 +215,35 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Inflight:
+    """An asynchronous save: a thread waits for its files, then asks for the commit."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.error: Optional[CommitError] = None
+        self.thread: threading.Thread
+
+    @classmethod
+    def start(cls, step: int, files: "Future[Any]", submit: Callable[[], None]) -> "_Inflight":
+        me = cls(step)
+
+        def run() -> None:
+            try:
+                files.result()
+            except BaseException as e:  # noqa: BLE001 - reported by Session.wait
+                me.error = CommitError(step, f"the asynchronous save failed before its commit was "
+                                             f"asked for: {type(e).__name__}: {e}")
+                return
+            try:
+                submit()
+            except CommitError as e:
+                me.error = e
+
+        me.thread = threading.Thread(target=run, name=f"hpc-ckpt-save-{step}", daemon=True)
+        me.thread.start()
+        return me
 
 
 def flat_files(directory: str, skip: Iterable[str] = ()) -> Dict[str, str]:
