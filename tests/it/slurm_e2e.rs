@@ -272,6 +272,58 @@ fn three_interruptions_of_a_two_node_ddp_job_end_byte_identical() {
     });
 }
 
+/// `tests/python/jobs/fsdp_job.py` (an FSDP2 MLP, every parameter and optimizer state a
+/// DTensor, saved through torch.distributed.checkpoint) for `steps` steps, a commit every 15.
+fn fsdp_command(steps: u32, delay: bool) -> Vec<String> {
+    let mut v = vec![
+        python().display().to_string(),
+        repo()
+            .join("tests/python/jobs/fsdp_job.py")
+            .display()
+            .to_string(),
+        "--steps".into(),
+        steps.to_string(),
+        "--every".into(),
+        "15".into(),
+    ];
+    if delay {
+        v.extend(["--step-delay".into(), "0.1".into()]);
+    }
+    v
+}
+
+/// Every file of a 2-rank FSDP2 checkpoint but the manifest: DCP's own (`.metadata`, one shard
+/// file per rank) and hpc_ckpt's.
+const FSDP_FILES: &[&str] = &[
+    ".metadata",
+    "__0_0.distcp",
+    "__1_0.distcp",
+    "rank00000.trainer_state.json",
+    "rank00000.reference_batch.safetensors",
+    "rank00000.rank_state.json",
+    "rank00000.rng.safetensors",
+    "rank00001.rank_state.json",
+    "rank00001.rng.safetensors",
+];
+
+/// A 2-rank FSDP2 job through the emitted sbatch script: `srun` starts the ranks, each writes
+/// its DCP shard into its staging, one commit holds them all; USR1, preemption and `scontrol
+/// requeue` later the final checkpoint is byte-identical to a straight run's (DCP's files too).
+#[test]
+fn three_interruptions_of_a_two_rank_fsdp2_job_end_byte_identical() {
+    let steps = 120;
+    interruptions(&Chain {
+        name: "e2e-three-fsdp",
+        command: &fsdp_command(steps, true),
+        straight_command: &fsdp_command(steps, false),
+        layout: &ONE_NODE,
+        extra_yaml: "distributed:\n  world_size: 2\n",
+        steps,
+        files: FSDP_FILES,
+        kill: None,
+    });
+}
+
 /// The built-in trainer (in-process under the supervisor): a small char-level GPT with dropout,
 /// AdamW, cosine warmup, grad accumulation and clipping.
 #[test]
