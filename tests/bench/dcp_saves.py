@@ -92,7 +92,8 @@ def rank_main(a: argparse.Namespace) -> None:
     if ck is not None:
         ck.close()
     if rank == 0:
-        state = sum(t.numel() * t.element_size() for t in
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+        state = sum(local(t).numel() * t.element_size() for t in
                     [p for p in model.parameters()] + [v for s in opt.state.values() for v in s.values()
                                                        if torch.is_tensor(v)])
         print("BENCH " + json.dumps({"mode": a.mode, "rows": rows, "state_bytes_rank0": state,
@@ -105,12 +106,16 @@ def driver(a: argparse.Namespace) -> None:
     binary = os.environ.get("HPC_CKPT_BIN") or os.path.join(REPO, "target", "release", "hpc-ckpt")
     if not os.path.exists(binary):
         binary = os.path.join(REPO, "target", "debug", "hpc-ckpt")
-    results = {m: [] for m in MODES}
+    modes = [m for m in a.modes.split(",") if m]
+    bad = sorted(set(modes) - set(MODES))
+    if bad:
+        sys.exit(f"--modes: unknown {bad}; known: {', '.join(MODES)}")
+    results = {m: [] for m in modes}
     info = {}
     root = tempfile.mkdtemp(prefix="dcp-bench-", dir=a.dir)
     try:
         for r in range(a.rounds):
-            for mode in MODES:
+            for mode in modes:
                 d = os.path.join(root, f"{mode}-{r}")
                 os.makedirs(os.path.join(d, "plain"))
                 cmd = [binary, "wrap", "--ranks", "2", "--run-dir", os.path.join(d, "run"), "--",
@@ -133,7 +138,7 @@ def driver(a: argparse.Namespace) -> None:
     print(f"\nsharded state: {total / 1e6:.0f} MB over {info['world']} ranks "
           f"({a.layers} x Linear({a.width}, {a.width}) + AdamW), {a.rounds} rounds x {a.saves} saves")
     print(f"{'mode':<16} {'stall median s':>15} {'durable median s':>17}")
-    for m in MODES:
+    for m in modes:
         st = statistics.median(x["stall"] for x in results[m])
         du = statistics.median(x["durable"] for x in results[m])
         print(f"{m:<16} {st:>15.3f} {du:>17.3f}")
@@ -148,6 +153,7 @@ def main() -> None:
     p.add_argument("--saves", type=int, default=3)
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of the modes")
     p.add_argument("--dir", default=None, help="where runs are written (default: $TMPDIR)")
     p.add_argument("--json", default=None, help="write the raw figures here")
     p.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)

@@ -216,6 +216,7 @@ class Checkpointer:
         self.sharded: Set[str] = self._resolve_sharded(sharded)
         self.dcp = self._resolve_dcp(dcp, async_save)
         self.async_save = async_save
+        self._async_saver = dcp_state.AsyncSaver() if async_save else None
         self.agreement = StopAgreement(self.world_size, every=agree_every, enabled=stop_agreement)
         self.resumed_world_size: Optional[int] = None
         self.rank_state_restored: Optional[bool] = None
@@ -510,8 +511,8 @@ class Checkpointer:
                 f.write(dumps(content))
         if sharded is None:
             return None
-        if self.async_save:
-            return dcp_state.save_async(sharded, directory)
+        if self._async_saver is not None:
+            return self._async_saver.save(sharded, directory)
         dcp_state.save(sharded, directory)
         return None
 

@@ -20,7 +20,7 @@ Guarantees:
   plain ``dcp.load`` uses ``pickle.load`` and ``torch.load(weights_only=False)`` for both;
 - another world size than the one that saved: DCP reshards (its planner maps the saved chunks
   onto this rank's shards), so the loaded full tensors equal the saved ones;
-- asynchronous saves (:func:`save_async`) copy the state before they return and write it on a
+- asynchronous saves (:class:`AsyncSaver`) copy the state before they return and write it on a
   process group of their own, so training's collectives never interleave with the save's.
 """
 
@@ -98,7 +98,7 @@ def apply(models: Mapping[str, Any], optimizers: Mapping[str, Any], state: Mappi
         set_optimizer_state_dict(_owner(models, n, o), o, state[OPTIMIZER][_key(n)])
 
 
-def _writer(directory: str) -> Any:
+def _writer(directory: str, **kw: Any) -> Any:
     from torch.distributed.checkpoint import FileSystemWriter  # noqa: PLC0415
 
     class Writer(FileSystemWriter):  # type: ignore[misc]
@@ -108,7 +108,7 @@ def _writer(directory: str) -> Any:
         def storage_meta(self) -> None:
             return None
 
-    return Writer(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
+    return Writer(directory, single_file_per_rank=True, sync_files=True, thread_count=1, **kw)
 
 
 def save(state: Mapping[str, Any], directory: str) -> None:
@@ -117,37 +117,72 @@ def save(state: Mapping[str, Any], directory: str) -> None:
     _dcp().save(dict(state), storage_writer=_writer(directory))
 
 
-_ASYNC_GROUP: Any = None
+class AsyncSaver:
+    """Asynchronous DCP saves of one state, one at a time (the caller waits for the previous
+    one's future before the next save: :class:`hpc_ckpt.Session` does).
+
+    It keeps what every save reuses: a gloo process group of its own (made collectively at the
+    first save, which every rank makes at the same step), so the background save's collectives
+    never interleave with training's on the default group; and one writer whose staged host copy
+    of the state is allocated once and refilled by each save (no allocation, no page faults on
+    the training thread after the first save)."""
+
+    def __init__(self) -> None:
+        self._group: Any = None
+        self._stager: Optional[_HostCopy] = None
+
+    def _process_group(self) -> Any:
+        d = torch_module().distributed
+        if not (d.is_available() and d.is_initialized()):
+            return None
+        if self._group is None:
+            self._group = d.new_group(backend="gloo")
+        return self._group
+
+    def save(self, state: Mapping[str, Any], directory: str) -> "Future[Any]":
+        """``dcp.async_save`` of ``state`` into ``directory``: returns once the state is copied
+        (training may then change it); the future is done once every file is written and
+        fsynced."""
+        pg = self._process_group()
+        if pg is None:  # one process without torch.distributed: DCP's async path needs a group
+            fut: Future[Any] = Future()
+            try:
+                save(state, directory)
+                fut.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                fut.set_exception(e)
+            return fut
+        if self._stager is None:
+            self._stager = _HostCopy()
+        res = _dcp().async_save(dict(state), storage_writer=_writer(directory), process_group=pg,
+                                async_stager=self._stager)
+        return getattr(res, "upload_completion", res)
 
 
-def _async_group() -> Any:
-    """A gloo process group of the saves' own (made once, collectively, at the first
-    asynchronous save, which every rank makes at the same step): the background save's
-    collectives never interleave with training's on the default group."""
-    global _ASYNC_GROUP
-    d = torch_module().distributed
-    if not (d.is_available() and d.is_initialized()):
-        return None
-    if _ASYNC_GROUP is None:
-        _ASYNC_GROUP = d.new_group(backend="gloo")
-    return _ASYNC_GROUP
+class _HostCopy:
+    """DCP's ``AsyncStager``: copies a state into host buffers allocated at the first save and
+    refilled by each later one (pinned where CUDA is, so device copies can overlap; plain host
+    memory otherwise, where DCP's own caching stager fails asking for pinned memory)."""
 
+    should_synchronize_after_execute = False
+    _synchronize_after_execute = False
 
-def save_async(state: Mapping[str, Any], directory: str) -> "Future[Any]":
-    """``dcp.async_save`` of ``state`` into ``directory``: returns once the state is copied
-    (training may then change it); the future is done once every file is written and fsynced."""
-    dcp = _dcp()
-    pg = _async_group()
-    if pg is None:  # one process without torch.distributed: DCP's async path needs a group
-        fut: Future[Any] = Future()
-        try:
-            save(state, directory)
-            fut.set_result(None)
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits
-            fut.set_exception(e)
-        return fut
-    res = dcp.async_save(dict(state), storage_writer=_writer(directory), process_group=pg)
-    return getattr(res, "upload_completion", res)
+    def __init__(self) -> None:
+        self._cache: Any = None
+
+    def stage(self, state_dict: Any) -> Any:
+        from torch.distributed._state_dict_utils import (  # noqa: PLC0415
+            _copy_state_dict, _create_cpu_state_dict)
+
+        if self._cache is None:
+            self._cache = _create_cpu_state_dict(state_dict, pin_memory=torch_module().cuda.is_available())
+        return _copy_state_dict(state_dict, self._cache)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # DCP's metadata classes (module, name): all that a ``.metadata`` written by DCP refers to.
