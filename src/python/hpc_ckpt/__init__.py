@@ -12,6 +12,8 @@
 
 Multi-rank jobs (``hpc-ckpt wrap --ranks N``): rank 0 saves the replicated state, every rank its
 RNG, data position and optimizer shard; ranks agree on the stop step through torch.distributed.
+Sharded models (FSDP2, DTensor) are saved through torch.distributed.checkpoint and resume on
+another number of ranks (``hpc_ckpt.sharded``).
 
 Integrations: ``hpc_ckpt.integrations.hf.HpcCkptCallback`` (transformers.Trainer) and
 ``hpc_ckpt.integrations.lightning.HpcCkptCallback`` (Lightning). torch and the frameworks are

@@ -24,6 +24,11 @@ and its tensor files); every rank stages its own state (``rng.safetensors`` and
 The supervisor commits them all as one checkpoint, rank r's file NAME as ``rank<r:05d>.NAME``.
 With torch.distributed initialized, :meth:`step_done` agrees across ranks on stopping (one
 ``all_reduce(MAX)`` per step), so every rank saves and stops at the same step.
+
+Sharded models (DTensor parameters: FSDP2, tensor parallel; or FSDP1): models and optimizers go
+through torch.distributed.checkpoint instead (:mod:`hpc_ckpt.sharded`): every rank writes its
+shards with ``dcp.save`` (or ``dcp.async_save``), DCP's files keep their names in the checkpoint,
+``trainer_state.json`` marks them ``{"dcp": true}``, and the checkpoint resumes on any world size.
 """
 
 from __future__ import annotations
