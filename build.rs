@@ -12,7 +12,8 @@
 //! - adds an rpath to libtorch's lib dir to every binary of this package (the CLI, test binaries,
 //!   examples), so they run without `LD_LIBRARY_PATH`. The dir comes from torch-sys's `links`
 //!   metadata (`DEP_TCH_LIBTORCH_LIB`), i.e. exactly the libtorch torch-sys found via `LIBTORCH`;
-//! - keeps `libtorch_cuda.so` linked when that libtorch has it: rustc links with `--as-needed` and
+//! - keeps `libtorch_cuda.so` linked (into `hpc-ckpt-core`, tests, examples, benches; never into
+//!   the launcher `hpc-ckpt`) when that libtorch has it: rustc links with `--as-needed` and
 //!   no Rust code references a libtorch_cuda symbol, so the linker would drop it and CUDA would
 //!   never be available at run time (tch-rs issues 907 and 980). Linking it costs every start
 //!   ~0.6 s and ~400 MB on a CPU-only machine, so by default it is linked only when the build
@@ -54,7 +55,12 @@ mod torch {
             }
         };
         if want_cuda && lib.join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+            // Not for the launcher `hpc-ckpt` (no libtorch; it must start in ~1 ms).
+            let arg = "-Wl,--no-as-needed,-ltorch_cuda,--as-needed";
+            println!("cargo:rustc-link-arg-bin=hpc-ckpt-core={arg}");
+            for kind in ["tests", "examples", "benches"] {
+                println!("cargo:rustc-link-arg-{kind}={arg}");
+            }
         }
 
         // Headers: LIBTORCH_INCLUDE when given (as torch-sys reads it), else next to lib/.

@@ -542,7 +542,7 @@ fn sbatch(a: SbatchArgs) -> Result<i32> {
     let workdir = std::env::current_dir().context("current directory")?;
     let exe = match &a.hpc_ckpt {
         Some(p) => p.clone(),
-        None => std::env::current_exe().context("locate this binary")?,
+        None => crate::supervision::launcher::exe().context("locate this binary")?,
     };
     let script = crate::slurm::template::render(&cfg, &a.config, &exe, &workdir).map_err(|e| {
         crate::config::ConfigError {
@@ -599,7 +599,8 @@ fn builtin_trainer(
             ))
             .into());
         }
-        let exe = std::env::current_exe().context("locate this binary for the ranks")?;
+        let exe =
+            crate::supervision::launcher::exe().context("locate this binary for the ranks")?;
         let mut command = vec![exe.display().to_string(), "train-rank".into()];
         if let Some(f) = file {
             let f = std::fs::canonicalize(f).with_context(|| format!("{}", f.display()))?;

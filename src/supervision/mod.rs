@@ -1,6 +1,8 @@
 //! Supervision: keeps a training job preemption-proof while it runs. No torch here.
 //!
 //! - [`signals`]: OS signals become events on a channel; handlers only record, never act.
+//! - [`launcher`]: what `hpc-ckpt` is when it starts: a launcher that holds the stop signals
+//!   and `exec`s the real program (libtorch's start-up no longer a window for them).
 //! - [`child`]: the supervised program in its own process group, dying with its supervisor.
 //! - [`workload`]: what runs (built-in trainer in-process, or a program) and how it can fail.
 //! - [`deadline`]: the time-limit watch: a last save before the time limit when no warning
@@ -24,6 +26,7 @@ pub mod deadline;
 pub mod events;
 pub mod history;
 pub mod interval;
+pub mod launcher;
 pub mod policy;
 pub mod protocol;
 pub mod ranks;

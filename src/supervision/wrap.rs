@@ -488,7 +488,7 @@ impl<'a> Allocation<'a> {
         Ok(match launch {
             Launch::Single | Launch::Command => vec![spawn(base(&command[0], &command[1..]))?],
             Launch::Srun => {
-                let exe = std::env::current_exe().context("locate this binary for srun")?;
+                let exe = super::launcher::exe().context("locate this binary for srun")?;
                 let exe = exe.to_str().context("this binary's path is not UTF-8")?;
                 let line = if slots == 1 {
                     let mut c = vec![

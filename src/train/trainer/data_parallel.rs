@@ -212,7 +212,7 @@ pub fn run_rank(cfg: &JobConfig) -> Result<Outcome, TrainError> {
 }
 
 /// The stop flag: set by the child signal the supervisor forwards (`HPC_CKPT_SIGNAL`), by TERM
-/// (its escalation) and by INT.
+/// (its escalation) and by INT. Once set up, the stop signals held since start-up are unblocked.
 fn stop_flag() -> Result<Arc<AtomicBool>, TrainError> {
     let flag = Arc::new(AtomicBool::new(false));
     let child = std::env::var("HPC_CKPT_SIGNAL")
@@ -223,6 +223,7 @@ fn stop_flag() -> Result<Arc<AtomicBool>, TrainError> {
         signal_hook::flag::register(sig.raw(), Arc::clone(&flag))
             .map_err(|e| TrainError::Team(format!("cannot handle SIG{}: {e}", sig.name())))?;
     }
+    crate::supervision::signals::unblock_stop();
     Ok(flag)
 }
 
