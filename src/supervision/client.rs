@@ -7,12 +7,16 @@
 //!   reads half of one;
 //! - [`Client::commit`] returns only once the supervisor has answered (the request removed, the
 //!   answer in `<request>.result`), with the checkpoint's name, or the supervisor's reason as an
-//!   error; a supervisor that is gone (the parent process changed) is an error, not a hang.
+//!   error; a supervisor that is gone (the parent process changed) is an error, not a hang;
+//! - [`say_ready`] tells the supervisor this process handles its stop signals now: until then
+//!   the supervisor holds a stop signal back (bounded, see [`super::child`]) instead of killing
+//!   the program with it during its start-up.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::child::ENV_READY_FILE;
 use super::protocol::{result_path, Request};
 use super::ranks::{ENV_RANK, ENV_WORLD_SIZE};
 use crate::storage::fsutil::replace_file_durable;
@@ -21,6 +25,22 @@ use crate::storage::fsutil::replace_file_durable;
 const POLL: Duration = Duration::from_millis(5);
 /// How often a long wait is logged.
 const WAIT_LOG: Duration = Duration::from_secs(30);
+
+/// Say "ready": create the file `HPC_CKPT_READY_FILE` names (nothing when it is unset: not
+/// under `wrap`). Call it once the stop signals' handlers are installed. Best effort: a file
+/// that cannot be created only means the supervisor waits for its bound.
+pub fn say_ready() {
+    if let Some(path) = std::env::var_os(ENV_READY_FILE).filter(|p| !p.is_empty()) {
+        if let Err(e) = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Path::new(&path))
+        {
+            tracing::warn!(file = %Path::new(&path).display(), error = %e,
+                "cannot tell the supervisor this process is ready for stop signals");
+        }
+    }
+}
 
 /// Why a commit did not happen.
 #[derive(Debug, thiserror::Error)]

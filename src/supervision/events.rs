@@ -81,6 +81,22 @@ pub enum SupervisorEvent {
         #[serde(default)]
         grace_seconds: Option<u64>,
     },
+    /// The stop signal is held for ranks whose program has not said it handles stop signals
+    /// yet (`HPC_CKPT_READY_FILE`): it goes out when they do, at the latest in
+    /// `at_most_seconds` (README, "Stop sequence").
+    SignalHeld {
+        signal: String,
+        ranks: Vec<u32>,
+        at_most_seconds: f64,
+    },
+    /// A held stop signal went out to a rank: `ready`, the program said so; else its bound ran
+    /// out (a program that never says so).
+    SignalReleased {
+        signal: String,
+        rank: u32,
+        held_seconds: f64,
+        ready: bool,
+    },
     /// In a Slurm job with a time limit: the time-limit watch is armed (`deadline`).
     TimeLimitWatch {
         seconds_left: u64,

@@ -35,8 +35,9 @@ use crate::storage::Store;
 /// The run's frozen copy of the job config.
 pub const CONFIG_FILE: &str = "config.yaml";
 /// Protocol variables a child must never inherit from the supervisor's own environment.
-const INHERITED_PROTOCOL_ENV: [&str; 8] = [
+const INHERITED_PROTOCOL_ENV: [&str; 9] = [
     "HPC_CKPT_RESUME_FROM",
+    super::child::ENV_READY_FILE,
     "HPC_CKPT_STAGING",
     "HPC_CKPT_COMMIT_REQUEST",
     ranks::ENV_RANK,
@@ -480,13 +481,16 @@ impl<'a> Allocation<'a> {
     ) -> Result<Vec<ChildGroup>> {
         let world = self.cfg.world_size();
         let has = |k: &str| std::env::var_os(k).is_some();
-        let spawn = |cmd: Command| {
-            ChildGroup::spawn(cmd).with_context(|| format!("cannot start {command:?}"))
+        // Each group says it is ready beside its first rank's request: `<token>[-rNNNNN].ready`
+        // (what an allocation leaves in staging/ the next one clears).
+        let spawn = |cmd: Command, rank: u32| {
+            let ready = proto.request_of(rank).with_extension("ready");
+            ChildGroup::spawn(cmd, Some(ready)).with_context(|| format!("cannot start {command:?}"))
         };
         let base =
             |program: &str, args: &[String]| self.program_command(proto, resume, program, args);
         Ok(match launch {
-            Launch::Single | Launch::Command => vec![spawn(base(&command[0], &command[1..]))?],
+            Launch::Single | Launch::Command => vec![spawn(base(&command[0], &command[1..]), 0)?],
             Launch::Srun => {
                 let exe = super::launcher::exe().context("locate this binary for srun")?;
                 let exe = exe.to_str().context("this binary's path is not UTF-8")?;
@@ -509,7 +513,7 @@ impl<'a> Allocation<'a> {
                 if !has("MASTER_PORT") {
                     cmd.env("MASTER_PORT", ranks::free_port()?.to_string());
                 }
-                vec![spawn(cmd)?]
+                vec![spawn(cmd, 0)?]
             }
             Launch::Local => {
                 let port = ranks::free_port()?;
@@ -518,7 +522,7 @@ impl<'a> Allocation<'a> {
                     let mut cmd = base(&command[0], &command[1..]);
                     cmd.envs(proto.rank_env(rank))
                         .envs(ranks::local_dist_env(rank, world, port, has));
-                    members.push(spawn(cmd)?);
+                    members.push(spawn(cmd, rank)?);
                 }
                 members
             }
@@ -549,6 +553,7 @@ impl<'a> Allocation<'a> {
             }
             let actions = seq.on(Input::Tick, Instant::now());
             self.carry_out(&actions, team)?;
+            self.release_held(team)?;
             if proto.has_request()
                 && self.answer(proto, save)?
                 && self.cfg.checkpoint.on_save_error == OnSaveError::Stop
@@ -599,7 +604,7 @@ impl<'a> Allocation<'a> {
     }
 
     /// Carry out what the stop sequence says.
-    fn carry_out(&mut self, actions: &[Action], child: &Team) -> Result<()> {
+    fn carry_out(&mut self, actions: &[Action], child: &mut Team) -> Result<()> {
         for a in actions {
             match *a {
                 Action::Begin {
@@ -609,7 +614,7 @@ impl<'a> Allocation<'a> {
                     grace,
                 } => {
                     self.note_stop(cause, warned, forward.name(), grace)?;
-                    child.signal(forward.to_nix());
+                    self.forward(child, forward, grace)?;
                 }
                 Action::Repeat { signal, forward } => {
                     tracing::warn!(
@@ -636,7 +641,65 @@ impl<'a> Allocation<'a> {
         Ok(())
     }
 
-    fn escalate(&mut self, child: &Team, sig: Signal) -> Result<()> {
+    /// The first stop's signal to the program: held for a group that has not said it handles
+    /// stop signals yet, at most half the grace period ([`super::child`]).
+    fn forward(&mut self, child: &mut Team, forward: Sig, grace: Duration) -> Result<()> {
+        let now = Instant::now();
+        let held = child.forward(forward.to_nix(), now, now + grace / 2);
+        if held.is_empty() {
+            return Ok(());
+        }
+        let at_most = child
+            .hold_deadline()
+            .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
+        tracing::warn!(
+            signal = forward.name(),
+            ?held,
+            at_most_s = format!("{at_most:.1}"),
+            "the program has not said it handles stop signals yet (HPC_CKPT_READY_FILE): \
+             holding the signal until it does"
+        );
+        self.store.journal().append(&SupervisorEvent::SignalHeld {
+            signal: forward.name().into(),
+            ranks: held,
+            at_most_seconds: at_most,
+        })?;
+        Ok(())
+    }
+
+    /// Send the held stop signals that are due, and journal each.
+    fn release_held(&mut self, team: &mut Team) -> Result<()> {
+        for r in team.release(Instant::now()) {
+            let signal = r.signal.as_str().trim_start_matches("SIG");
+            let held_s = r.held.as_secs_f64();
+            if r.ready {
+                tracing::info!(
+                    rank = r.rank,
+                    signal,
+                    held_s = format!("{held_s:.2}"),
+                    "the program is ready for stop signals: forwarded the held signal"
+                );
+            } else {
+                tracing::warn!(
+                    rank = r.rank,
+                    signal,
+                    held_s = format!("{held_s:.2}"),
+                    "the program never said it handles stop signals: forwarded the held signal"
+                );
+            }
+            self.store
+                .journal()
+                .append(&SupervisorEvent::SignalReleased {
+                    signal: signal.into(),
+                    rank: r.rank,
+                    held_seconds: held_s,
+                    ready: r.ready,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn escalate(&mut self, child: &mut Team, sig: Signal) -> Result<()> {
         if sig == Signal::SIGKILL {
             tracing::error!("the program ignored TERM: sending KILL (its staged files, if complete, are still committed)");
         } else {

@@ -34,5 +34,6 @@ mod train_ranks;
 #[cfg(feature = "torch")]
 mod train_resume;
 mod wrap_in_process;
+mod wrap_lifetime;
 mod wrap_local;
 mod wrap_ranks;

@@ -88,6 +88,7 @@ fn files_staged_without_a_request_are_kept_and_status_says_how_to_commit_them() 
     // The program a user writes after reading only "write a checkpoint here": on the signal it
     // stages its files and exits 0, with no commit request.
     let script = r#"trap 'echo weights > "$HPC_CKPT_STAGING/model.bin"; echo 7 > "$HPC_CKPT_STAGING/state.json"; exit 0' USR1
+        : > "$HPC_CKPT_READY_FILE"
         while true; do sleep 0.05; done"#;
     let child = spawn_wrap(&run, None, script);
     wait_until("the child to start", || {

@@ -29,7 +29,7 @@ steps=$1 every=$2 delay=$3 mode=${4:-}
 r=${HPC_CKPT_RANK:?} w=${HPC_CKPT_WORLD_SIZE:?}
 pre=$(printf 'rank%05d.' "$r")
 sync="$SYNC_ROOT/$(basename "$HPC_CKPT_RANK_PREFIX")"; mkdir -p "$sync"
-sig=0 stop=0; trap 'sig=1' USR1 TERM
+sig=0 stop=0; trap 'sig=1' USR1 TERM; : > "$HPC_CKPT_READY_FILE"  # handlers in place: ready
 n=0 last=-1 model=init rng="seed$r"
 if [ -n "${HPC_CKPT_RESUME_FROM:-}" ]; then
   src=$HPC_CKPT_RESUME_FROM

@@ -114,6 +114,19 @@ class Environment:
 
 # ----------------------------------------------------------------------------- signals
 
+def say_ready() -> None:
+    """Tell ``hpc-ckpt wrap`` this process handles its stop signals now: create the file
+    ``HPC_CKPT_READY_FILE`` names (nothing outside ``wrap``). Until then the supervisor holds a
+    stop signal back (bounded) rather than let it kill a program still starting up."""
+    path = os.environ.get("HPC_CKPT_READY_FILE")
+    if path:
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as e:  # the supervisor then waits for its bound: not fatal
+            log(f"cannot tell the supervisor this process is ready for stop signals ({path}): {e}")
+
+
 class StopSignals:
     """Handlers that only record the first stop signal; ``close()`` puts the old ones back.
 
@@ -133,6 +146,7 @@ class StopSignals:
         for s in dict.fromkeys(signals):
             self._previous[s] = signal.signal(s, self._handler)
         self._restore_to = dict(self._previous)
+        say_ready()
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self._closed:

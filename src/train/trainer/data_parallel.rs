@@ -212,7 +212,8 @@ pub fn run_rank(cfg: &JobConfig) -> Result<Outcome, TrainError> {
 }
 
 /// The stop flag: set by the child signal the supervisor forwards (`HPC_CKPT_SIGNAL`), by TERM
-/// (its escalation) and by INT. Once set up, the stop signals held since start-up are unblocked.
+/// (its escalation) and by INT. Once set up, the stop signals held since start-up are unblocked
+/// and the supervisor is told this rank is ready for them ([`crate::supervision::client::say_ready`]).
 fn stop_flag() -> Result<Arc<AtomicBool>, TrainError> {
     let flag = Arc::new(AtomicBool::new(false));
     let child = std::env::var("HPC_CKPT_SIGNAL")
@@ -224,6 +225,7 @@ fn stop_flag() -> Result<Arc<AtomicBool>, TrainError> {
             .map_err(|e| TrainError::Team(format!("cannot handle SIG{}: {e}", sig.name())))?;
     }
     crate::supervision::signals::unblock_stop();
+    crate::supervision::client::say_ready();
     Ok(flag)
 }
 
