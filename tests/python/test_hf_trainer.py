@@ -1,23 +1,32 @@
 """transformers.Trainer (tiny GPT-2 from a config) + hpc_ckpt's callback under `hpc-ckpt wrap`:
 stopped twice by USR1 mid-epoch and resumed through the Trainer's own resume path, the final
 weights are byte-identical to an uninterrupted run, and so are the optimizer, scheduler and RNG
-state and every step's loss."""
+state and every step's loss.
+
+The same on 2 ranks (`wrap --ranks 2`, DDP over gloo on CPU): one checkpoint holds rank 0's
+files and each rank's RNG file, each rank resumes from its own layout of it, and the end is
+identical to a straight 2-rank run; a USR1 that reaches rank 1 alone still stops both ranks
+after the same step (the stop agreement)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import JOBS, PY, WrapRun, read, require, verify
+from conftest import JOBS, PY, WrapRun, child_pids, read, require, verify
 
 STEPS = 24  # 2 epochs x 12 optimizer steps (192 sequences, batch 8, gradient accumulation 2)
 
 
-def run_of(hpc_bin: str, root, delay: float) -> WrapRun:
-    return WrapRun(hpc_bin, str(root / "run"),
-                   [PY, os.path.join(JOBS, "hf_train.py"), "--output-dir", str(root / "hf-out"),
-                    "--step-delay", str(delay)])
+TWO = ["--ranks", "2"]
+
+
+def run_of(hpc_bin: str, root, delay: float, args=(), env=None, cls=WrapRun) -> WrapRun:
+    return cls(hpc_bin, str(root / "run"),
+               [PY, os.path.join(JOBS, "hf_train.py"), "--output-dir", str(root / "hf-out"),
+                "--step-delay", str(delay)], args=list(args), env=dict(env or {}))
 
 
 def torch_state(path: str):
@@ -88,3 +97,84 @@ def test_hf_trainer_two_usr1_stops_byte_identical(hpc_bin, tmp_path):
     # the commit requests carried the Trainer's metrics and epochs
     last = run.journal("checkpoint_committed")[-1]
     assert last["step"] == STEPS and last["epoch"] == 2 and "loss" in last["metrics"], last
+
+
+# ----------------------------------------------------------------------------- 2 ranks
+
+def rank_pid(supervisor: int, rank: int) -> int:
+    """The pid of rank ``rank`` of a local `wrap --ranks N` (a child of the supervisor)."""
+    for pid in child_pids(supervisor):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"HPC_CKPT_RANK={rank}".encode() in f.read().split(b"\0"):
+                return pid
+    raise AssertionError(f"supervisor {supervisor} has no rank {rank} among {child_pids(supervisor)}")
+
+
+class Rank1SignalRun(WrapRun):
+    """``how="USR1_RANK1"`` sends USR1 to rank 1 alone, not to the supervisor."""
+
+    @staticmethod
+    def _stop(sup: int, how: str) -> None:
+        if how == "USR1_RANK1":
+            os.kill(rank_pid(sup, 1), signal.SIGUSR1)
+        else:
+            WrapRun._stop(sup, how)
+
+
+RANK_FILES = [f"rank00000.{n}" for n in ("config.json", "generation_config.json", "model.safetensors",
+                                         "optimizer.pt", "rng_state_0.pth", "scheduler.pt",
+                                         "trainer_state.json")] + ["rank00001.rng_state_1.pth"]
+
+
+def test_hf_trainer_two_ranks_two_usr1_stops_identical(hpc_bin, tmp_path):
+    require("transformers")
+    ref = run_of(hpc_bin, tmp_path / "straight", 0.0, TWO)
+    run = run_of(hpc_bin, tmp_path / "stopped", 0.15, TWO)
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        done = [ex.submit(ref.run_to_end, [], 180), ex.submit(run.run_to_end, [(6, "USR1"), (16, "USR1")], 180)]
+    for f in done:
+        f.result()
+    assert ref.commits() == [5, 10, 15, 20, STEPS], ref.commits()
+    stops = [max(inc.losses) for inc in run.history[:-1]]
+    assert any(s % 12 and s % 5 for s in stops), f"no stop mid-epoch and off the save cadence: {stops}"
+    assert all(s in run.commits() for s in stops), (stops, run.commits())
+    assert [min(inc.losses) for inc in run.history[1:]] == [s + 1 for s in stops]
+
+    a, b = ref.newest(), run.newest()
+    assert os.path.basename(a) == os.path.basename(b) == f"step-{STEPS:012d}"
+    verify(hpc_bin, b)
+    for d in (a, b):
+        assert sorted(n for n in os.listdir(d) if n != "MANIFEST.json") == sorted(RANK_FILES), os.listdir(d)
+    assert read(os.path.join(a, "rank00000.model.safetensors")) == read(os.path.join(b, "rank00000.model.safetensors")), \
+        "final weights differ from the straight 2-rank run's"
+    for f in ("rank00000.optimizer.pt", "rank00000.scheduler.pt", "rank00000.rng_state_0.pth",
+              "rank00001.rng_state_1.pth"):
+        assert_same(torch_state(os.path.join(a, f)), torch_state(os.path.join(b, f)), f)
+    assert_same_losses(ref, run)
+    # each rank read its own layout of the checkpoint, removed when training ended
+    layouts = tmp_path / "stopped" / "hf-out" / ".hpc-ckpt-resume"
+    assert sorted(os.listdir(layouts)) == ["rank00000", "rank00001"]
+    assert all(not os.listdir(layouts / r) for r in os.listdir(layouts))
+
+
+def test_hf_trainer_usr1_to_one_rank_stops_both_at_the_same_step(hpc_bin, tmp_path):
+    require("transformers")
+    run = run_of(hpc_bin, tmp_path / "one", 0.15, TWO, env={"HF_JOB_PRINT_STOP": "1"}, cls=Rank1SignalRun)
+    inc = run.launch(6, "USR1_RANK1", timeout=90)
+    assert inc.sent, inc.describe()
+    stopped = sorted(line for line in inc.out if line.startswith("rank="))
+    assert len(stopped) == 2, f"both ranks must stop: {stopped}\n{inc.describe()}"
+    step = int(stopped[0].rsplit("=", 1)[1])
+    assert stopped == [f"rank={r} stopped at step={step}" for r in (0, 1)], stopped
+    assert max(inc.losses) == step and run.commits()[-1] == step, (step, run.commits())
+    with open(os.path.join(run.newest(), "MANIFEST.json")) as f:
+        names = sorted(e["name"] for e in json.load(f)["files"])
+    assert names == sorted(RANK_FILES), names
+
+
+def assert_same_losses(ref: WrapRun, run: WrapRun) -> None:
+    want = {n: v[0] for n, v in ref.all_losses().items()}
+    got = run.all_losses()
+    assert sorted(got) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in got.values())
+    bad = [(n, want[n], v[0]) for n, v in got.items() if v[0] != want[n]]
+    assert not bad, f"losses differ at {len(bad)} steps, first {bad[:3]}"

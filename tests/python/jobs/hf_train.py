@@ -2,12 +2,19 @@
 """A tiny GPT-2 (built from a config: no download) trained by transformers' Trainer under
 `hpc-ckpt wrap`, made preemption-proof by hpc_ckpt's HF callback.
 
-    hpc-ckpt wrap -- python tests/python/jobs/hf_train.py --output-dir DIR [--step-delay S]
+    hpc-ckpt wrap [--ranks N] -- python tests/python/jobs/hf_train.py --output-dir DIR [--step-delay S]
 
-Prints "step=N loss=L" per optimizer step (logging_steps=1) and "final step=N" at the end.
+On N ranks (the supervisor's env:// variables) the Trainer runs DDP over gloo on CPU; each rank
+takes 8/N sequences a micro-batch, so the global batch, the steps and the save cadence are the
+same for every N. Rank 0 prints "step=N loss=L" per optimizer step (logging_steps=1) and
+"final step=N" at the end.
+
+Test knob: ``HF_JOB_PRINT_STOP=1`` makes every rank print "rank=R stopped at step=N" when its
+callback stopped it (so a test sees that the ranks stopped at the same step).
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -38,7 +45,7 @@ class Print(TrainerCallback):
         self.delay = delay
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
+        if logs and "loss" in logs and state.is_world_process_zero:
             print(f"step={state.global_step} loss={logs['loss']!r}", flush=True)
 
     def on_step_end(self, args, state, control, **kw):
@@ -54,18 +61,24 @@ def main():
     p.add_argument("--step-delay", type=float, default=0.0)
     a = p.parse_args()
     torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if 8 % world:
+        p.error(f"the global micro-batch of 8 sequences does not split over {world} ranks")
     set_seed(a.seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2))
     args = TrainingArguments(
-        output_dir=a.output_dir, num_train_epochs=a.epochs, per_device_train_batch_size=8,
+        output_dir=a.output_dir, num_train_epochs=a.epochs, per_device_train_batch_size=8 // world,
         gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=4, lr_scheduler_type="cosine",
         weight_decay=0.01, max_grad_norm=1.0, logging_steps=1, save_strategy="steps", save_steps=5,
         save_total_limit=2, seed=a.seed, full_determinism=True, use_cpu=True, report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0)
+        disable_tqdm=True, dataloader_num_workers=0, ddp_backend="gloo" if world > 1 else None,
+        ddp_find_unused_parameters=False)
     ck = HpcCkptCallback()
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(a.seed), callbacks=[ck, Print(a.step_delay)])
     trainer.train(resume_from_checkpoint=ck.resume_from)
-    if not ck.stopped:
+    if ck.stopped and os.environ.get("HF_JOB_PRINT_STOP"):
+        print(f"rank={trainer.args.process_index} stopped at step={trainer.state.global_step}", flush=True)
+    if not ck.stopped and trainer.is_world_process_zero():
         print(f"final step={trainer.state.global_step}", flush=True)
     return 0
 
