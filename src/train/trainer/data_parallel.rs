@@ -378,15 +378,14 @@ impl Trainer {
         self.dp.as_ref().is_none_or(|t| t.rank == 0)
     }
 
-    /// The float buffers averaged over the ranks, after each step (see the module doc).
+    /// The float buffers averaged over the ranks, after each step (see the module doc). A
+    /// buffer is a variable that requires no grad (the parameters are those that do, as
+    /// [`crate::train::models::named_parameters`] selects): one pass over the store, no set of
+    /// names built at every step.
     pub(super) fn share_buffers(&mut self) -> Result<(), TrainError> {
-        let params: BTreeSet<String> = named_parameters(&self.vs)
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
         let buffers: Vec<Tensor> = named_state(&self.vs)
             .into_iter()
-            .filter(|(n, t)| !params.contains(n) && t.is_floating_point())
+            .filter(|(_, t)| !t.requires_grad() && t.is_floating_point())
             .map(|(_, t)| t)
             .collect();
         self.team().average(&buffers)

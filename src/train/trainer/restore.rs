@@ -98,7 +98,12 @@ pub(super) fn restore_dir(
         })
     })?;
     let saved = crate::supervision::protocol::world_of(&loaded.manifest).world;
-    if saved != world && rank == 0 {
+    // A rank of a multi-rank job: its supervisor has said so already (once, for the job).
+    if saved != world && rank == 0 && world > 1 {
+        tracing::info!(checkpoint = %dir.display(), saved_world_size = saved, world_size = world,
+            "resuming with another world size: the numbers differ from an uninterrupted run of \
+             either size");
+    } else if saved != world && rank == 0 {
         tracing::warn!(checkpoint = %dir.display(), saved_world_size = saved, world_size = world,
             "resuming with another world size: the replicated state is restored exactly, but the \
              gradients are now summed over another number of ranks, so the numbers differ from an \
