@@ -62,7 +62,9 @@ def child_pids(pid: int) -> List[int]:
         except OSError:
             continue
         # pid (comm) state ppid ... ; comm may contain spaces/parens: split after the last ')'
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+        comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        # The supervisor's guards (one per process group of its program) are not the program.
+        if int(rest.split()[1]) == pid and comm != "hpc-ckpt-guard":
             out.append(int(d))
     return out
 
