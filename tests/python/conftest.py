@@ -69,6 +69,19 @@ def child_pids(pid: int) -> List[int]:
     return out
 
 
+def rank_pid(supervisor: int, rank: int) -> int:
+    """The pid of rank ``rank`` of a local `wrap --ranks N` (a child of the supervisor)."""
+    for pid in child_pids(supervisor):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"HPC_CKPT_RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"supervisor {supervisor} has no rank {rank} among {child_pids(supervisor)}")
+
+
 @dataclass
 class Incarnation:
     rc: int
@@ -99,7 +112,7 @@ class WrapRun:
                timeout: float = 300.0) -> Incarnation:
         """Run one allocation. ``stop_at``: once the program printed step >= stop_at, send
         ``how``: "USR1"/"TERM" to the supervisor (it forwards), "KILL_CHILD" SIGKILL to the
-        program itself."""
+        program itself, "USR1_RANK1" USR1 to rank 1 of a local multi-rank job alone."""
         args = [self.bin, "wrap", "--run-dir", self.run_dir]
         if self.config:
             args += ["--config", self.config]
@@ -152,6 +165,8 @@ class WrapRun:
             kids = child_pids(sup)
             assert len(kids) == 1, f"supervisor {sup} has children {kids}"
             os.kill(kids[0], signal.SIGKILL)
+        elif how == "USR1_RANK1":  # one rank sees the signal, its peers do not
+            os.kill(rank_pid(sup, 1), signal.SIGUSR1)
         else:
             os.kill(sup, getattr(signal, "SIG" + how))
 

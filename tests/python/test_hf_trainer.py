@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import JOBS, PY, WrapRun, child_pids, read, require, verify
+from conftest import JOBS, PY, WrapRun, read, require, verify
 
 STEPS = 24  # 2 epochs x 12 optimizer steps (192 sequences, batch 8, gradient accumulation 2)
 
@@ -23,10 +22,10 @@ STEPS = 24  # 2 epochs x 12 optimizer steps (192 sequences, batch 8, gradient ac
 TWO = ["--ranks", "2"]
 
 
-def run_of(hpc_bin: str, root, delay: float, args=(), env=None, cls=WrapRun) -> WrapRun:
-    return cls(hpc_bin, str(root / "run"),
-               [PY, os.path.join(JOBS, "hf_train.py"), "--output-dir", str(root / "hf-out"),
-                "--step-delay", str(delay)], args=list(args), env=dict(env or {}))
+def run_of(hpc_bin: str, root, delay: float, args=(), env=None) -> WrapRun:
+    return WrapRun(hpc_bin, str(root / "run"),
+                   [PY, os.path.join(JOBS, "hf_train.py"), "--output-dir", str(root / "hf-out"),
+                    "--step-delay", str(delay)], args=list(args), env=dict(env or {}))
 
 
 def torch_state(path: str):
@@ -101,26 +100,6 @@ def test_hf_trainer_two_usr1_stops_byte_identical(hpc_bin, tmp_path):
 
 # ----------------------------------------------------------------------------- 2 ranks
 
-def rank_pid(supervisor: int, rank: int) -> int:
-    """The pid of rank ``rank`` of a local `wrap --ranks N` (a child of the supervisor)."""
-    for pid in child_pids(supervisor):
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if f"HPC_CKPT_RANK={rank}".encode() in f.read().split(b"\0"):
-                return pid
-    raise AssertionError(f"supervisor {supervisor} has no rank {rank} among {child_pids(supervisor)}")
-
-
-class Rank1SignalRun(WrapRun):
-    """``how="USR1_RANK1"`` sends USR1 to rank 1 alone, not to the supervisor."""
-
-    @staticmethod
-    def _stop(sup: int, how: str) -> None:
-        if how == "USR1_RANK1":
-            os.kill(rank_pid(sup, 1), signal.SIGUSR1)
-        else:
-            WrapRun._stop(sup, how)
-
-
 RANK_FILES = [f"rank00000.{n}" for n in ("config.json", "generation_config.json", "model.safetensors",
                                          "optimizer.pt", "rng_state_0.pth", "scheduler.pt",
                                          "trainer_state.json")] + ["rank00001.rng_state_1.pth"]
@@ -159,7 +138,7 @@ def test_hf_trainer_two_ranks_two_usr1_stops_identical(hpc_bin, tmp_path):
 
 def test_hf_trainer_usr1_to_one_rank_stops_both_at_the_same_step(hpc_bin, tmp_path):
     require("transformers")
-    run = run_of(hpc_bin, tmp_path / "one", 0.15, TWO, env={"HF_JOB_PRINT_STOP": "1"}, cls=Rank1SignalRun)
+    run = run_of(hpc_bin, tmp_path / "one", 0.15, TWO, env={"HF_JOB_PRINT_STOP": "1"})
     inc = run.launch(6, "USR1_RANK1", timeout=90)
     assert inc.sent, inc.describe()
     stopped = sorted(line for line in inc.out if line.startswith("rank="))

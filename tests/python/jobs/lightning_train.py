@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """A tiny Lightning module under `hpc-ckpt wrap`, made preemption-proof by hpc_ckpt's callback.
 
-    hpc-ckpt wrap -- python tests/python/jobs/lightning_train.py [--step-delay S]
+    hpc-ckpt wrap [--ranks N] -- python tests/python/jobs/lightning_train.py [--step-delay S]
 
 An MLP with dropout, AdamW + a per-step OneCycle schedule, gradient accumulation 2, numpy noise
-augmentation (numpy's global RNG), a resumable data loader, validation each epoch. Prints
+augmentation (numpy's global RNG), a resumable data loader, validation each epoch. On N ranks
+(the supervisor's env:// variables) it is strategy="ddp" on CPU with a shard loader of BATCH/N
+samples a rank, so the global batch and the steps are the same for every N. Rank 0 prints
 "step=N loss=L" per optimizer step and "final step=N" at the end.
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -36,13 +39,13 @@ class Net(L.LightningModule):
         return F.cross_entropy(self.net(x), y)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if (batch_idx + 1) % ACCUM == 0:
+        if (batch_idx + 1) % ACCUM == 0 and self.global_rank == 0:
             print(f"step={self.global_step} loss={outputs['loss'].item()!r}", flush=True)
             if self.delay:
                 time.sleep(self.delay)
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+        self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]), sync_dist=self.trainer.world_size > 1)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
@@ -65,16 +68,24 @@ def main():
     p.add_argument("--no-rng-restore", action="store_true", help="(a negative control)")
     a = p.parse_args()
     torch.set_num_threads(1)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if BATCH % world:
+        p.error(f"the global batch of {BATCH} does not split over {world} ranks")
     L.seed_everything(a.seed, verbose=False)
     train, val = data(a.seed)
     ck = HpcCkptCallback(every_n_steps=10, restore_rng=not a.no_rng_restore)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, accumulate_grad_batches=ACCUM,
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+                        use_distributed_sampler=False, max_epochs=EPOCHS, accumulate_grad_batches=ACCUM,
                         deterministic=True, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ck])
-    trainer.fit(Net(a.step_delay), train_dataloaders=hpc_ckpt.ResumableLoader(train, BATCH, seed=a.seed),
+    loader = hpc_ckpt.ResumableLoader(train, BATCH // world, seed=a.seed, rank=rank, world_size=world)
+    net = Net(a.step_delay)
+    if world > 1:  # each rank its own dropout and noise streams (DDP gives all rank 0's weights)
+        L.seed_everything(a.seed * 1000 + rank, verbose=False)
+    trainer.fit(net, train_dataloaders=loader,
                 val_dataloaders=torch.utils.data.DataLoader(val, batch_size=64),
                 ckpt_path=ck.resume_from)
-    if not ck.stopped:
+    if not ck.stopped and trainer.is_global_zero:
         print(f"final step={trainer.global_step}", flush=True)
     return 0
 

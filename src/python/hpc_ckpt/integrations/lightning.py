@@ -22,6 +22,18 @@ loader with ``state_dict``/``load_state_dict``).
 runs). The callback keeps the job's stop signals to itself (Lightning's SIGTERM handler would
 otherwise raise ``SIGTERMException`` out of ``fit``, and its Slurm auto-requeue would requeue a
 second time): give the Trainer ``plugins=[SLURMEnvironment(auto_requeue=False)]`` on Slurm.
+
+Several ranks (``strategy="ddp"`` under ``hpc-ckpt wrap --ranks N`` or ``srun``: Lightning takes
+the ranks from the environment the supervisor sets and spawns nothing; the callback on every
+rank; ``use_distributed_sampler=False`` with ``ResumableLoader(rank=, world_size=)``):
+
+- the ranks stop together: at each optimizer-step boundary the callback joins a
+  :class:`hpc_ckpt.StopAgreement` (one ``all_reduce(MAX)`` through Lightning's process group);
+- a save is ``trainer.save_checkpoint`` on every rank (Lightning writes ``lightning.ckpt`` from
+  rank 0 and holds a barrier) plus each rank's own random state in ``rng.pt`` (a dict of lists
+  and tensors, torch.save; loaded with ``weights_only=True``); every rank asks for the same step
+  and the supervisor commits ``rank00000.lightning.ckpt`` and ``rank<r:05d>.rng.pt`` as one
+  checkpoint; on resume every rank loads rank 0's ``lightning.ckpt`` and sets back its own RNG.
 """
 
 from __future__ import annotations
@@ -39,9 +51,11 @@ except ImportError:  # pragma: no cover - the older package name
     import pytorch_lightning as pl
 
 from ..protocol import log
+from ..ranks import StopAgreement, checkpoint_world_size, rank_file
 from ..session import Session
 
 CKPT_FILE = "lightning.ckpt"
+RNG_FILE = "rng.pt"  # each rank's random state, in a checkpoint of several ranks
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -78,11 +92,15 @@ class HpcCkptCallback(pl.Callback):  # type: ignore[misc]
             the end of training).
         save_final: save (and commit, marked done) when training ends without a stop signal.
         restore_rng: set the saved random states back when training resumes.
+        stop_agreement: on several ranks, agree on the stop step through torch.distributed
+            (without it a rank that sees the signal alone stops alone, and its peers hang).
+        agree_every: agree every K optimizer steps only (its cost / K; a stop waits up to K steps).
         session: a :class:`hpc_ckpt.Session`; otherwise one is made from ``session_kwargs``.
     """
 
     def __init__(self, every_n_steps: Optional[int] = None, *, save_final: bool = True,
-                 restore_rng: bool = True, session: Optional[Session] = None, **session_kwargs: Any) -> None:
+                 restore_rng: bool = True, stop_agreement: bool = True, agree_every: int = 1,
+                 session: Optional[Session] = None, **session_kwargs: Any) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError("every_n_steps must be >= 1")
         self.session = session or Session(**session_kwargs)
@@ -90,22 +108,29 @@ class HpcCkptCallback(pl.Callback):  # type: ignore[misc]
         self.save_final = save_final
         self.restore_rng = restore_rng
         self.stopped = False
+        self.agreement = StopAgreement(self.session.world_size, every=agree_every, enabled=stop_agreement)
         self._rng: Optional[Dict[str, Any]] = None
 
     @property
+    def resume_world_size(self) -> int:
+        """How many ranks wrote the checkpoint to resume from (1 on a fresh start)."""
+        d = self.session.resume_from
+        return 1 if d is None else checkpoint_world_size(d, self.session.env.resume_world_size)
+
+    @property
     def resume_from(self) -> Optional[str]:
-        """Pass this to ``trainer.fit(..., ckpt_path=...)``."""
+        """Pass this to ``trainer.fit(..., ckpt_path=...)`` (on every rank: rank 0's file)."""
         d = self.session.resume_from
         if d is None:
             return None
-        path = os.path.join(d, CKPT_FILE)
+        path = os.path.join(d, rank_file(0, CKPT_FILE, self.resume_world_size))
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{d} holds no {CKPT_FILE}: not a checkpoint of this callback")
+            raise FileNotFoundError(f"{d} holds no {os.path.basename(path)}: not a checkpoint of this callback")
         return path
 
-    # -- the callback's own entry in Lightning's checkpoint
+    # -- the callback's own entry in Lightning's checkpoint (rank 0's dump: one rank only)
     def state_dict(self) -> Dict[str, Any]:
-        return {"rng": capture_rng()}
+        return {"rng": capture_rng()} if self.session.world_size <= 1 else {"rng_file": RNG_FILE}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._rng = state_dict.get("rng")
@@ -113,17 +138,51 @@ class HpcCkptCallback(pl.Callback):  # type: ignore[misc]
     # -- hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.session.reclaim_signals()  # after Lightning's signal connector installed its own
-        if self.session.resume_from is not None and trainer.global_step > 0:
+        resumed = self.session.resume_from is not None and trainer.global_step > 0
+        if resumed:
             self.session.committed_step = trainer.global_step
-        if self._rng is not None and self.restore_rng:
-            restore_rng(self._rng)  # last thing before the first batch is fetched
+        if self.restore_rng and (resumed or self._rng is not None):
+            rng = self._saved_rng()
+            if rng is not None:
+                restore_rng(rng)  # last thing before the first batch is fetched
         self._rng = None
+
+    def _saved_rng(self) -> Optional[Dict[str, Any]]:
+        """This rank's saved random state: the callback's entry of a 1-rank checkpoint (rank 0
+        only), or this rank's ``rng.pt`` of a multi-rank one; None (with a warning) for a rank
+        the checkpoint has no state of (another world size: it keeps the seeded streams)."""
+        rank = self.session.rank
+        if self._rng is not None:  # the entry of a checkpoint written by one rank
+            saved_w = 1
+            if rank == 0:
+                return self._rng
+        else:
+            saved_w = self.resume_world_size
+            path = os.path.join(str(self.session.resume_from), rank_file(rank, RNG_FILE, saved_w))
+            if saved_w > 1 and os.path.isfile(path):
+                return torch.load(path, weights_only=True)
+        log(f"WARNING: rank {rank}: the checkpoint (written by {saved_w} rank(s)) holds no random "
+            "state of this rank: it keeps the streams the program seeded (the run is not the one "
+            "an uninterrupted run would have been)")
+        return None
+
+    def _stop_agreed(self, step: int) -> bool:
+        """Did any rank see a stop signal? The same answer on every rank (a collective on
+        agreement steps; off them, and on one rank, this rank's own flag decides)."""
+        if self.agreement.world_size <= 1:
+            return self.session.stop_requested
+        if not self.agreement.due(step):
+            return False
+        return bool(self.agreement.agree([int(self.session.stop_requested)])[0])
 
     def _save(self, trainer: Any, *, done: bool, reason: str, wait: bool = False) -> None:
         step = trainer.global_step
+        several = self.session.world_size > 1
 
         def write(d: str) -> None:
-            trainer.save_checkpoint(os.path.join(d, CKPT_FILE))
+            if several:  # before save_checkpoint, as the 1-rank entry is taken: the same state
+                torch.save(capture_rng(), os.path.join(d, RNG_FILE))
+            trainer.save_checkpoint(os.path.join(d, CKPT_FILE))  # every rank; rank 0 writes it
 
         # completed epochs: the epoch the next batch belongs to
         epoch = trainer.current_epoch + (1 if trainer.is_last_batch and trainer.training else 0)
@@ -136,7 +195,7 @@ class HpcCkptCallback(pl.Callback):  # type: ignore[misc]
         if trainer.fit_loop.epoch_loop._should_accumulate():
             return  # not an optimizer-step boundary: the accumulated gradients are not saved
         step = trainer.global_step
-        if self.session.stop_requested:
+        if self._stop_agreed(step):
             self.stopped = True
             trainer.should_stop = True
             if not self.session.covered(step):
@@ -151,8 +210,12 @@ class HpcCkptCallback(pl.Callback):  # type: ignore[misc]
             self._save(trainer, done=False, reason="periodic")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.session.enabled and self.save_final and not self.stopped and not self.session.stop_requested \
-                and not self.session.covered(trainer.global_step):
+        if not self.session.enabled:
+            return
+        # one more agreement on several ranks: whether to save is then every rank's same answer
+        # (save_checkpoint is a collective); a signal that came after the last step skips it
+        stop = self.stopped or bool(self.agreement.agree([int(self.session.stop_requested)])[0])
+        if self.save_final and not stop and not self.session.covered(trainer.global_step):
             self._save(trainer, done=True, reason="final")
         self.session.wait()
 
