@@ -85,6 +85,7 @@ pub struct Released {
 /// The guard of one process group (see the module doc): its pid and the pipe's write end.
 struct Guard {
     pid: libc::pid_t,
+    pgid: libc::pid_t,
     pipe: Option<OwnedFd>,
 }
 
@@ -102,15 +103,20 @@ impl Guard {
                 drop(rd);
                 Ok(Guard {
                     pid,
+                    pgid,
                     pipe: Some(wr),
                 })
             }
         }
     }
 
-    /// Let the guard go: it kills the group and exits; reap it.
+    /// Let the guard go and kill the group: the guard would, but this supervisor is alive and
+    /// does it itself (a stopped guard could not); then reap the guard. The group's id cannot
+    /// have been reused: the guard, a member, is not reaped yet.
     fn release(&mut self) {
         if self.pipe.take().is_some() {
+            // SAFETY: plain syscalls on our own group and child.
+            unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
             let mut status = 0;
             // SAFETY: waiting for our own child.
             while unsafe { libc::waitpid(self.pid, &mut status, 0) } == -1
