@@ -157,3 +157,38 @@ def assert_same_losses(ref: WrapRun, run: WrapRun) -> None:
     assert sorted(got) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in got.values())
     bad = [(n, want[n], v[0]) for n, v in got.items() if v[0] != want[n]]
     assert not bad, f"losses differ at {len(bad)} steps, first {bad[:3]}"
+
+
+def test_each_rank_stages_only_what_it_wrote_and_the_layout_gives_back_the_trainers_names(tmp_path):
+    require("transformers")
+    import pytest
+
+    from hpc_ckpt.errors import IncompatibleCheckpointError
+    from hpc_ckpt.integrations.hf import own_files, trainer_layout
+
+    folder = tmp_path / "checkpoint-6"
+    folder.mkdir()
+    for n in ("model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state_0.pth",
+              "rng_state_1.pth", "rank1-of-2-optimizer.pt", "training_args.bin"):
+        (folder / n).write_text(n)
+    # rank 1's RNG file is there already (rank 1 was faster): rank 0 still leaves it to rank 1
+    assert sorted(own_files(str(folder), 0, 2)) == ["model.safetensors", "optimizer.pt",
+                                                   "rng_state_0.pth", "trainer_state.json"]
+    assert sorted(own_files(str(folder), 1, 2)) == ["rank1-of-2-optimizer.pt", "rng_state_1.pth"]
+    assert "training_args.bin" not in own_files(str(folder), 0, 1)
+
+    ckpt = tmp_path / "step-000000000006"
+    ckpt.mkdir()
+    for r in (0, 1):
+        for n in own_files(str(folder), r, 2):
+            (ckpt / f"rank{r:05d}.{n}").write_text(n)
+    (ckpt / "MANIFEST.json").write_text("{}")
+    dest = trainer_layout(str(ckpt), str(tmp_path / "layout" / "checkpoint-6"))
+    assert sorted(os.listdir(dest)) == sorted(n for n in os.listdir(folder) if n != "training_args.bin")
+    assert all((tmp_path / "layout" / "checkpoint-6" / n).read_text() == n for n in os.listdir(dest))
+    assert os.stat(os.path.join(dest, "model.safetensors")).st_ino == \
+        os.stat(ckpt / "rank00000.model.safetensors").st_ino, "a hard link, not a copy"
+
+    (ckpt / "rank00001.model.safetensors").write_text("x")  # two ranks claim one Trainer file
+    with pytest.raises(IncompatibleCheckpointError, match="both the Trainer's model.safetensors"):
+        trainer_layout(str(ckpt), dest)
