@@ -129,6 +129,8 @@ def test_hf_trainer_two_ranks_two_usr1_stops_identical(hpc_bin, tmp_path):
     for f in ("rank00000.optimizer.pt", "rank00000.scheduler.pt", "rank00000.rng_state_0.pth",
               "rank00001.rng_state_1.pth"):
         assert_same(torch_state(os.path.join(a, f)), torch_state(os.path.join(b, f)), f)
+    rng0, rng1 = (torch_state(os.path.join(b, f"rank0000{r}.rng_state_{r}.pth"))["cpu"] for r in (0, 1))
+    assert not rng0.equal(rng1), "the ranks saved one random state: a swapped restore would pass"
     assert_same_losses(ref, run)
     # each rank read its own layout of the checkpoint, removed when training ended
     layouts = tmp_path / "stopped" / "hf-out" / ".hpc-ckpt-resume"

@@ -53,6 +53,15 @@ class Print(TrainerCallback):
             time.sleep(self.delay)
 
 
+class RankStreams(TrainerCallback):
+    """Each rank its own dropout stream (the Trainer seeds every rank alike, so a checkpoint's
+    RNG files would all be equal); set before the Trainer restores the saved ones on a resume."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        if args.world_size > 1:
+            torch.manual_seed(args.seed * 1000 + args.process_index)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--output-dir", required=True)
@@ -70,11 +79,11 @@ def main():
         output_dir=a.output_dir, num_train_epochs=a.epochs, per_device_train_batch_size=8 // world,
         gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=4, lr_scheduler_type="cosine",
         weight_decay=0.01, max_grad_norm=1.0, logging_steps=1, save_strategy="steps", save_steps=5,
-        save_total_limit=2, seed=a.seed, full_determinism=True, use_cpu=True, report_to="none",
+        save_total_limit=2, seed=a.seed, data_seed=a.seed, full_determinism=True, use_cpu=True, report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, ddp_backend="gloo" if world > 1 else None,
         ddp_find_unused_parameters=False)
     ck = HpcCkptCallback()
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(a.seed), callbacks=[ck, Print(a.step_delay)])
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(a.seed), callbacks=[ck, Print(a.step_delay), RankStreams()])
     trainer.train(resume_from_checkpoint=ck.resume_from)
     if ck.stopped and os.environ.get("HF_JOB_PRINT_STOP"):
         print(f"rank={trainer.args.process_index} stopped at step={trainer.state.global_step}", flush=True)
