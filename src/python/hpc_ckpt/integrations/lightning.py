@@ -30,14 +30,16 @@ rank; ``use_distributed_sampler=False`` with ``ResumableLoader(rank=, world_size
 - the ranks stop together: at each optimizer-step boundary the callback joins a
   :class:`hpc_ckpt.StopAgreement` (one ``all_reduce(MAX)`` through Lightning's process group);
 - a save is ``trainer.save_checkpoint`` on every rank (Lightning writes ``lightning.ckpt`` from
-  rank 0 and holds a barrier) plus each rank's own random state in ``rng.pt`` (a dict of lists
-  and tensors, torch.save; loaded with ``weights_only=True``); every rank asks for the same step
-  and the supervisor commits ``rank00000.lightning.ckpt`` and ``rank<r:05d>.rng.pt`` as one
-  checkpoint; on resume every rank loads rank 0's ``lightning.ckpt`` and sets back its own RNG.
+  rank 0 and holds a barrier) plus each rank's own random state in ``rng.safetensors`` (the
+  package's format, no pickle: Mersenne Twister words and torch states as tensors, the rest as
+  JSON in the file's metadata); every rank asks for the same step and the supervisor commits
+  ``rank00000.lightning.ckpt`` and ``rank<r:05d>.rng.safetensors`` as one checkpoint; on resume
+  every rank loads rank 0's ``lightning.ckpt`` and sets back its own RNG.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from typing import Any, Dict, Optional
@@ -50,12 +52,16 @@ try:
 except ImportError:  # pragma: no cover - the older package name
     import pytorch_lightning as pl
 
+from .. import state as S
+from .._codec import dumps
+from ..errors import IncompatibleCheckpointError
 from ..protocol import log
 from ..ranks import StopAgreement, checkpoint_world_size, rank_file
 from ..session import Session
 
 CKPT_FILE = "lightning.ckpt"
-RNG_FILE = "rng.pt"  # each rank's random state, in a checkpoint of several ranks
+RNG_FILE = "rng.safetensors"  # each rank's random state, in a checkpoint of several ranks
+RNG_META = "hpc_ckpt.rng"  # its metadata key: the JSON part of the state
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -70,6 +76,28 @@ def capture_rng() -> Dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         st["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return st
+
+
+def write_rank_rng(path: str) -> None:
+    """This process's random state (Python, numpy, torch CPU and CUDA) into one safetensors
+    file: the big states as tensors, the rest as JSON in its metadata (no pickle)."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    js, tensors = S.rng_state({}, cuda=True)
+    save_file(dict(tensors), path, metadata={"format": "pt", RNG_META: dumps(js)})
+
+
+def read_rank_rng(path: str) -> None:
+    """Set back the random state :func:`write_rank_rng` wrote (a file without its metadata
+    raises :class:`IncompatibleCheckpointError` naming it)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(path, framework="pt") as f:
+        meta = (f.metadata() or {}).get(RNG_META)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta is None:
+        raise IncompatibleCheckpointError(f"{path} has no {RNG_META} metadata: not a random state of this callback")
+    S.load_rng(json.loads(meta), tensors, {}, path, log)
 
 
 def restore_rng(st: Dict[str, Any]) -> None:
@@ -142,29 +170,28 @@ class HpcCkptCallback(pl.Callback):  # type: ignore[misc]
         if resumed:
             self.session.committed_step = trainer.global_step
         if self.restore_rng and (resumed or self._rng is not None):
-            rng = self._saved_rng()
-            if rng is not None:
-                restore_rng(rng)  # last thing before the first batch is fetched
+            self._restore_saved_rng()  # last thing before the first batch is fetched
         self._rng = None
 
-    def _saved_rng(self) -> Optional[Dict[str, Any]]:
-        """This rank's saved random state: the callback's entry of a 1-rank checkpoint (rank 0
-        only), or this rank's ``rng.pt`` of a multi-rank one; None (with a warning) for a rank
-        the checkpoint has no state of (another world size: it keeps the seeded streams)."""
+    def _restore_saved_rng(self) -> None:
+        """Set back this rank's saved random state: the callback's entry of a 1-rank checkpoint
+        (rank 0 only), or this rank's ``rng.safetensors`` of a multi-rank one; a rank the
+        checkpoint has no state of (another world size) keeps the seeded streams, with a warning."""
         rank = self.session.rank
         if self._rng is not None:  # the entry of a checkpoint written by one rank
             saved_w = 1
             if rank == 0:
-                return self._rng
+                restore_rng(self._rng)
+                return
         else:
             saved_w = self.resume_world_size
             path = os.path.join(str(self.session.resume_from), rank_file(rank, RNG_FILE, saved_w))
             if saved_w > 1 and os.path.isfile(path):
-                return torch.load(path, weights_only=True)
+                read_rank_rng(path)
+                return
         log(f"WARNING: rank {rank}: the checkpoint (written by {saved_w} rank(s)) holds no random "
             "state of this rank: it keeps the streams the program seeded (the run is not the one "
             "an uninterrupted run would have been)")
-        return None
 
     def _stop_agreed(self, step: int) -> bool:
         """Did any rank see a stop signal? The same answer on every rank (a collective on
@@ -181,7 +208,7 @@ class HpcCkptCallback(pl.Callback):  # type: ignore[misc]
 
         def write(d: str) -> None:
             if several:  # before save_checkpoint, as the 1-rank entry is taken: the same state
-                torch.save(capture_rng(), os.path.join(d, RNG_FILE))
+                write_rank_rng(os.path.join(d, RNG_FILE))
             trainer.save_checkpoint(os.path.join(d, CKPT_FILE))  # every rank; rank 0 writes it
 
         # completed epochs: the epoch the next batch belongs to
