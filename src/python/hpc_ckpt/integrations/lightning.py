@@ -84,7 +84,9 @@ def write_rank_rng(path: str) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
 
     js, tensors = S.rng_state({}, cuda=True)
-    save_file(dict(tensors), path, metadata={"format": "pt", RNG_META: dumps(js)})
+    # One metadata key: safetensors writes its metadata map in no fixed order, and one entry
+    # keeps equal states equal bytes.
+    save_file(dict(tensors), path, metadata={RNG_META: dumps(js)})
 
 
 def read_rank_rng(path: str) -> None:
