@@ -226,3 +226,19 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condi
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def get(runs: Dict[str, object], name: str) -> WrapRun:
+    """A scenario's run from a module fixture that ran them side by side (its error re-raised)."""
+    r = runs[name]
+    if isinstance(r, BaseException):
+        raise r
+    return r  # type: ignore[return-value]
+
+
+def assert_same_losses(ref: WrapRun, run: WrapRun, steps: int) -> None:
+    want = {n: v[0] for n, v in ref.all_losses().items()}
+    got = run.all_losses()
+    assert sorted(got) == list(range(1, steps + 1)), "steps missing"
+    bad = [(n, want[n], v) for n, vs in got.items() for v in vs if v != want[n]]
+    assert not bad, f"losses differ at {len(bad)} steps, first {bad[:3]}"

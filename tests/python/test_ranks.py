@@ -26,7 +26,7 @@ import torch
 
 import hpc_ckpt
 from hpc_ckpt.protocol import Environment, Transport
-from conftest import JOBS, PY, REPO, RUN_AGAIN, WrapRun, read, verify
+from conftest import assert_same_losses, get, JOBS, PY, REPO, RUN_AGAIN, WrapRun, read, verify
 
 EXAMPLES = os.path.join(REPO, "examples", "python")
 TWO = ["--ranks", "2"]
@@ -81,13 +81,6 @@ def runs(hpc_bin, tmp_path_factory):
         return {k: f.exception() or f.result() for k, f in futs.items()}
 
 
-def get(runs, name) -> WrapRun:
-    r = runs[name]
-    if isinstance(r, BaseException):
-        raise r
-    return r
-
-
 def final_files(run: WrapRun, step: int) -> dict:
     d = run.newest()
     assert os.path.basename(d) == f"step-{step:012d}", d
@@ -101,14 +94,6 @@ def assert_identical(ref: WrapRun, run: WrapRun, step: int, files: list) -> None
     assert sorted(b) == sorted(files), sorted(b)
     for n in files:
         assert a[n] == b[n], f"{n} differs from the straight run's"
-
-
-def assert_same_losses(ref: WrapRun, run: WrapRun, steps: int) -> None:
-    want = {n: v[0] for n, v in ref.all_losses().items()}
-    got = run.all_losses()
-    assert sorted(got) == list(range(1, steps + 1)), "steps missing"
-    bad = [(n, want[n], v) for n, vs in got.items() for v in vs if v != want[n]]
-    assert not bad, f"losses differ at {len(bad)} steps, first {bad[:3]}"
 
 
 def every_checkpoint_has_both_ranks(run: WrapRun) -> None:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import JOBS, PY, RUN_AGAIN, WrapRun, read, verify
+from conftest import assert_same_losses, get, JOBS, PY, RUN_AGAIN, WrapRun, read, verify
 
 STEPS, EVERY = 24, 8
 GPT_STEPS = 16
@@ -84,13 +84,6 @@ def runs(hpc_bin, tmp_path_factory):
         return {k: f.exception() or f.result() for k, f in futs.items()}
 
 
-def get(runs, name) -> WrapRun:
-    r = runs[name]
-    if isinstance(r, BaseException):
-        raise r
-    return r
-
-
 def final_files(run: WrapRun, step: int) -> dict:
     d = run.newest()
     assert os.path.basename(d) == f"step-{step:012d}", d
@@ -114,14 +107,6 @@ def assert_identical(ref: WrapRun, run: WrapRun, step: int) -> None:
 
 def full_lines(run: WrapRun) -> list:
     return [line for line in run.history[-1].out if line.startswith("full ")]
-
-
-def assert_same_losses(ref: WrapRun, run: WrapRun, steps: int) -> None:
-    want = {n: v[0] for n, v in ref.all_losses().items()}
-    got = run.all_losses()
-    assert sorted(got) == list(range(1, steps + 1)), "steps missing"
-    bad = [(n, want[n], v) for n, vs in got.items() for v in vs if v != want[n]]
-    assert not bad, f"losses differ at {len(bad)} steps, first {bad[:3]}"
 
 
 def digest(t) -> str:
