@@ -41,6 +41,9 @@ cargo test --all-targets 2>&1 | tee -a "$LOG"
 step "Python package hpc_ckpt (pytest, the real target/debug/hpc-ckpt): state, protocol, the example and the HF Trainer / Lightning callbacks under wrap"
 .venv/bin/python -m pytest tests/python -q -p no:cacheprovider 2>&1 | tee -a "$LOG"
 
+step "The prepared GPU check, its CPU dry run (tests/gpu/check.sh: no GPU here; the script must not rot)"
+tests/gpu/check.sh --dry-run --out "$(mktemp --suffix=.json)" 2>&1 | tee -a "$LOG"
+
 # One closing line over every runner above (cargo's per-binary lines end on empty harnesses;
 # pytest's summary is "[N failed, ]N passed[, N errors] in Ts").
 awk '/^test result:/ { p += $4; f += $6 } /^[0-9]+ passed, [0-9]+ failed/ { p += $1; f += $3 }
