@@ -462,7 +462,7 @@ impl Trainer {
             return Ok(None);
         }
         let mine = if self.is_lead() {
-            self.evaluate(e.batches.0)
+            self.evaluate(e.batches.0)?
         } else {
             0.0
         };
