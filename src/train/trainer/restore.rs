@@ -117,7 +117,7 @@ pub(super) fn restore_dir(
     };
     trainer.restore(&src)?;
     if rank > 0 {
-        data_parallel::restore_rank_rng(&src, rank)?;
+        data_parallel::restore_rank_rng(&src, rank, trainer.device)?;
     }
     Ok(trainer)
 }
@@ -508,37 +508,48 @@ fn restore_rng(src: &Source, saved: &TrainerState, device: Device) -> Result<(),
     let bytes = unhex(&saved.rng.cpu_state)
         .filter(|b| !b.is_empty())
         .ok_or_else(|| src.fault(STATE_FILE, "rng.cpu_state is not a hex byte string"))?;
-    let cuda: Vec<Vec<u8>> = saved
-        .rng
-        .cuda_states
+    restore_cuda_rng(&saved.rng.cuda_states, device, |reason| {
+        src.fault(STATE_FILE, format!("rng.cuda_states{reason}"))
+    })?;
+    ffi::set_rng_state(Generator::Cpu, &Tensor::from_slice(&bytes))
+        .map_err(|e| src.fault(STATE_FILE, format!("rng.cpu_state: {e}")))
+}
+
+/// On CUDA, each device's generator state from `states` (hex, device order); a checkpoint of
+/// another device count is restored as far as it goes, with a warning. On the CPU, nothing
+/// (the states are still checked to be hex). `fault` gets the reason after the key, e.g.
+/// `[1]: …`.
+pub(super) fn restore_cuda_rng(
+    states: &[String],
+    device: Device,
+    fault: impl Fn(String) -> TrainError,
+) -> Result<(), TrainError> {
+    let cuda: Vec<Vec<u8>> = states
         .iter()
         .enumerate()
         .map(|(n, h)| {
-            unhex(h).filter(|b| !b.is_empty()).ok_or_else(|| {
-                src.fault(
-                    STATE_FILE,
-                    format!("rng.cuda_states[{n}] is not a hex byte string"),
-                )
-            })
+            unhex(h)
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| fault(format!("[{n}] is not a hex byte string")))
         })
         .collect::<Result<_, _>>()?;
-    if device.is_cuda() {
-        let visible = tch::Cuda::device_count().max(0) as usize;
-        if cuda.len() != visible {
-            tracing::warn!(
-                saved = cuda.len(),
-                visible,
-                "the checkpoint holds the generator states of another number of CUDA devices; \
-                 the first ones are restored"
-            );
-        }
-        for (n, state) in cuda.iter().enumerate().take(visible) {
-            ffi::set_rng_state(Generator::Cuda(n), &Tensor::from_slice(state))
-                .map_err(|e| src.fault(STATE_FILE, format!("rng.cuda_states[{n}]: {e}")))?;
-        }
+    if !device.is_cuda() {
+        return Ok(());
     }
-    ffi::set_rng_state(Generator::Cpu, &Tensor::from_slice(&bytes))
-        .map_err(|e| src.fault(STATE_FILE, format!("rng.cpu_state: {e}")))
+    let visible = tch::Cuda::device_count().max(0) as usize;
+    if cuda.len() != visible {
+        tracing::warn!(
+            saved = cuda.len(),
+            visible,
+            "the checkpoint holds the generator states of another number of CUDA devices; the \
+             first ones are restored"
+        );
+    }
+    for (n, state) in cuda.iter().enumerate().take(visible) {
+        ffi::set_rng_state(Generator::Cuda(n), &Tensor::from_slice(state))
+            .map_err(|e| fault(format!("[{n}]: {e}")))?;
+    }
+    Ok(())
 }
 
 impl TrainError {
