@@ -450,72 +450,28 @@ struct Trainer {
 }
 
 impl Trainer {
+    /// A fresh trainer at step 0 for `tc`, in named steps: the process-wide libtorch settings
+    /// and the device, the data, the model (initialised from the seed) and its optimizer, the
+    /// schedule and the loss scaler, the reference batch, the metrics file, the state record.
     fn new(tc: TrainConfig, run_dir: &Path) -> Result<Trainer, TrainError> {
         keep_freed_heap_memory();
-        let device = resolve_device(tc.device)?;
-        tch::set_num_threads(tc.threads as i32);
-        ffi::set_deterministic(tc.deterministic).map_err(|e| TrainError::Device(e.to_string()))?;
-        let cuda = device.is_cuda().then(|| cuda_determinism(tc.deterministic));
-        if let Some(kind) = tc.precision.autocast_kind() {
-            // Proves the shim takes this dtype on this device type before any step relies on it.
-            drop(ffi::Autocast::enter(ffi::AutocastDevice::of(device), kind)?);
-        }
+        let (device, cuda) = prepare_libtorch(&tc)?;
         let data = Dataset::load(&tc)?;
         let loader = Loader::new(tc.seed, &data, tc.batch_size);
         let total = total_steps(&tc, loader.batches_per_epoch());
-        tch::manual_seed(seeds::init_seed(tc.seed));
-        let vs = nn::VarStore::new(device);
-        let model = Model::build(&vs.root(), &tc.model, data.task())?;
-        let named = named_parameters(&vs);
-        let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let opt = Optimizer::new(tc.optimizer.clone(), named)?;
+        let Built {
+            vs,
+            model,
+            params,
+            opt,
+        } = build_model(&tc, device, &data)?;
+        let sched = Scheduler::new(tc.scheduler.clone(), tc.optimizer.lr(), total);
         let scaler =
             (tc.precision == Precision::Fp16).then(|| GradScaler::new(tc.loss_scale, device));
-        let sched = Scheduler::new(tc.scheduler.clone(), tc.optimizer.lr(), total);
-        let reference = {
-            let split = if data.is_empty(Split::Val) {
-                Split::Train
-            } else {
-                Split::Val
-            };
-            let k = data
-                .len(split)
-                .min(REFERENCE_SAMPLES)
-                .min(tc.batch_size as i64);
-            let idx: Vec<i64> = (0..k).collect();
-            data.batch(split, &idx, Device::Cpu)
-        };
+        let reference = reference_batch(&tc, &data);
         let (metrics, metrics_last) =
             storage_metrics::open_append(run_dir).map_err(TrainError::Metrics)?;
-        let st = TrainerState {
-            format_version: STATE_FORMAT_VERSION,
-            global_step: 0,
-            epoch: 0,
-            batch_in_epoch: 0,
-            step_in_epoch: 0,
-            samples_seen: 0,
-            accum_position: 0,
-            scheduler: sched.state().clone(),
-            best: None,
-            last_eval: None,
-            last_loss: None,
-            rng: RngRecord {
-                seed: tc.seed,
-                scheme: seeds::SCHEME.into(),
-                cpu_state: String::new(),
-                cuda_states: Vec::new(),
-            },
-            threads: tc.threads,
-            deterministic: tc.deterministic,
-            device: device_name(device),
-            cuda,
-            scaler: scaler.as_ref().map(scaler_record),
-            config_hash: tc.hash(),
-            config: tc.hashed(),
-            data_fingerprint: data.fingerprint().to_owned(),
-            optimizer: opt.meta(),
-            versions: versions(),
-        };
+        let st = initial_state(&tc, device, cuda, &data, &sched, &opt, scaler.as_ref());
         tracing::info!(
             model = tc.model.kind(),
             parameters = parameter_count(&vs),
@@ -887,6 +843,103 @@ fn keep_freed_heap_memory() {
                 mallopt(M_TRIM_THRESHOLD, 256 << 20);
             }
         });
+    }
+}
+
+/// The process-wide libtorch settings of a run: the device (`device: cuda` without one is
+/// refused), the thread count, deterministic algorithms, on CUDA the determinism record, and a
+/// check that autocast takes the precision's dtype on this device type (before any step relies
+/// on it).
+fn prepare_libtorch(tc: &TrainConfig) -> Result<(Device, Option<CudaRecord>), TrainError> {
+    let device = resolve_device(tc.device)?;
+    tch::set_num_threads(tc.threads as i32);
+    ffi::set_deterministic(tc.deterministic).map_err(|e| TrainError::Device(e.to_string()))?;
+    let cuda = device.is_cuda().then(|| cuda_determinism(tc.deterministic));
+    if let Some(kind) = tc.precision.autocast_kind() {
+        drop(ffi::Autocast::enter(ffi::AutocastDevice::of(device), kind)?);
+    }
+    Ok((device, cuda))
+}
+
+/// A model, its parameters and its optimizer, as [`build_model`] makes them.
+struct Built {
+    vs: nn::VarStore,
+    model: Model,
+    params: Vec<Tensor>,
+    opt: Optimizer,
+}
+
+/// The model on `device`, initialised from the seed's init stream, and its optimizer (fresh
+/// state) over its named parameters.
+fn build_model(tc: &TrainConfig, device: Device, data: &Dataset) -> Result<Built, TrainError> {
+    tch::manual_seed(seeds::init_seed(tc.seed));
+    let vs = nn::VarStore::new(device);
+    let model = Model::build(&vs.root(), &tc.model, data.task())?;
+    let named = named_parameters(&vs);
+    let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let opt = Optimizer::new(tc.optimizer.clone(), named)?;
+    Ok(Built {
+        vs,
+        model,
+        params,
+        opt,
+    })
+}
+
+/// The reference batch (on the CPU): the first samples of the held-out split (of the training
+/// split when none is held out), at most [`REFERENCE_SAMPLES`] and one micro-batch.
+fn reference_batch(tc: &TrainConfig, data: &Dataset) -> (Tensor, Tensor) {
+    let split = if data.is_empty(Split::Val) {
+        Split::Train
+    } else {
+        Split::Val
+    };
+    let k = data
+        .len(split)
+        .min(REFERENCE_SAMPLES)
+        .min(tc.batch_size as i64);
+    let idx: Vec<i64> = (0..k).collect();
+    data.batch(split, &idx, Device::Cpu)
+}
+
+/// The state record of a fresh run (step 0; the generator states are filled in at each save).
+fn initial_state(
+    tc: &TrainConfig,
+    device: Device,
+    cuda: Option<CudaRecord>,
+    data: &Dataset,
+    sched: &Scheduler,
+    opt: &Optimizer,
+    scaler: Option<&GradScaler>,
+) -> TrainerState {
+    TrainerState {
+        format_version: STATE_FORMAT_VERSION,
+        global_step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        step_in_epoch: 0,
+        samples_seen: 0,
+        accum_position: 0,
+        scheduler: sched.state().clone(),
+        best: None,
+        last_eval: None,
+        last_loss: None,
+        rng: RngRecord {
+            seed: tc.seed,
+            scheme: seeds::SCHEME.into(),
+            cpu_state: String::new(),
+            cuda_states: Vec::new(),
+        },
+        threads: tc.threads,
+        deterministic: tc.deterministic,
+        device: device_name(device),
+        cuda,
+        scaler: scaler.map(scaler_record),
+        config_hash: tc.hash(),
+        config: tc.hashed(),
+        data_fingerprint: data.fingerprint().to_owned(),
+        optimizer: opt.meta(),
+        versions: versions(),
     }
 }
 
