@@ -355,14 +355,16 @@ pub fn run(
     t.train(store, stop)
 }
 
-/// The device of a choice; `cuda` fails loudly when CUDA is not available.
+/// The device of a choice; `cuda` fails loudly when CUDA is not available. The CUDA device is
+/// [`local_cuda_index`]'s: a rank's own on a node with one GPU per rank.
 pub fn resolve_device(c: DeviceChoice) -> Result<Device, TrainError> {
     match c {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Auto if tch::Cuda::is_available() => Ok(Device::Cuda(local_cuda_index())),
+        DeviceChoice::Auto => Ok(Device::Cpu),
         DeviceChoice::Cuda => {
             if tch::Cuda::is_available() {
-                Ok(Device::Cuda(0))
+                Ok(Device::Cuda(local_cuda_index()))
             } else {
                 Err(TrainError::NoCuda(format!(
                     "device: cuda was asked for, but no CUDA device is visible to libtorch (no \
@@ -375,6 +377,18 @@ pub fn resolve_device(c: DeviceChoice) -> Result<Device, TrainError> {
             }
         }
     }
+}
+
+/// The CUDA device of this process: `LOCAL_RANK` (which the supervisor sets for each rank: its
+/// index on its node) modulo the visible devices, so that the ranks of a node use one device
+/// each; 0 without `LOCAL_RANK` (one process), or when each rank sees one device
+/// (`--gpus-per-task`, `CUDA_VISIBLE_DEVICES`).
+fn local_cuda_index() -> usize {
+    let visible = tch::Cuda::device_count().max(1) as usize;
+    std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(0, |r| r % visible)
 }
 
 fn device_name(d: Device) -> String {
