@@ -588,6 +588,11 @@ fn builtin_trainer(
     };
     let tc = crate::train::config::TrainConfig::from_job(cfg)
         .map_err(|e| refused(format!("{}: {}", e.key, e.message)))?;
+    // Before anything starts CUDA (and while this process has one thread): cuBLAS reads it then.
+    crate::train::trainer::set_cuda_determinism_env(&tc);
+    if tc.device == crate::train::config::DeviceChoice::Cuda {
+        crate::train::trainer::resolve_device(tc.device).map_err(|e| refused(e.to_string()))?;
+    }
     let world = cfg.world_size();
     if world > 1 {
         crate::train::trainer::world_fits(tc.batch_size, world)
@@ -666,7 +671,9 @@ fn failure_of(e: crate::train::trainer::TrainError, cfg: &crate::config::JobConf
     let stop_on_save_error = cfg.checkpoint.on_save_error == crate::config::OnSaveError::Stop;
     let kind = match &e {
         // The config (or thread count, data, --resume) does not fit the run: the user's to fix.
-        E::Config(_) | E::ConfigChanged { .. } | E::Resume { .. } => FailureKind::ConfigRefused,
+        E::Config(_) | E::ConfigChanged { .. } | E::Resume { .. } | E::NoCuda(_) => {
+            FailureKind::ConfigRefused
+        }
         E::Save { .. } | E::Commit { .. } if stop_on_save_error => FailureKind::SaveFailed,
         E::Load(StorageError::NothingValid { .. } | StorageError::Corrupt { .. }) => {
             FailureKind::NothingRestores
@@ -691,6 +698,10 @@ fn train_rank(a: TrainRankArgs) -> Result<i32> {
             config_named_after(Path::new(&dir))?
         }
     };
+    if let Ok(tc) = crate::train::config::TrainConfig::from_job(&config) {
+        // Before anything starts CUDA (run_rank refuses an invalid config itself).
+        crate::train::trainer::set_cuda_determinism_env(&tc);
+    }
     match crate::train::trainer::run_rank(&config) {
         Ok(out) => {
             tracing::debug!(completed = out.completed, step = out.last_step, "rank done");

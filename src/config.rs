@@ -54,6 +54,13 @@ pub struct JobConfig {
     pub threads: Option<u32>,
     #[serde(default)]
     pub deterministic: Option<bool>,
+    /// `fp32` (default), `bf16` or `fp16`.
+    #[serde(default)]
+    pub precision: Option<String>,
+    /// The fp16 loss scaler's settings (`init_scale`, `growth_factor`, `backoff_factor`,
+    /// `growth_interval`).
+    #[serde(default)]
+    pub loss_scale: Option<serde_yaml::Value>,
     #[serde(default)]
     pub model: Option<serde_yaml::Value>,
     #[serde(default)]

@@ -22,8 +22,8 @@ use crate::supervision::history::{self, Chain, Interruption};
 
 /// The picture's size, pixels.
 const SIZE: (u32, u32) = (1000, 600);
-/// Metrics that are not the loss or an eval metric.
-const NOT_EVAL: [&str; 3] = ["loss", "lr", "samples_per_s"];
+/// Metrics that are not the loss or an eval metric (the last two: the fp16 loss scaler's).
+const NOT_EVAL: [&str; 5] = ["loss", "lr", "samples_per_s", "loss_scale", "skipped_steps"];
 /// One colour per allocation (cycled).
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -448,6 +448,18 @@ mod tests {
             ts: None,
             metrics: [("loss".to_string(), loss)].into_iter().collect(),
         }
+    }
+
+    #[test]
+    fn the_loss_scaler_s_metrics_are_not_an_eval_metric() {
+        let mut records: Vec<Record> = (1..=3).map(|s| rec(s, 1.0)).collect();
+        for r in &mut records {
+            r.metrics.insert("loss_scale".into(), 65536.0);
+            r.metrics.insert("skipped_steps".into(), 0.0);
+        }
+        assert_eq!(eval_metric(&records), None);
+        records[2].metrics.insert("val_loss".into(), 0.5);
+        assert_eq!(eval_metric(&records).as_deref(), Some("val_loss"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The built-in trainer's typed config, read from the trainer keys of a [`JobConfig`]
-//! (`seed`, `device`, `threads`, `deterministic`, `model`, `data`, `batch_size`, `epochs`,
+//! (`seed`, `device`, `threads`, `deterministic`, `precision`, `loss_scale`, `model`, `data`, `batch_size`, `epochs`,
 //! `max_steps`, `grad_accum`, `grad_clip`, `optimizer`, `scheduler`, `eval`) and the trainer's
 //! view of `checkpoint` (cadence, `on_save_error`, and `keep_best`, whose monitor must be a
 //! metric the trainer records).
@@ -77,6 +77,107 @@ pub enum DeviceChoice {
     Cuda,
     /// CUDA when available, else the CPU.
     Auto,
+}
+
+/// The arithmetic of the forward pass (`precision:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in float32.
+    #[default]
+    Fp32,
+    /// Forward pass under autocast to bfloat16; float32 master weights and optimizer state.
+    Bf16,
+    /// Forward pass under autocast to float16, with a dynamic loss scaler
+    /// (`torch.amp.GradScaler`'s semantics); float32 master weights and optimizer state.
+    Fp16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
+    /// The autocast dtype (`None`: no autocast).
+    pub fn autocast_kind(self) -> Option<tch::Kind> {
+        match self {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(tch::Kind::BFloat16),
+            Precision::Fp16 => Some(tch::Kind::Half),
+        }
+    }
+}
+
+/// The fp16 loss scaler (`loss_scale:`), `torch.amp.GradScaler`'s arguments and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossScaleConfig {
+    #[serde(default = "d_init_scale")]
+    pub init_scale: f64,
+    #[serde(default = "d_growth_factor")]
+    pub growth_factor: f64,
+    #[serde(default = "d_backoff_factor")]
+    pub backoff_factor: f64,
+    #[serde(default = "d_growth_interval")]
+    pub growth_interval: Pos,
+}
+
+impl Default for LossScaleConfig {
+    fn default() -> Self {
+        LossScaleConfig {
+            init_scale: d_init_scale(),
+            growth_factor: d_growth_factor(),
+            backoff_factor: d_backoff_factor(),
+            growth_interval: d_growth_interval(),
+        }
+    }
+}
+
+fn d_init_scale() -> f64 {
+    65536.0
+}
+fn d_growth_factor() -> f64 {
+    2.0
+}
+fn d_backoff_factor() -> f64 {
+    0.5
+}
+fn d_growth_interval() -> Pos {
+    Pos(2000)
+}
+
+impl LossScaleConfig {
+    /// The values torch.amp.GradScaler accepts and a float32 scale can hold: `init_scale` finite
+    /// and positive within float32, `growth_factor` > 1, `backoff_factor` in (0, 1). Errors name
+    /// the key under `loss_scale`.
+    fn validate(&self) -> Result<(), TrainConfigError> {
+        let s = self.init_scale;
+        if !(s.is_finite() && s > 0.0 && s <= f64::from(f32::MAX)) {
+            return Err(err(
+                "loss_scale.init_scale",
+                format!("expected a positive scale that float32 can hold, found {s}"),
+            ));
+        }
+        let g = self.growth_factor;
+        if !(g.is_finite() && g > 1.0) {
+            return Err(err(
+                "loss_scale.growth_factor",
+                format!("expected a factor > 1, found {g}"),
+            ));
+        }
+        let b = self.backoff_factor;
+        if !(b.is_finite() && b > 0.0 && b < 1.0) {
+            return Err(err(
+                "loss_scale.backoff_factor",
+                format!("expected a factor in (0, 1), found {b}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The model (`model: {kind: mlp, ...}`).
@@ -281,6 +382,9 @@ pub struct TrainConfig {
     pub device: DeviceChoice,
     pub threads: u32,
     pub deterministic: bool,
+    pub precision: Precision,
+    /// The loss scaler's settings (used with `precision: fp16` only).
+    pub loss_scale: LossScaleConfig,
     pub model: ModelConfig,
     pub data: DataConfig,
     pub batch_size: u64,
@@ -606,6 +710,33 @@ impl TrainConfig {
                 )
             })?,
         };
+        let precision = match job.precision.as_deref() {
+            None => Precision::Fp32,
+            Some(s) => de::<Precision>("precision", Value::String(s.to_owned())).map_err(|_| {
+                err(
+                    "precision",
+                    format!("unknown precision {s:?}; accepted: fp32, bf16, fp16"),
+                )
+            })?,
+        };
+        let loss_scale = match &job.loss_scale {
+            None => LossScaleConfig::default(),
+            Some(_) if precision != Precision::Fp16 => {
+                return Err(err(
+                    "loss_scale",
+                    format!(
+                        "configures the fp16 loss scaler, but precision is {}; accepted: \
+                         precision: fp16 with loss_scale, or no loss_scale",
+                        precision.name()
+                    ),
+                ))
+            }
+            Some(v) => {
+                let c: LossScaleConfig = de("loss_scale", v.clone())?;
+                c.validate()?;
+                c
+            }
+        };
         let threads = match job.threads {
             None => 1,
             Some(0) => return Err(err("threads", "expected a positive integer, found 0")),
@@ -690,6 +821,8 @@ impl TrainConfig {
             device,
             threads,
             deterministic: job.deterministic.unwrap_or(true),
+            precision,
+            loss_scale,
             model,
             data,
             batch_size,
@@ -725,8 +858,21 @@ impl TrainConfig {
 
     /// The keys that change what a run computes, as canonical JSON (sorted keys). Safe to change
     /// on resume, hence left out: `max_steps`, `epochs`, `eval.every_steps`, `threads` (checked
-    /// on its own), the `checkpoint` policy and the job-level sections.
+    /// on its own), the `checkpoint` policy and the job-level sections. `precision` appears only
+    /// when it is not fp32 (and `loss_scale` only with fp16), so that checkpoints written before
+    /// the key existed keep their hash and still resume.
     pub fn hashed(&self) -> serde_json::Value {
+        let mut v = self.hashed_fp32();
+        if let (Some(m), true) = (v.as_object_mut(), self.precision != Precision::Fp32) {
+            m.insert("precision".into(), self.precision.name().into());
+            if self.precision == Precision::Fp16 {
+                m.insert("loss_scale".into(), to_json(&self.loss_scale));
+            }
+        }
+        v
+    }
+
+    fn hashed_fp32(&self) -> serde_json::Value {
         serde_json::json!({
             "seed": self.seed,
             "device": to_json(&self.device),
@@ -789,6 +935,7 @@ pub fn changed_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn parse(extra: &str) -> Result<TrainConfig, String> {
         let job = JobConfig::parse(&format!("name: t\n{extra}"))?;
@@ -831,6 +978,13 @@ mod tests {
             (&format!("{MLP}eval: {{every_steps: 5, metric: acc}}\n"), "eval.metric"),
             (&format!("{MLP}device: tpu\n"), "device: unknown device \"tpu\""),
             (&format!("{MLP}threads: 0\n"), "threads: "),
+            (&format!("{MLP}precision: fp8\n"), "precision: unknown precision \"fp8\"; accepted: fp32, bf16, fp16"),
+            (&format!("{MLP}loss_scale: {{init_scale: 1024}}\n"), "loss_scale: configures the fp16 loss scaler, but precision is fp32"),
+            (&format!("{MLP}precision: fp16\nloss_scale: {{growth_factor: 0.5}}\n"), "loss_scale.growth_factor: expected a factor > 1, found 0.5"),
+            (&format!("{MLP}precision: fp16\nloss_scale: {{backoff_factor: 1}}\n"), "loss_scale.backoff_factor: expected a factor in (0, 1)"),
+            (&format!("{MLP}precision: fp16\nloss_scale: {{init_scale: 1e39}}\n"), "loss_scale.init_scale: expected a positive scale that float32 can hold"),
+            (&format!("{MLP}precision: fp16\nloss_scale: {{growth_interval: 0}}\n"), "loss_scale.growth_interval: "),
+            (&format!("{MLP}precision: fp16\nloss_scale: {{growth: 2}}\n"), "loss_scale.growth: unknown field"),
             ("model: {kind: mlp, hidden: [8]}\n", "max_steps: missing"),
             (&format!("{MLP}grad_clip: -1\n"), "grad_clip: "),
             (&format!("{MLP}eval: {{every_steps: 5}}\ncheckpoint: {{keep_best: {{monitor: acc, mode: max}}}}\n"), "checkpoint.keep_best.monitor: the built-in trainer never records \"acc\"; accepted: val_loss"),
@@ -856,5 +1010,36 @@ mod tests {
         assert_eq!(ch.len(), 2, "{ch:?}");
         assert!(ch[0].starts_with("model.dropout: 0.0 → 0.2"), "{ch:?}");
         assert!(ch[1].starts_with("seed: 0 → 3"), "{ch:?}");
+    }
+
+    #[test]
+    fn precision_changes_the_hash_but_fp32_keeps_the_old_one() {
+        let a = parse(MLP).unwrap();
+        assert_eq!(a.precision, Precision::Fp32);
+        let explicit = parse(&format!("{MLP}precision: fp32\n")).unwrap();
+        assert_eq!(a.hash(), explicit.hash());
+        assert!(
+            a.hashed().get("precision").is_none(),
+            "fp32 hashes as before the key"
+        );
+        let bf = parse(&format!("{MLP}precision: bf16\n")).unwrap();
+        let fp = parse(&format!("{MLP}precision: fp16\n")).unwrap();
+        assert_eq!(fp.loss_scale, LossScaleConfig::default());
+        assert_eq!(fp.loss_scale.growth_interval, Pos(2000));
+        let fp_scaled = parse(&format!(
+            "{MLP}precision: fp16\nloss_scale: {{init_scale: 1024}}\n"
+        ))
+        .unwrap();
+        let hashes = [a.hash(), bf.hash(), fp.hash(), fp_scaled.hash()];
+        let distinct: BTreeSet<&String> = hashes.iter().collect();
+        assert_eq!(distinct.len(), 4, "{hashes:?}");
+        assert_eq!(
+            changed_keys(&a.hashed(), &bf.hashed()),
+            ["precision: null → \"bf16\""]
+        );
+        assert_eq!(
+            changed_keys(&fp.hashed(), &fp_scaled.hashed()),
+            ["loss_scale.init_scale: 65536.0 → 1024.0"]
+        );
     }
 }

@@ -8,6 +8,10 @@
 //!   `torch.get_rng_state()` / `torch.set_rng_state()` (and `torch.cuda.*`) see it: a CPU `uint8`
 //!   tensor (5,056 bytes for the CPU generator in libtorch 2.13). Restoring it reproduces the
 //!   following draws exactly.
+//! - [`Autocast`]: `torch.autocast(device_type, dtype)` as an RAII guard, per device type (tch's
+//!   own `autocast` only knows CUDA): its `__enter__`/`__exit__`, step for step.
+//! - [`amp_foreach_unscale_`]: `torch._amp_foreach_non_finite_check_and_unscale_`, the op
+//!   `torch.amp.GradScaler.unscale_` runs, so our loss scaler's arithmetic is torch's own.
 //! - [`set_grad`]: assign or clear (`None`, like `zero_grad(set_to_none=True)`) a tensor's
 //!   `.grad`, which tch cannot do.
 //!
@@ -60,6 +64,26 @@ extern "C" {
         value: f64,
     ) -> *mut c_char;
     fn hpc_ckpt_set_grad(this: *mut C_tensor, grad: *const C_tensor) -> *mut c_char;
+    fn hpc_ckpt_autocast_enter(
+        device_type: i32,
+        dtype: i32,
+        prev_enabled: *mut bool,
+        prev_dtype: *mut i32,
+        prev_cache: *mut bool,
+    ) -> *mut c_char;
+    fn hpc_ckpt_autocast_exit(
+        device_type: i32,
+        prev_enabled: bool,
+        prev_dtype: i32,
+        prev_cache: bool,
+    ) -> *mut c_char;
+    fn hpc_ckpt_autocast_enabled(device_type: i32) -> bool;
+    fn hpc_ckpt_amp_foreach_unscale_(
+        grads: *const *mut C_tensor,
+        n: i64,
+        found_inf: *mut C_tensor,
+        inv_scale: *const C_tensor,
+    ) -> *mut c_char;
     fn hpc_ckpt_rng_get_state(cuda_device: i64, out: *mut *mut C_tensor) -> *mut c_char;
     fn hpc_ckpt_rng_set_state(cuda_device: i64, state: *const C_tensor) -> *mut c_char;
 }
@@ -147,6 +171,125 @@ pub fn set_deterministic(on: bool) -> Result<(), ShimError> {
     take_error("set_deterministic", err)
 }
 
+/// The device type autocast applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutocastDevice {
+    Cpu,
+    Cuda,
+}
+
+impl AutocastDevice {
+    /// The device type of `device` (autocast on CUDA for any CUDA device, else the CPU's).
+    pub fn of(device: tch::Device) -> AutocastDevice {
+        if device.is_cuda() {
+            AutocastDevice::Cuda
+        } else {
+            AutocastDevice::Cpu
+        }
+    }
+
+    fn code(self) -> i32 {
+        match self {
+            AutocastDevice::Cpu => 0,
+            AutocastDevice::Cuda => 1,
+        }
+    }
+}
+
+/// `with torch.autocast(device_type, dtype=dtype):` for as long as the guard lives, on this
+/// thread (autocast state is thread-local in libtorch). Entering saves the previous enabled
+/// flag, dtype and cache flag of the device type and increments the nesting; dropping
+/// decrements it, clears the cast cache when the outermost guard ends, and puts the previous
+/// state back — what `torch.autocast.__enter__`/`__exit__` do. Guards nest.
+#[must_use = "autocast ends when the guard is dropped"]
+#[derive(Debug)]
+pub struct Autocast {
+    device: AutocastDevice,
+    prev_enabled: bool,
+    prev_dtype: i32,
+    prev_cache: bool,
+}
+
+impl Autocast {
+    /// Enter autocast for `device` with `dtype` (`Kind::BFloat16` or `Kind::Half`; anything
+    /// else is refused by the shim).
+    pub fn enter(device: AutocastDevice, dtype: tch::Kind) -> Result<Autocast, ShimError> {
+        // at::ScalarType's codes (c10/core/ScalarType.h): Half 5, BFloat16 15; the shim refuses
+        // any other, so an unsupported kind maps to Float (6) to be refused there.
+        let code = match dtype {
+            tch::Kind::Half => 5,
+            tch::Kind::BFloat16 => 15,
+            _ => 6,
+        };
+        let (mut prev_enabled, mut prev_dtype, mut prev_cache) = (false, 0i32, true);
+        // SAFETY: the three out-pointers are valid locals for the duration of the call.
+        let err = unsafe {
+            hpc_ckpt_autocast_enter(
+                device.code(),
+                code,
+                &mut prev_enabled,
+                &mut prev_dtype,
+                &mut prev_cache,
+            )
+        };
+        take_error("autocast enter", err)?;
+        Ok(Autocast {
+            device,
+            prev_enabled,
+            prev_dtype,
+            prev_cache,
+        })
+    }
+
+    /// Whether autocast is on for `device` on this thread.
+    pub fn is_enabled(device: AutocastDevice) -> bool {
+        // SAFETY: a flag query; no pointers.
+        unsafe { hpc_ckpt_autocast_enabled(device.code()) }
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        // SAFETY: plain values; the shim restores the state saved by `enter`.
+        let err = unsafe {
+            hpc_ckpt_autocast_exit(
+                self.device.code(),
+                self.prev_enabled,
+                self.prev_dtype,
+                self.prev_cache,
+            )
+        };
+        if let Err(e) = take_error("autocast exit", err) {
+            // Restoring three flags cannot fail short of a broken libtorch; say so, do not panic
+            // in a destructor.
+            tracing::error!(error = %e, "leaving autocast failed");
+        }
+    }
+}
+
+/// `torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)`: every tensor
+/// of `grads` (one dtype, one device) is multiplied in place by `inv_scale` (a 1-element f32
+/// tensor), and `found_inf` (a 1-element f32 tensor) is set to 1.0 when any element is inf or
+/// NaN (it is never reset to 0 here).
+pub fn amp_foreach_unscale_(
+    grads: &mut [Tensor],
+    found_inf: &mut Tensor,
+    inv_scale: &Tensor,
+) -> Result<(), ShimError> {
+    let ptrs: Vec<*mut C_tensor> = grads.iter_mut().map(|g| g.as_mut_ptr()).collect();
+    // SAFETY: see the module doc; `ptrs` holds `grads.len()` valid tensor pointers that outlive
+    // the call (the shim copies the handles, which share the grads' storage).
+    let err = unsafe {
+        hpc_ckpt_amp_foreach_unscale_(
+            ptrs.as_ptr(),
+            ptrs.len() as i64,
+            found_inf.as_mut_ptr(),
+            inv_scale.as_ptr(),
+        )
+    };
+    take_error("_amp_foreach_non_finite_check_and_unscale_", err)
+}
+
 /// Which default generator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Generator {
@@ -230,6 +373,46 @@ mod tests {
         assert!(e.message.contains("dtype"), "{e}");
         set_grad(&mut p, None).unwrap();
         assert!(!p.grad().defined());
+    }
+
+    #[test]
+    fn autocast_guard_casts_nests_and_restores() {
+        let a = Tensor::ones([4, 4], (Kind::Float, Device::Cpu));
+        assert!(!Autocast::is_enabled(AutocastDevice::Cpu));
+        {
+            let _outer = Autocast::enter(AutocastDevice::Cpu, Kind::BFloat16).unwrap();
+            assert!(Autocast::is_enabled(AutocastDevice::Cpu));
+            assert_eq!(a.matmul(&a).kind(), Kind::BFloat16);
+            {
+                let _inner = Autocast::enter(AutocastDevice::Cpu, Kind::Half).unwrap();
+                assert_eq!(a.matmul(&a).kind(), Kind::Half);
+            }
+            assert_eq!(
+                a.matmul(&a).kind(),
+                Kind::BFloat16,
+                "the outer dtype is back"
+            );
+        }
+        assert!(!Autocast::is_enabled(AutocastDevice::Cpu));
+        assert_eq!(a.matmul(&a).kind(), Kind::Float);
+        let e = Autocast::enter(AutocastDevice::Cpu, Kind::Double).unwrap_err();
+        assert!(e.message.contains("neither bfloat16 nor float16"), "{e}");
+    }
+
+    #[test]
+    fn foreach_unscale_multiplies_and_flags_non_finite() {
+        let inv = Tensor::from_slice(&[0.25f32]).reshape([]);
+        let mut found = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let mut grads = vec![
+            Tensor::from_slice(&[4.0f32, 8.0]),
+            Tensor::from_slice(&[2.0f32]),
+        ];
+        amp_foreach_unscale_(&mut grads, &mut found, &inv).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&grads[0]).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(found.double_value(&[]), 0.0);
+        let mut bad = vec![Tensor::from_slice(&[1.0f32, f32::INFINITY])];
+        amp_foreach_unscale_(&mut bad, &mut found, &inv).unwrap();
+        assert_eq!(found.double_value(&[]), 1.0);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!
 //! Dependencies flow one way: train → storage; storage knows nothing of torch.
 
+pub mod amp;
 pub mod collective;
 pub mod config;
 pub mod data;

@@ -13,15 +13,20 @@
 // emulating it with a separate multiply rounds twice, drifting ~1 ulp from torch.optim; calling
 // the real overloads keeps our optimizers bit-exact. (2) tch exposes only manual_seed, not the
 // generator state a complete checkpoint needs. (3) tch cannot assign or clear a `.grad`.
+// (4) tch's autocast is CUDA-only (the legacy device-less setter); torch.autocast works per
+// device type, CPU included. (5) tch lacks the foreach unscale GradScaler uses.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "shim_error.hpp"
 
@@ -136,6 +141,72 @@ char *hpc_ckpt_rng_set_state(int64_t cuda_device, const at::Tensor *state) {
         at::Generator gen = default_generator(cuda_device);
         std::lock_guard<std::mutex> lock(gen.mutex());
         gen.set_state(*state);
+    });
+}
+
+// torch.autocast(device_type, dtype).__enter__: remember the previous state in *prev_enabled,
+// *prev_dtype (an at::ScalarType) and *prev_cache, enable autocast for the device type with
+// `dtype`, increment the nesting, enable the cast cache. device_type: 0 CPU, 1 CUDA.
+char *hpc_ckpt_autocast_enter(int device_type, int dtype, bool *prev_enabled, int *prev_dtype,
+                              bool *prev_cache) {
+    return guarded([&] {
+        check_ptr(prev_enabled, "prev_enabled");
+        check_ptr(prev_dtype, "prev_dtype");
+        check_ptr(prev_cache, "prev_cache");
+        TORCH_CHECK(device_type == 0 || device_type == 1, "autocast device type ", device_type,
+                    " is neither CPU (0) nor CUDA (1)");
+        const auto dev = device_type == 0 ? at::kCPU : at::kCUDA;
+        const auto fast = static_cast<at::ScalarType>(dtype);
+        TORCH_CHECK(fast == at::kBFloat16 || fast == at::kHalf, "autocast dtype ", fast,
+                    " is neither bfloat16 nor float16");
+        *prev_cache = at::autocast::is_autocast_cache_enabled();
+        *prev_enabled = at::autocast::is_autocast_enabled(dev);
+        *prev_dtype = static_cast<int>(at::autocast::get_autocast_dtype(dev));
+        at::autocast::set_autocast_enabled(dev, true);
+        at::autocast::set_autocast_dtype(dev, fast);
+        at::autocast::increment_nesting();
+        at::autocast::set_autocast_cache_enabled(true);
+    });
+}
+
+// torch.autocast.__exit__: decrement the nesting (clear the cast cache when it reaches 0), then
+// put back the state hpc_ckpt_autocast_enter saved.
+char *hpc_ckpt_autocast_exit(int device_type, bool prev_enabled, int prev_dtype,
+                             bool prev_cache) {
+    return guarded([&] {
+        const auto dev = device_type == 0 ? at::kCPU : at::kCUDA;
+        if (at::autocast::decrement_nesting() == 0) {
+            at::autocast::clear_cache();
+        }
+        at::autocast::set_autocast_enabled(dev, prev_enabled);
+        at::autocast::set_autocast_dtype(dev, static_cast<at::ScalarType>(prev_dtype));
+        at::autocast::set_autocast_cache_enabled(prev_cache);
+    });
+}
+
+// Whether autocast is enabled for the device type (0 CPU, 1 CUDA) on this thread.
+bool hpc_ckpt_autocast_enabled(int device_type) {
+    try {
+        return at::autocast::is_autocast_enabled(device_type == 0 ? at::kCPU : at::kCUDA);
+    } catch (...) {
+        return false;
+    }
+}
+
+// torch._amp_foreach_non_finite_check_and_unscale_(grads[0..n], found_inf, inv_scale): every
+// grad *= inv_scale in place; found_inf = 1.0 when any element of any grad is inf or NaN.
+char *hpc_ckpt_amp_foreach_unscale_(at::Tensor **grads, int64_t n, at::Tensor *found_inf,
+                                   const at::Tensor *inv_scale) {
+    return guarded([&] {
+        check_ptr(found_inf, "found_inf");
+        check_ptr(inv_scale, "inv_scale");
+        std::vector<at::Tensor> list;
+        list.reserve(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) {
+            check_ptr(grads == nullptr ? nullptr : grads[i], "grad");
+            list.push_back(*grads[i]);
+        }
+        at::_amp_foreach_non_finite_check_and_unscale_(list, *found_inf, *inv_scale);
     });
 }
 

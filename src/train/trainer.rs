@@ -7,11 +7,20 @@
 //!   statistics), by name;
 //! - `optimizer.safetensors`: every optimizer state tensor ([`Optimizer::state_tensors`]);
 //! - `reference_batch.safetensors`: a fixed small batch (inputs `x`, targets `y`);
+//! - with `precision: fp16`, `scaler.safetensors`: the loss scaler's `scale` (float32) and
+//!   `growth_tracker` (int32), as `torch.amp.GradScaler` holds them ([`super::amp`]);
 //! - `trainer_state.json` ([`TrainerState`]): counters (epoch, position in the epoch, global step,
 //!   samples seen, gradient-accumulation position), scheduler state, best metric and its step,
-//!   the CPU generator's state, threads, device, the config hash and the hashed config, the data
-//!   fingerprint, the optimizer's metadata, versions;
+//!   the CPU generator's state (and each CUDA device's, on CUDA), threads, device (and on CUDA
+//!   the determinism settings), the config hash and the hashed config, the data fingerprint, the
+//!   optimizer's metadata, the loss scaler's counters (fp16), versions;
 //! - in the manifest's `extra`: the reference loss (model in eval mode on the reference batch).
+//!
+//! Precision (`precision: bf16 | fp16`): the forward pass (and the loss) runs under autocast to
+//! the half dtype on the training device's type ([`ffi::Autocast`]); weights, gradients and
+//! optimizer state stay float32. fp16 adds the loss scaler ([`GradScaler`]): the loss is scaled
+//! before backward, gradients unscaled before clipping, the optimizer step skipped when one is
+//! inf/NaN, the scale updated after every step. The guarantee below holds per precision.
 //!
 //! Guarantees (CPU, `deterministic: true`, same thread count): a run interrupted any number of
 //! times — by `stop` or by losing everything since an older checkpoint — produces byte-identical
@@ -61,7 +70,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{nn, Device, Tensor};
 
-use super::config::{changed_keys, DeviceChoice, TrainConfig, TrainConfigError};
+use super::amp::{GradScaler, ScalerError};
+use super::config::{changed_keys, DeviceChoice, Precision, TrainConfig, TrainConfigError};
 use super::data::{Dataset, Loader, Position, Split};
 use super::ffi::{self, Generator, ShimError};
 use super::models::{named_parameters, named_state, parameter_count, Model, ModelError};
@@ -84,6 +94,11 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const REFERENCE_FILE: &str = "reference_batch.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
+/// The fp16 loss scaler's tensors (`precision: fp16` only).
+pub const SCALER_FILE: &str = "scaler.safetensors";
+/// What a deterministic CUDA run sets `CUBLAS_WORKSPACE_CONFIG` to (PyTorch's "Reproducibility"
+/// note: cuBLAS is deterministic only with a fixed workspace).
+pub const CUBLAS_WORKSPACE_CONFIG: &str = ":4096:8";
 /// Training metrics, one JSON object a line, in the run dir.
 pub use crate::storage::metrics::METRICS_FILE;
 /// Current [`TrainerState::format_version`].
@@ -117,12 +132,17 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error("{0}")]
     Device(String),
+    /// `device: cuda` and no CUDA device is visible: the user's to fix (a config refusal).
+    #[error("{0}")]
+    NoCuda(String),
     #[error(transparent)]
     Optim(#[from] OptimError),
     #[error(transparent)]
     Tensor(#[from] TensorError),
     #[error(transparent)]
     Shim(#[from] ShimError),
+    #[error(transparent)]
+    Scaler(#[from] ScalerError),
     /// The job or the run does not fit the checkpoint (threads, data, `--resume never`): no
     /// older checkpoint of the run would fit either.
     #[error("cannot resume from checkpoint {checkpoint}: {reason}")]
@@ -218,6 +238,35 @@ pub struct RngRecord {
     pub scheme: String,
     /// `torch.get_rng_state()` of the CPU generator, hex.
     pub cpu_state: String,
+    /// On CUDA: `torch.cuda.get_rng_state(n)` of each visible device `n`, hex, in device order
+    /// (absent on the CPU, and in checkpoints written before it existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cuda_states: Vec<String>,
+}
+
+/// The fp16 loss scaler's counters (its tensors are in [`SCALER_FILE`]; `scale` and
+/// `growth_tracker` are repeated here for readers, and must agree with them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalerRecord {
+    pub scale: f64,
+    pub growth_tracker: i64,
+    /// Optimizer steps skipped for inf/NaN gradients since the run began.
+    pub skipped_steps: u64,
+}
+
+/// The determinism settings of a CUDA run, as they were when the trainer started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CudaRecord {
+    /// Visible CUDA devices.
+    pub devices: usize,
+    /// `CUBLAS_WORKSPACE_CONFIG` in this process's environment (`None`: unset).
+    pub cublas_workspace_config: Option<String>,
+    /// `torch.use_deterministic_algorithms` and `cudnn.deterministic`.
+    pub deterministic_algorithms: bool,
+    /// `cudnn.benchmark` (off when deterministic).
+    pub cudnn_benchmark: bool,
 }
 
 /// `trainer_state.json`.
@@ -245,6 +294,13 @@ pub struct TrainerState {
     pub deterministic: bool,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// On CUDA, the determinism settings (absent on the CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda: Option<CudaRecord>,
+    /// With `precision: fp16`, the loss scaler's counters (absent otherwise, and in checkpoints
+    /// written before mixed precision existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler: Option<ScalerRecord>,
     pub config_hash: String,
     pub config: serde_json::Value,
     pub data_fingerprint: String,
@@ -299,24 +355,40 @@ pub fn run(
     t.train(store, stop)
 }
 
-/// The device of a choice; `cuda` fails loudly when CUDA is not available.
+/// The device of a choice; `cuda` fails loudly when CUDA is not available. The CUDA device is
+/// [`local_cuda_index`]'s: a rank's own on a node with one GPU per rank.
 pub fn resolve_device(c: DeviceChoice) -> Result<Device, TrainError> {
     match c {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Auto if tch::Cuda::is_available() => Ok(Device::Cuda(local_cuda_index())),
+        DeviceChoice::Auto => Ok(Device::Cpu),
         DeviceChoice::Cuda => {
             if tch::Cuda::is_available() {
-                Ok(Device::Cuda(0))
+                Ok(Device::Cuda(local_cuda_index()))
             } else {
-                Err(TrainError::Device(
-                    "device: cuda was asked for, but libtorch sees no CUDA device (no GPU or \
-                     driver, a CPU-only libtorch, or CUDA_VISIBLE_DEVICES hides them); accepted \
-                     instead: cpu, or auto (CUDA when available)"
-                        .into(),
-                ))
+                Err(TrainError::NoCuda(format!(
+                    "device: cuda was asked for, but no CUDA device is visible to libtorch (no \
+                     GPU or driver, a CPU-only libtorch, or CUDA_VISIBLE_DEVICES hides them{}); \
+                     accepted instead: cpu, or auto (CUDA when available)",
+                    std::env::var("CUDA_VISIBLE_DEVICES")
+                        .map(|v| format!(": CUDA_VISIBLE_DEVICES={v:?}"))
+                        .unwrap_or_default()
+                )))
             }
         }
     }
+}
+
+/// The CUDA device of this process: `LOCAL_RANK` (which the supervisor sets for each rank: its
+/// index on its node) modulo the visible devices, so that the ranks of a node use one device
+/// each; 0 without `LOCAL_RANK` (one process), or when each rank sees one device
+/// (`--gpus-per-task`, `CUDA_VISIBLE_DEVICES`).
+fn local_cuda_index() -> usize {
+    let visible = tch::Cuda::device_count().max(1) as usize;
+    std::env::var("LOCAL_RANK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(0, |r| r % visible)
 }
 
 fn device_name(d: Device) -> String {
@@ -367,6 +439,8 @@ struct Trainer {
     sched: Scheduler,
     st: TrainerState,
     reference: (Tensor, Tensor),
+    /// The fp16 loss scaler (`None` unless `precision: fp16`).
+    scaler: Option<GradScaler>,
     total: u64,
     /// This process's rank of a data-parallel run (`None`: the only one).
     dp: Option<data_parallel::Team>,
@@ -390,66 +464,28 @@ struct Trainer {
 }
 
 impl Trainer {
+    /// A fresh trainer at step 0 for `tc`, in named steps: the process-wide libtorch settings
+    /// and the device, the data, the model (initialised from the seed) and its optimizer, the
+    /// schedule and the loss scaler, the reference batch, the metrics file, the state record.
     fn new(tc: TrainConfig, run_dir: &Path) -> Result<Trainer, TrainError> {
         keep_freed_heap_memory();
-        let device = resolve_device(tc.device)?;
-        tch::set_num_threads(tc.threads as i32);
-        ffi::set_deterministic(tc.deterministic).map_err(|e| TrainError::Device(e.to_string()))?;
-        if device.is_cuda() {
-            // cuDNN autotuning picks algorithms by timing: not reproducible.
-            tch::Cuda::cudnn_set_benchmark(!tc.deterministic);
-        }
+        let (device, cuda) = prepare_libtorch(&tc)?;
         let data = Dataset::load(&tc)?;
         let loader = Loader::new(tc.seed, &data, tc.batch_size);
         let total = total_steps(&tc, loader.batches_per_epoch());
-        tch::manual_seed(seeds::init_seed(tc.seed));
-        let vs = nn::VarStore::new(device);
-        let model = Model::build(&vs.root(), &tc.model, data.task())?;
-        let named = named_parameters(&vs);
-        let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let opt = Optimizer::new(tc.optimizer.clone(), named)?;
+        let Built {
+            vs,
+            model,
+            params,
+            opt,
+        } = build_model(&tc, device, &data)?;
         let sched = Scheduler::new(tc.scheduler.clone(), tc.optimizer.lr(), total);
-        let reference = {
-            let split = if data.is_empty(Split::Val) {
-                Split::Train
-            } else {
-                Split::Val
-            };
-            let k = data
-                .len(split)
-                .min(REFERENCE_SAMPLES)
-                .min(tc.batch_size as i64);
-            let idx: Vec<i64> = (0..k).collect();
-            data.batch(split, &idx, Device::Cpu)
-        };
+        let scaler =
+            (tc.precision == Precision::Fp16).then(|| GradScaler::new(tc.loss_scale, device));
+        let reference = reference_batch(&tc, &data);
         let (metrics, metrics_last) =
             storage_metrics::open_append(run_dir).map_err(TrainError::Metrics)?;
-        let st = TrainerState {
-            format_version: STATE_FORMAT_VERSION,
-            global_step: 0,
-            epoch: 0,
-            batch_in_epoch: 0,
-            step_in_epoch: 0,
-            samples_seen: 0,
-            accum_position: 0,
-            scheduler: sched.state().clone(),
-            best: None,
-            last_eval: None,
-            last_loss: None,
-            rng: RngRecord {
-                seed: tc.seed,
-                scheme: seeds::SCHEME.into(),
-                cpu_state: String::new(),
-            },
-            threads: tc.threads,
-            deterministic: tc.deterministic,
-            device: device_name(device),
-            config_hash: tc.hash(),
-            config: tc.hashed(),
-            data_fingerprint: data.fingerprint().to_owned(),
-            optimizer: opt.meta(),
-            versions: versions(),
-        };
+        let st = initial_state(&tc, device, cuda, &data, &sched, &opt, scaler.as_ref());
         tracing::info!(
             model = tc.model.kind(),
             parameters = parameter_count(&vs),
@@ -457,6 +493,7 @@ impl Trainer {
             total_steps = total,
             device = %device_name(device),
             threads = tc.threads,
+            precision = tc.precision.name(),
             "trainer ready"
         );
         Ok(Trainer {
@@ -472,6 +509,7 @@ impl Trainer {
             sched,
             st,
             reference,
+            scaler,
             total,
             dp: None,
             committed: None,
@@ -485,13 +523,28 @@ impl Trainer {
         })
     }
 
-    /// The model's loss on the reference batch (eval mode, no grad), as f32.
-    fn reference_loss(&self) -> f32 {
+    /// The model's loss on `(x, y)`, the forward pass under autocast when the precision asks
+    /// for it (the loss comes back in whatever dtype autocast gives it).
+    fn forward_loss(&self, x: &Tensor, y: &Tensor, train: bool) -> Result<Tensor, TrainError> {
+        let _autocast = match self.tc.precision.autocast_kind() {
+            Some(kind) => Some(ffi::Autocast::enter(
+                ffi::AutocastDevice::of(self.device),
+                kind,
+            )?),
+            None => None,
+        };
+        Ok(self.model.loss(x, y, train))
+    }
+
+    /// The model's loss on the reference batch (eval mode, no grad, the run's precision), as
+    /// f32.
+    fn reference_loss(&self) -> Result<f32, TrainError> {
         let (x, y) = (
             self.reference.0.to_device(self.device),
             self.reference.1.to_device(self.device),
         );
-        tch::no_grad(|| self.model.loss(&x, &y, false)).double_value(&[]) as f32
+        let _g = tch::no_grad_guard();
+        Ok(self.forward_loss(&x, &y, false)?.double_value(&[]) as f32)
     }
 
     /// Train from the current state until the end (committing the final step) or until `stop`
@@ -558,7 +611,7 @@ impl Trainer {
             let gs = self.st.global_step;
             let samples = (self.tc.batch_size * self.tc.grad_accum) as f64;
             let samples_per_s = samples / started.elapsed().as_secs_f64().max(1e-9);
-            let eval = self.evaluate_if_due(gs);
+            let eval = self.evaluate_if_due(gs)?;
             self.log_metrics(gs, loss, lr, samples_per_s, eval)?;
             progress.show(gs, loss, lr, samples_per_s);
             let due = self.commit_due(gs, eval.is_some());
@@ -578,14 +631,16 @@ impl Trainer {
     /// At an eval step, evaluate: feed the scheduler, track `best` (without `keep_best`; with it
     /// `best` follows the commits), and keep the value for the checkpoint of this step alone.
     /// Returns the value, or `None` when `gs` is not an eval step.
-    fn evaluate_if_due(&mut self, gs: u64) -> Option<f64> {
-        let e = self.tc.eval.clone()?;
+    fn evaluate_if_due(&mut self, gs: u64) -> Result<Option<f64>, TrainError> {
+        let Some(e) = self.tc.eval.clone() else {
+            return Ok(None);
+        };
         if !gs.is_multiple_of(e.every_steps.0) {
-            return None;
+            return Ok(None);
         }
-        let v = self.evaluate(e.batches.0);
+        let v = self.evaluate(e.batches.0)?;
         self.take_eval(gs, &e.metric, v);
-        Some(v)
+        Ok(Some(v))
     }
 
     /// The eval value `v` of step `gs`: the scheduler sees it, `best` follows it (without
@@ -615,6 +670,11 @@ impl Trainer {
         m.insert("samples_per_s".into(), json!(samples_per_s));
         if let (Some(v), Some(e)) = (eval, &self.tc.eval) {
             m.insert(e.metric.clone(), json!(v));
+        }
+        if let Some(s) = &self.scaler {
+            // The scale the next step uses, and the steps skipped so far.
+            m.insert("loss_scale".into(), json!(s.scale()));
+            m.insert("skipped_steps".into(), json!(s.skipped_steps()));
         }
         let line = json!({"ts": now_rfc3339(), "step": gs, "epoch": self.st.epoch, "metrics": m});
         // One write of the whole line (O_APPEND); a line a kill tore anyway is ended by the next
@@ -669,10 +729,13 @@ impl Trainer {
                 None => idx,
             };
             let (x, y) = self.data.batch(Split::Train, &idx, self.device);
-            let loss = self.model.loss(&x, &y, true);
+            let loss = self.forward_loss(&x, &y, true)?;
             loss_sum += loss.double_value(&[]);
             let scaled = if accum > 1 { loss / accum as f64 } else { loss };
-            scaled.backward();
+            match &self.scaler {
+                Some(s) => s.scale_loss(&scaled).backward(),
+                None => scaled.backward(),
+            }
         }
         self.st.accum_position = 0;
         let mut loss = loss_sum / accum as f64;
@@ -681,13 +744,34 @@ impl Trainer {
         if let Some(team) = self.dp.as_mut() {
             loss = team.reduce_step(&self.params, loss, due)?;
         }
-        if !loss.is_finite() {
+        // With the loss scaler a non-finite loss gives non-finite gradients: the step is skipped
+        // and the scale backs off, as with torch.amp.GradScaler. Without it, training diverged.
+        if !loss.is_finite() && self.scaler.is_none() {
             return Err(TrainError::NonFinite { step: gs + 1, loss });
         }
+        let found_inf = match &self.scaler {
+            Some(s) => Some(s.unscale(&self.params)?),
+            None => None,
+        };
         if let Some(max_norm) = self.tc.grad_clip {
             clip_grad_norm(&self.params, max_norm);
         }
-        self.opt.step(lr)?;
+        match (self.scaler.as_mut(), found_inf) {
+            (Some(s), Some(found_inf)) => {
+                if s.should_skip(&found_inf) {
+                    tracing::debug!(
+                        step = gs + 1,
+                        scale = s.scale(),
+                        "inf/NaN gradients: optimizer step skipped"
+                    );
+                } else {
+                    self.opt.step(lr)?;
+                }
+                s.update(&found_inf)?;
+                self.st.scaler = Some(scaler_record(s));
+            }
+            _ => self.opt.step(lr)?,
+        }
         if self.dp.is_some() {
             self.share_buffers()?;
         }
@@ -706,22 +790,21 @@ impl Trainer {
     }
 
     /// Mean loss over the first `batches` batches of the held-out split (eval mode).
-    fn evaluate(&self, batches: u64) -> f64 {
+    fn evaluate(&self, batches: u64) -> Result<f64, TrainError> {
         let n = self.data.len(Split::Val);
         let b = self.tc.batch_size as i64;
         let nb = ((n + b - 1) / b).min(batches as i64);
         if nb == 0 {
-            return f64::NAN;
+            return Ok(f64::NAN);
         }
         let mut sum = 0.0;
-        tch::no_grad(|| {
-            for i in 0..nb {
-                let idx: Vec<i64> = (i * b..((i + 1) * b).min(n)).collect();
-                let (x, y) = self.data.batch(Split::Val, &idx, self.device);
-                sum += self.model.loss(&x, &y, false).double_value(&[]);
-            }
-        });
-        sum / nb as f64
+        let _g = tch::no_grad_guard();
+        for i in 0..nb {
+            let idx: Vec<i64> = (i * b..((i + 1) * b).min(n)).collect();
+            let (x, y) = self.data.batch(Split::Val, &idx, self.device);
+            sum += self.forward_loss(&x, &y, false)?.double_value(&[]);
+        }
+        Ok(sum / nb as f64)
     }
 }
 
@@ -775,6 +858,161 @@ fn keep_freed_heap_memory() {
             }
         });
     }
+}
+
+/// The process-wide libtorch settings of a run: the device (`device: cuda` without one is
+/// refused), the thread count, deterministic algorithms, on CUDA the determinism record, and a
+/// check that autocast takes the precision's dtype on this device type (before any step relies
+/// on it).
+fn prepare_libtorch(tc: &TrainConfig) -> Result<(Device, Option<CudaRecord>), TrainError> {
+    let device = resolve_device(tc.device)?;
+    tch::set_num_threads(tc.threads as i32);
+    ffi::set_deterministic(tc.deterministic).map_err(|e| TrainError::Device(e.to_string()))?;
+    let cuda = device.is_cuda().then(|| cuda_determinism(tc.deterministic));
+    if let Some(kind) = tc.precision.autocast_kind() {
+        drop(ffi::Autocast::enter(ffi::AutocastDevice::of(device), kind)?);
+    }
+    Ok((device, cuda))
+}
+
+/// A model, its parameters and its optimizer, as [`build_model`] makes them.
+struct Built {
+    vs: nn::VarStore,
+    model: Model,
+    params: Vec<Tensor>,
+    opt: Optimizer,
+}
+
+/// The model on `device`, initialised from the seed's init stream, and its optimizer (fresh
+/// state) over its named parameters.
+fn build_model(tc: &TrainConfig, device: Device, data: &Dataset) -> Result<Built, TrainError> {
+    tch::manual_seed(seeds::init_seed(tc.seed));
+    let vs = nn::VarStore::new(device);
+    let model = Model::build(&vs.root(), &tc.model, data.task())?;
+    let named = named_parameters(&vs);
+    let params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let opt = Optimizer::new(tc.optimizer.clone(), named)?;
+    Ok(Built {
+        vs,
+        model,
+        params,
+        opt,
+    })
+}
+
+/// The reference batch (on the CPU): the first samples of the held-out split (of the training
+/// split when none is held out), at most [`REFERENCE_SAMPLES`] and one micro-batch.
+fn reference_batch(tc: &TrainConfig, data: &Dataset) -> (Tensor, Tensor) {
+    let split = if data.is_empty(Split::Val) {
+        Split::Train
+    } else {
+        Split::Val
+    };
+    let k = data
+        .len(split)
+        .min(REFERENCE_SAMPLES)
+        .min(tc.batch_size as i64);
+    let idx: Vec<i64> = (0..k).collect();
+    data.batch(split, &idx, Device::Cpu)
+}
+
+/// The state record of a fresh run (step 0; the generator states are filled in at each save).
+fn initial_state(
+    tc: &TrainConfig,
+    device: Device,
+    cuda: Option<CudaRecord>,
+    data: &Dataset,
+    sched: &Scheduler,
+    opt: &Optimizer,
+    scaler: Option<&GradScaler>,
+) -> TrainerState {
+    TrainerState {
+        format_version: STATE_FORMAT_VERSION,
+        global_step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        step_in_epoch: 0,
+        samples_seen: 0,
+        accum_position: 0,
+        scheduler: sched.state().clone(),
+        best: None,
+        last_eval: None,
+        last_loss: None,
+        rng: RngRecord {
+            seed: tc.seed,
+            scheme: seeds::SCHEME.into(),
+            cpu_state: String::new(),
+            cuda_states: Vec::new(),
+        },
+        threads: tc.threads,
+        deterministic: tc.deterministic,
+        device: device_name(device),
+        cuda,
+        scaler: scaler.map(scaler_record),
+        config_hash: tc.hash(),
+        config: tc.hashed(),
+        data_fingerprint: data.fingerprint().to_owned(),
+        optimizer: opt.meta(),
+        versions: versions(),
+    }
+}
+
+/// On CUDA, every visible device's generator state (hex, device order); nothing on the CPU.
+fn cuda_rng_states(device: Device) -> Result<Vec<String>, TrainError> {
+    if !device.is_cuda() {
+        return Ok(Vec::new());
+    }
+    (0..tch::Cuda::device_count().max(0) as usize)
+        .map(|n| {
+            let t = ffi::rng_state(Generator::Cuda(n))?;
+            Ok(hex(&to_tensor_data("cuda_rng", &t)?.bytes))
+        })
+        .collect()
+}
+
+/// The loss scaler's counters for `trainer_state.json`.
+fn scaler_record(s: &GradScaler) -> ScalerRecord {
+    ScalerRecord {
+        scale: s.scale(),
+        growth_tracker: s.growth_tracker(),
+        skipped_steps: s.skipped_steps(),
+    }
+}
+
+/// A CUDA run's determinism settings: `CUBLAS_WORKSPACE_CONFIG` checked (the process sets it
+/// before CUDA starts, see [`set_cuda_determinism_env`]), cuDNN autotuning off when
+/// deterministic (it picks algorithms by timing: not reproducible); returned for the record.
+fn cuda_determinism(deterministic: bool) -> CudaRecord {
+    tch::Cuda::cudnn_set_benchmark(!deterministic);
+    let cublas = std::env::var("CUBLAS_WORKSPACE_CONFIG").ok();
+    if deterministic && !matches!(cublas.as_deref(), Some(":4096:8" | ":16:8")) {
+        tracing::warn!(
+            CUBLAS_WORKSPACE_CONFIG = ?cublas,
+            "deterministic CUDA run without a fixed cuBLAS workspace (:4096:8 or :16:8): \
+             deterministic algorithms will refuse cuBLAS calls"
+        );
+    }
+    CudaRecord {
+        devices: tch::Cuda::device_count().max(0) as usize,
+        cublas_workspace_config: cublas,
+        deterministic_algorithms: deterministic,
+        cudnn_benchmark: !deterministic,
+    }
+}
+
+/// For a deterministic job that may run on CUDA (`device: cuda | auto`), set
+/// `CUBLAS_WORKSPACE_CONFIG` to [`CUBLAS_WORKSPACE_CONFIG`] unless the user set it: cuBLAS
+/// reads it when CUDA starts, so this must run before anything touches CUDA, and while the
+/// process has a single thread (the environment is process-global). Returns whether it set it.
+pub fn set_cuda_determinism_env(tc: &TrainConfig) -> bool {
+    if !tc.deterministic
+        || tc.device == DeviceChoice::Cpu
+        || std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_some()
+    {
+        return false;
+    }
+    std::env::set_var("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG);
+    true
 }
 
 fn versions() -> BTreeMap<String, String> {

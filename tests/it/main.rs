@@ -30,6 +30,8 @@ mod train_fallback;
 #[cfg(feature = "torch")]
 mod train_kill;
 #[cfg(feature = "torch")]
+mod train_precision;
+#[cfg(feature = "torch")]
 mod train_ranks;
 #[cfg(feature = "torch")]
 mod train_resume;

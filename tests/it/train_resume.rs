@@ -297,7 +297,13 @@ fn changed_config_and_threads_are_refused_on_resume() {
 #[test]
 fn example_jobs_are_valid_trainer_configs() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/jobs");
-    for name in ["mlp.yaml", "cnn.yaml", "gpt.yaml", "gpt-2ranks.yaml"] {
+    for name in [
+        "mlp.yaml",
+        "cnn.yaml",
+        "gpt.yaml",
+        "gpt-2ranks.yaml",
+        "gpt-cuda-bf16.yaml",
+    ] {
         let cfg = JobConfig::load(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
         let tc = hpc_ckpt::train::config::TrainConfig::from_job(&cfg)
             .unwrap_or_else(|e| panic!("examples/jobs/{name}: {e}"));

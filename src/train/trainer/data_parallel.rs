@@ -85,6 +85,9 @@ struct RankState {
     share: (usize, usize),
     /// `torch.get_rng_state()` of this rank's CPU generator, hex.
     cpu_rng_state: String,
+    /// On CUDA, this rank's generator state of each visible CUDA device, hex (absent on the CPU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cuda_rng_states: Vec<String>,
 }
 
 /// This rank's place among the ranks: the group, its share, the stop flag.
@@ -344,7 +347,7 @@ fn restore_agreed(
 /// Rank `rank`'s generator from its [`RANK_STATE_FILE`] (after the replicated state restored
 /// rank 0's). A checkpoint of fewer ranks has none for it: every step reseeds, so nothing is
 /// lost but the warning says so.
-pub(super) fn restore_rank_rng(src: &Source, rank: u32) -> Result<(), TrainError> {
+pub(super) fn restore_rank_rng(src: &Source, rank: u32, device: Device) -> Result<(), TrainError> {
     let Some(bytes) = src.loaded.files.get(RANK_STATE_FILE) else {
         tracing::warn!(checkpoint = %src.dir.display(), rank, "no rank_state.json of this rank (a checkpoint of fewer ranks): its generator starts from the step's seed");
         return Ok(());
@@ -365,6 +368,9 @@ pub(super) fn restore_rank_rng(src: &Source, rank: u32) -> Result<(), TrainError
     let rng = unhex(&st.cpu_rng_state)
         .filter(|b| !b.is_empty())
         .ok_or_else(|| fault("cpu_rng_state is not a hex byte string".into()))?;
+    restore::restore_cuda_rng(&st.cuda_rng_states, device, |reason| {
+        fault(format!("cuda_rng_states{reason}"))
+    })?;
     ffi::set_rng_state(Generator::Cpu, &Tensor::from_slice(&rng))
         .map_err(|e| fault(format!("cpu_rng_state: {e}")))
 }
@@ -462,7 +468,7 @@ impl Trainer {
             return Ok(None);
         }
         let mine = if self.is_lead() {
-            self.evaluate(e.batches.0)
+            self.evaluate(e.batches.0)?
         } else {
             0.0
         };
@@ -557,6 +563,7 @@ impl Trainer {
             batch_in_epoch: self.pos.batch_in_epoch,
             share: team.share,
             cpu_rng_state: hex(&rng.bytes),
+            cuda_rng_states: cuda_rng_states(self.device)?,
         };
         let json = serde_json::to_vec_pretty(&own).expect("a rank state serializes");
         snap.add(RANK_STATE_FILE, FileSource::Bytes(json.into()));

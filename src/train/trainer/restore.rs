@@ -117,7 +117,7 @@ pub(super) fn restore_dir(
     };
     trainer.restore(&src)?;
     if rank > 0 {
-        data_parallel::restore_rank_rng(&src, rank)?;
+        data_parallel::restore_rank_rng(&src, rank, trainer.device)?;
     }
     Ok(trainer)
 }
@@ -249,9 +249,10 @@ impl Trainer {
         self.restore_model(src)?;
         self.restore_optimizer(src, &saved)?;
         self.restore_scheduler(src, &saved)?;
+        self.restore_scaler(src, &saved)?;
         let reference_loss = self.check_reference(src, &saved)?;
         let pos = self.data_position(src, &saved)?;
-        restore_rng(src, &saved)?;
+        restore_rng(src, &saved, self.device)?;
         self.adopt(saved, pos);
         tracing::info!(checkpoint = %src.dir.display(), step = self.st.global_step, epoch = self.st.epoch, batch_in_epoch = self.st.batch_in_epoch, reference_loss, "resumed; reference loss reproduced");
         Ok(())
@@ -352,6 +353,37 @@ impl Trainer {
             .map_err(|e| src.fault(STATE_FILE, format!("scheduler: {e}")))
     }
 
+    /// With `precision: fp16`, the loss scaler from [`SCALER_FILE`] (scale, growth tracker) and
+    /// `trainer_state.json` (skipped steps), which must agree. Other precisions have none.
+    fn restore_scaler(&mut self, src: &Source, saved: &TrainerState) -> Result<(), TrainError> {
+        let Some(scaler) = self.scaler.as_mut() else {
+            return Ok(());
+        };
+        let record = saved.scaler.as_ref().ok_or_else(|| {
+            src.fault(
+                STATE_FILE,
+                "scaler is missing: a precision: fp16 run needs the loss scaler's state",
+            )
+        })?;
+        let tensors = src.tensors(SCALER_FILE)?;
+        scaler
+            .load(tensors, record.skipped_steps)
+            .map_err(|e| src.fault(SCALER_FILE, e))?;
+        if scaler.scale() != record.scale || scaler.growth_tracker() != record.growth_tracker {
+            return Err(src.fault(
+                STATE_FILE,
+                format!(
+                    "scaler: scale {} and growth_tracker {} disagree with {SCALER_FILE} ({} and {})",
+                    record.scale,
+                    record.growth_tracker,
+                    scaler.scale(),
+                    scaler.growth_tracker()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The restored model reproduces the reference loss the manifest recorded, on the
     /// checkpoint's reference batch: bit-equal on the CPU, within 1e-3 (relative) elsewhere.
     /// Returns the loss.
@@ -376,7 +408,7 @@ impl Trainer {
                 )
             })?;
         let stored = f32::from_bits(stored_bits);
-        let found = self.reference_loss();
+        let found = self.reference_loss()?;
         let ok = if self.device == Device::Cpu && saved.device == "cpu" {
             found.to_bits() == stored_bits
         } else {
@@ -419,9 +451,11 @@ impl Trainer {
     /// may differ), versions, threads and device.
     fn adopt(&mut self, saved: TrainerState, pos: Position) {
         let (config_hash, config) = (self.st.config_hash.clone(), self.st.config.clone());
+        let cuda = self.st.cuda.take();
         self.st = TrainerState {
             config_hash,
             config,
+            cuda,
             versions: versions(),
             threads: self.tc.threads,
             device: device_name(self.device),
@@ -466,13 +500,56 @@ fn check_format(src: &Source, saved: &TrainerState) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// The CPU generator's saved state. Last of the steps: the only one with a process-wide effect.
-fn restore_rng(src: &Source, saved: &TrainerState) -> Result<(), TrainError> {
+/// The generators' saved states: the CPU's, and on CUDA each device's that the checkpoint
+/// holds (a checkpoint of another device or device count is restored as far as it goes, with a
+/// warning: the device change is warned about already). Last of the steps: the only one with a
+/// process-wide effect.
+fn restore_rng(src: &Source, saved: &TrainerState, device: Device) -> Result<(), TrainError> {
     let bytes = unhex(&saved.rng.cpu_state)
         .filter(|b| !b.is_empty())
         .ok_or_else(|| src.fault(STATE_FILE, "rng.cpu_state is not a hex byte string"))?;
+    restore_cuda_rng(&saved.rng.cuda_states, device, |reason| {
+        src.fault(STATE_FILE, format!("rng.cuda_states{reason}"))
+    })?;
     ffi::set_rng_state(Generator::Cpu, &Tensor::from_slice(&bytes))
         .map_err(|e| src.fault(STATE_FILE, format!("rng.cpu_state: {e}")))
+}
+
+/// On CUDA, each device's generator state from `states` (hex, device order); a checkpoint of
+/// another device count is restored as far as it goes, with a warning. On the CPU, nothing
+/// (the states are still checked to be hex). `fault` gets the reason after the key, e.g.
+/// `[1]: …`.
+pub(super) fn restore_cuda_rng(
+    states: &[String],
+    device: Device,
+    fault: impl Fn(String) -> TrainError,
+) -> Result<(), TrainError> {
+    let cuda: Vec<Vec<u8>> = states
+        .iter()
+        .enumerate()
+        .map(|(n, h)| {
+            unhex(h)
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| fault(format!("[{n}] is not a hex byte string")))
+        })
+        .collect::<Result<_, _>>()?;
+    if !device.is_cuda() {
+        return Ok(());
+    }
+    let visible = tch::Cuda::device_count().max(0) as usize;
+    if cuda.len() != visible {
+        tracing::warn!(
+            saved = cuda.len(),
+            visible,
+            "the checkpoint holds the generator states of another number of CUDA devices; the \
+             first ones are restored"
+        );
+    }
+    for (n, state) in cuda.iter().enumerate().take(visible) {
+        ffi::set_rng_state(Generator::Cuda(n), &Tensor::from_slice(state))
+            .map_err(|e| fault(format!("[{n}]: {e}")))?;
+    }
+    Ok(())
 }
 
 impl TrainError {

@@ -221,6 +221,8 @@ impl Trainer {
         let rng = ffi::rng_state(Generator::Cpu).map_err(|e| restore_best(self, invalid(&e)))?;
         let rng = to_tensor_data("rng", &rng).map_err(|e| restore_best(self, invalid(&e)))?;
         self.st.rng.cpu_state = hex(&rng.bytes);
+        self.st.rng.cuda_states =
+            cuda_rng_states(self.device).map_err(|e| restore_best(self, invalid(&e)))?;
         self.st.scheduler = self.sched.state().clone();
         self.st.optimizer = self.opt.meta();
         let copied = |buffers: &mut Buffers, file: &str, list: Vec<(String, Tensor)>| {
@@ -228,6 +230,13 @@ impl Trainer {
                 .map(|(n, t)| copy_tensor(n, t, |len| buffers.tensor(file, n, len)))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| invalid(&e))
+        };
+        let scaler = match &self.scaler {
+            Some(s) => Some(
+                copied(buffers, SCALER_FILE, s.state_tensors())
+                    .map_err(|e| restore_best(self, e))?,
+            ),
+            None => None,
         };
         // The copy into the host buffers (memory bandwidth) runs on a helper thread while this
         // thread computes the reference batch's loss (a forward pass in eval mode, which only
@@ -252,11 +261,14 @@ impl Trainer {
                     Ok::<_, StorageError>((model, optim, reference, started.elapsed()))
                 })
                 .map_err(|e| StorageError::Invalid(format!("cannot start the copy thread: {e}")));
-            let ref_loss = self.reference_loss();
+            let ref_loss = self
+                .reference_loss()
+                .map_err(|e| StorageError::Invalid(format!("the reference loss: {e}")));
             let reference_seconds = started.elapsed().as_secs_f64();
             let files = copier.and_then(|c| c.join().expect("the save's copy thread panicked"));
             (files, ref_loss, reference_seconds)
         });
+        let ref_loss = ref_loss.map_err(|e| restore_best(self, e))?;
         let (model, optim, reference, copy_time) = files.map_err(|e| restore_best(self, e))?;
         tracing::debug!(
             step,
@@ -295,6 +307,15 @@ impl Trainer {
                 metadata: meta_of("reference batch"),
             },
         );
+        if let Some(tensors) = scaler {
+            snap.add(
+                SCALER_FILE,
+                FileSource::Tensors {
+                    tensors,
+                    metadata: meta_of("loss scaler"),
+                },
+            );
+        }
         snap.add(STATE_FILE, FileSource::Bytes(state.into()));
         let mut extra = serde_json::Map::new();
         extra.insert("reference_loss".into(), json!(ref_loss as f64));
