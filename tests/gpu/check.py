@@ -11,7 +11,7 @@ Checks, each recorded in one JSON file (`--out`):
    checkpoint's RNG file must hold the CUDA generator (``torch.cuda.0``).
 2. ``save_stall``: tests/gpu/stall.py, a >= 2 GB state on the device (``--state-gb``):
    ``Checkpointer(async_save=True).save()`` against ``dcp.async_save``, interleaved; medians.
-3. ``builtin_trainer``: ``hpc-ckpt train`` (the tch trainer) straight and stopped by USR1, final
+3. ``builtin_trainer``: ``hpc-ckpt train`` (the tch trainer, bf16) straight and stopped by USR1, final
    checkpoints byte-identical. Needs a torch-linked ``hpc-ckpt`` (``--trainer-bin``), or a cargo
    and a libtorch that tch accepts (torch 2.13) to build one; otherwise it is skipped and the
    JSON says why.
@@ -242,6 +242,7 @@ TRAIN_CONFIG = """\
 name: gpu-check
 seed: 0
 device: {device}
+precision: bf16
 deterministic: true
 threads: 1
 model: {{kind: mlp, hidden: [128, 128], dropout: 0.1}}
@@ -291,7 +292,7 @@ def check_builtin_trainer(a: argparse.Namespace, work: str, device: str) -> Dict
         raise CheckFailed("the built-in run ended before USR1 reached it (no interruption)")
     same_checkpoints(newest(os.path.join(work, "straight")), newest(os.path.join(work, "usr1")),
                      "built-in trainer, USR1 then resume")
-    return {"binary": why, "device": device, "steps": STEPS, "interruptions": stops,
+    return {"binary": why, "device": device, "precision": "bf16", "steps": STEPS, "interruptions": stops,
             "seconds": round(time.monotonic() - t0, 1)}
 
 
