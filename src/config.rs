@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::sig::Sig;
 use crate::storage::retention::{Best, Periodic, RetentionPolicy};
-use crate::supervision::signals::Sig;
+
+/// The default prior MTBF, `checkpoint.mtbf` (24 h): what `checkpoint.interval: auto` assumes
+/// until the run has observed an unannounced interruption.
+pub const DEFAULT_MTBF_SECONDS: f64 = 24.0 * 3600.0;
 
 /// A config error: the file, the key path, and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +171,7 @@ impl CheckpointConfig {
     /// `mtbf` in seconds (the default when unset).
     pub fn mtbf_seconds(&self) -> Result<f64, String> {
         let Some(text) = &self.mtbf else {
-            return Ok(crate::supervision::interval::DEFAULT_MTBF_SECONDS);
+            return Ok(DEFAULT_MTBF_SECONDS);
         };
         let d = humantime::parse_duration(text.trim()).map_err(|e| {
             format!(

@@ -708,7 +708,7 @@ impl TrainConfig {
                 .then(|| {
                     job.checkpoint
                         .mtbf_seconds()
-                        .unwrap_or(crate::supervision::interval::DEFAULT_MTBF_SECONDS)
+                        .unwrap_or(crate::config::DEFAULT_MTBF_SECONDS)
                 }),
             keep_best,
         })

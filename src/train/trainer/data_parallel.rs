@@ -41,13 +41,13 @@ use std::time::Duration;
 
 use super::restore::{restore_dir, Source};
 use super::*;
+use crate::sig::Sig;
 use crate::storage::journal::{FaultRecord, Journal, StoreEvent};
 use crate::storage::persister::Buffers;
 use crate::storage::run_dir::RunDir;
 use crate::storage::writer::write_files;
 use crate::supervision::client::Client;
 use crate::supervision::protocol::Request;
-use crate::supervision::signals::Sig;
 use crate::train::collective::{ConnectOptions, ProcessGroup, Rendezvous};
 
 /// Every rank's own file in a data-parallel checkpoint (committed as `rank<NNNNN>.rank_state.json`).
