@@ -20,7 +20,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use crate::config::JobConfig;
+use crate::config::{ConfigError, JobConfig};
 
 /// The template, with `{{header}}`, `{{directives}}`, `{{setup}}`, `{{workdir}}` and `{{exec}}`.
 pub const TEMPLATE: &str = include_str!("../../templates/auto_resume.sbatch");
@@ -28,19 +28,10 @@ pub const TEMPLATE: &str = include_str!("../../templates/auto_resume.sbatch");
 /// Slurm's limit for the `@LEAD` of `--signal` (seconds).
 const MAX_SIGNAL_LEAD: u32 = 65535;
 
-/// Why a script cannot be rendered: the key (config key path or argument) and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {message}")]
-pub struct RenderError {
-    pub key: String,
-    pub message: String,
-}
-
-fn err(key: impl Into<String>, message: impl Into<String>) -> RenderError {
-    RenderError {
-        key: key.into(),
-        message: message.into(),
-    }
+/// A script cannot be rendered: the key (config key path or argument) and what is wrong, as the
+/// config's one error.
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::at(key, message)
 }
 
 /// Render the auto-resume batch script for `cfg`.
@@ -55,7 +46,7 @@ pub fn render(
     config_path: &Path,
     hpc_ckpt: &Path,
     workdir: &Path,
-) -> Result<String, RenderError> {
+) -> Result<String, ConfigError> {
     let config_s = path_str("config_path", config_path)?;
     let hpc_ckpt_s = path_str("hpc_ckpt", hpc_ckpt)?;
     let workdir_s = path_str("workdir", workdir)?;
@@ -154,7 +145,7 @@ fn fill(template: &str, value: impl Fn(&str) -> Option<String>) -> String {
 }
 
 /// A path as UTF-8 text that fits on one line.
-fn path_str<'a>(key: &str, p: &'a Path) -> Result<&'a str, RenderError> {
+fn path_str<'a>(key: &str, p: &'a Path) -> Result<&'a str, ConfigError> {
     let s = p
         .to_str()
         .ok_or_else(|| err(key, format!("{} is not valid UTF-8", p.display())))?;
@@ -171,7 +162,7 @@ fn path_str<'a>(key: &str, p: &'a Path) -> Result<&'a str, RenderError> {
 }
 
 /// A value for an `#SBATCH` line: the characters the config validation allows (re-checked).
-fn sbatch_word<'a>(key: &str, v: &'a str) -> Result<&'a str, RenderError> {
+fn sbatch_word<'a>(key: &str, v: &'a str) -> Result<&'a str, ConfigError> {
     let ok = !v.is_empty()
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-,:/%=".contains(c));
@@ -188,7 +179,7 @@ fn sbatch_word<'a>(key: &str, v: &'a str) -> Result<&'a str, RenderError> {
 /// The output path as sbatch's directive parser takes it: `%` of the directory part is escaped
 /// by the caller; here the value is double-quoted when it is not a plain word. sbatch has no
 /// escape for `"` or `\` inside quotes, so those are refused.
-fn sbatch_path(key: &str, v: &str) -> Result<String, RenderError> {
+fn sbatch_path(key: &str, v: &str) -> Result<String, ConfigError> {
     if v.chars()
         .all(|c| c.is_ascii_alphanumeric() || "._-,:/%=+@".contains(c))
     {
@@ -241,7 +232,7 @@ const RESERVED: [&str; 17] = [
 ];
 
 /// The `#SBATCH` lines, in a fixed order.
-fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, RenderError> {
+fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, ConfigError> {
     let s = &cfg.slurm;
     let mut lines = Vec::new();
     let mut opt = |name: &str, value: String| lines.push(format!("#SBATCH --{name}={value}"));

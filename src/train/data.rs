@@ -17,8 +17,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::config::{DataConfig, ModelConfig, TrainConfig, TrainConfigError};
+use super::config::{DataConfig, ModelConfig, TrainConfig};
 use super::seeds::{data_seed, epoch_order_seed, SplitMix};
+use crate::config::ConfigError;
 
 /// A public-domain text (Lewis Carroll, *Alice's Adventures in Wonderland*, 1865, chapter 1),
 /// the default data of the `gpt` model: it runs with no download.
@@ -92,11 +93,8 @@ pub struct Dataset {
     pub vocab: Vec<char>,
 }
 
-fn cfg_err(key: &str, message: String) -> TrainConfigError {
-    TrainConfigError {
-        key: key.to_owned(),
-        message,
-    }
+fn cfg_err(key: &str, message: String) -> ConfigError {
+    ConfigError::at(key, message)
 }
 
 fn hash_hex(parts: &[&[u8]]) -> String {
@@ -119,7 +117,7 @@ fn split_count(n: usize, val_fraction: f64) -> usize {
 
 impl Dataset {
     /// Build or read the dataset of `cfg`.
-    pub fn load(cfg: &TrainConfig) -> Result<Dataset, TrainConfigError> {
+    pub fn load(cfg: &TrainConfig) -> Result<Dataset, ConfigError> {
         let vf = cfg.data.val_fraction();
         let seed = data_seed(cfg.seed);
         let ds = match &cfg.data {
@@ -384,7 +382,7 @@ impl Dataset {
 }
 
 /// Read an IDX file (`u8` data); `key` names the config key in errors.
-fn read_idx(key: &str, path: &Path) -> Result<(Vec<usize>, Vec<u8>), TrainConfigError> {
+fn read_idx(key: &str, path: &Path) -> Result<(Vec<usize>, Vec<u8>), ConfigError> {
     let e = |m: String| cfg_err(key, format!("{}: {m}", path.display()));
     let bytes = std::fs::read(path).map_err(|x| e(format!("cannot read: {x}")))?;
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {
