@@ -231,8 +231,26 @@ const RESERVED: [&str; 17] = [
     "signal",
 ];
 
-/// The `#SBATCH` lines, in a fixed order.
+/// The `#SBATCH` lines, in a fixed order: the allocation, the output file, the requeue and
+/// signal lines hpc-ckpt always sets, then the config's extra options.
 fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, ConfigError> {
+    let mut lines = allocation(cfg)?;
+    let (output_key, output) = output_file(cfg, workdir)?;
+    lines.push(format!(
+        "#SBATCH --output={}",
+        sbatch_path(output_key, &output)?
+    ));
+    lines.push("#SBATCH --requeue".into());
+    lines.push("#SBATCH --open-mode=append".into());
+    lines.push(signal(cfg)?);
+    for (i, e) in cfg.slurm.extra.iter().enumerate() {
+        lines.push(extra(i, e)?);
+    }
+    Ok(lines)
+}
+
+/// The allocation: job name, partition, time, the counts, memory, GPUs, account, QoS.
+fn allocation(cfg: &JobConfig) -> Result<Vec<String>, ConfigError> {
     let s = &cfg.slurm;
     let mut lines = Vec::new();
     let mut opt = |name: &str, value: String| lines.push(format!("#SBATCH --{name}={value}"));
@@ -280,71 +298,73 @@ fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, ConfigErro
             opt(name, sbatch_word(key, v)?.into());
         }
     }
+    Ok(lines)
+}
 
-    let output = match &s.output {
+/// The job's output file (`slurm.output` under the workdir, else `<run_dir>/slurm-%j.out`), and
+/// the key it came from.
+fn output_file(cfg: &JobConfig, workdir: &Path) -> Result<(&'static str, String), ConfigError> {
+    Ok(match &cfg.slurm.output {
         Some(o) => {
             let o = sbatch_word("slurm.output", o)?;
-            if o.starts_with('/') {
+            let path = if o.starts_with('/') {
                 o.to_string()
             } else {
                 let dir = escape_pattern(path_str("workdir", workdir)?);
                 format!("{}/{o}", dir.trim_end_matches('/'))
-            }
+            };
+            ("slurm.output", path)
         }
         None => {
             let run_dir = cfg.run_dir();
             let dir = absolute(workdir, &run_dir);
             let dir = path_str("run_dir", &dir)?;
-            format!("{}/slurm-%j.out", escape_pattern(dir).trim_end_matches('/'))
+            let path = format!("{}/slurm-%j.out", escape_pattern(dir).trim_end_matches('/'));
+            ("run_dir", path)
         }
-    };
-    let output_key = if s.output.is_some() {
-        "slurm.output"
-    } else {
-        "run_dir"
-    };
-    opt("output", sbatch_path(output_key, &output)?);
+    })
+}
 
-    lines.push("#SBATCH --requeue".into());
-    lines.push("#SBATCH --open-mode=append".into());
-    let warn = cfg.signals.warn.name();
-    if s.signal_lead > MAX_SIGNAL_LEAD {
+/// `--signal=B:<warn>@<lead>`, the lead within Slurm's limit.
+fn signal(cfg: &JobConfig) -> Result<String, ConfigError> {
+    let lead = cfg.slurm.signal_lead;
+    if lead > MAX_SIGNAL_LEAD {
         return Err(err(
             "slurm.signal_lead",
+            format!("{lead} is more than Slurm's limit of {MAX_SIGNAL_LEAD} seconds"),
+        ));
+    }
+    Ok(format!(
+        "#SBATCH --signal=B:{}@{lead}",
+        cfg.signals.warn.name()
+    ))
+}
+
+/// `slurm.extra[i]`: a long option that does not set what hpc-ckpt sets itself.
+fn extra(i: usize, e: &str) -> Result<String, ConfigError> {
+    let key = format!("slurm.extra[{i}]");
+    let name = e.strip_prefix("--").ok_or_else(|| {
+        err(
+            &key,
+            format!("{e:?} must be a long option such as --constraint=a100"),
+        )
+    })?;
+    sbatch_word(&key, name)?;
+    let name = name.split('=').next().unwrap_or_default();
+    // sbatch also takes an unambiguous prefix of a long option (`--part=`).
+    if let Some(r) = RESERVED
+        .iter()
+        .find(|r| name.len() >= 2 && r.starts_with(name))
+    {
+        return Err(err(
+            key,
             format!(
-                "{} is more than Slurm's limit of {MAX_SIGNAL_LEAD} seconds",
-                s.signal_lead
+                "{e:?} would set --{r}, which hpc-ckpt sets from the config (use the slurm \
+                 section's own key; --requeue, --open-mode and --signal are always set)"
             ),
         ));
     }
-    lines.push(format!("#SBATCH --signal=B:{warn}@{}", s.signal_lead));
-
-    for (i, e) in s.extra.iter().enumerate() {
-        let key = format!("slurm.extra[{i}]");
-        let name = e.strip_prefix("--").ok_or_else(|| {
-            err(
-                &key,
-                format!("{e:?} must be a long option such as --constraint=a100"),
-            )
-        })?;
-        sbatch_word(&key, name)?;
-        let name = name.split('=').next().unwrap_or_default();
-        // sbatch also takes an unambiguous prefix of a long option (`--part=`).
-        if let Some(r) = RESERVED
-            .iter()
-            .find(|r| name.len() >= 2 && r.starts_with(name))
-        {
-            return Err(err(
-                key,
-                format!(
-                    "{e:?} would set --{r}, which hpc-ckpt sets from the config (use the slurm \
-                     section's own key; --requeue, --open-mode and --signal are always set)"
-                ),
-            ));
-        }
-        lines.push(format!("#SBATCH {e}"));
-    }
-    Ok(lines)
+    Ok(format!("#SBATCH {e}"))
 }
 
 #[cfg(test)]
