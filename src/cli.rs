@@ -411,7 +411,7 @@ fn status_cmd(a: StatusArgs) -> Result<i32> {
     let report = status::inspect(&a.run_dir, a.verify)
         .with_context(|| format!("cannot read run dir {}", a.run_dir.display()))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", status::render_json(&report)?);
     } else {
         print!("{}", status::render_text(&report));
     }
