@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::exit_code;
 use crate::slurm::JobEnv;
 use crate::status;
-use crate::storage::retention::{Best, Mode, Periodic, RetentionPolicy};
+use crate::storage::retention::{Best, Periodic, RetentionPolicy};
 use crate::storage::run_dir::{holder, verify_all, RunDir};
 use crate::storage::verify::verify_checkpoint;
 use crate::storage::{CommitMeta, Snapshot, StorageError, Store};
@@ -186,17 +186,18 @@ pub struct CommitArgs {
     pub src_dir: PathBuf,
 }
 
-/// Retention flags. Without --keep-last nothing is ever deleted.
+/// Retention flags: storage's one policy type, each key a flag (`Best`/`Periodic` parse their
+/// flag spellings themselves). Without --keep-last nothing is ever deleted.
 #[derive(Debug, Args, Default)]
 pub struct RetentionArgs {
     /// Keep the newest N checkpoints (and those kept by the other rules); delete the rest.
     #[arg(long, value_name = "N")]
     pub keep_last: Option<usize>,
     /// Also keep the best checkpoint by a metric, e.g. `val_loss:min` or `acc:max`.
-    #[arg(long, value_name = "METRIC:min|max", value_parser = parse_best)]
+    #[arg(long, value_name = "METRIC:min|max")]
     pub keep_best: Option<Best>,
     /// Also keep checkpoints whose step is a multiple of N; `N:K` keeps only the newest K of them.
-    #[arg(long, value_name = "N[:K]", value_parser = parse_periodic)]
+    #[arg(long, value_name = "N[:K]")]
     pub keep_every: Option<Periodic>,
     /// Keep the checkpoint of this step forever (repeatable).
     #[arg(long = "milestone", value_name = "STEP")]
@@ -254,39 +255,6 @@ fn parse_metric(s: &str) -> std::result::Result<(String, f64), String> {
         return Err(format!("metric {k}: {v} is not finite"));
     }
     Ok((k.to_string(), v))
-}
-
-fn parse_best(s: &str) -> std::result::Result<Best, String> {
-    let (k, m) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} is not METRIC:min or METRIC:max"))?;
-    let mode = match m {
-        "min" => Mode::Min,
-        "max" => Mode::Max,
-        _ => return Err(format!("mode {m:?} is not min or max")),
-    };
-    if k.is_empty() {
-        return Err("metric name is empty".into());
-    }
-    Ok(Best {
-        monitor: k.into(),
-        mode,
-        keep: 1,
-    })
-}
-
-fn parse_periodic(s: &str) -> std::result::Result<Periodic, String> {
-    let (n, k) = match s.split_once(':') {
-        Some((n, k)) => (n, k.parse().map_err(|_| format!("{k:?} is not a count"))?),
-        None => (s, 0),
-    };
-    let every: u64 = n
-        .parse()
-        .map_err(|_| format!("{n:?} is not a step count"))?;
-    if every == 0 {
-        return Err("N must be at least 1".into());
-    }
-    Ok(Periodic { every, keep: k })
 }
 
 /// Run a parsed command; returns the process exit code.
@@ -443,7 +411,7 @@ fn status_cmd(a: StatusArgs) -> Result<i32> {
     let report = status::inspect(&a.run_dir, a.verify)
         .with_context(|| format!("cannot read run dir {}", a.run_dir.display()))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", status::render_json(&report)?);
     } else {
         print!("{}", status::render_text(&report));
     }
@@ -476,15 +444,13 @@ fn wrap(a: WrapCliArgs) -> Result<i32> {
     };
     let mut config = config;
     if let Some(n) = a.ranks {
-        config
-            .set_world_size(n)
-            .map_err(|message| crate::config::ConfigError {
-                file: a
-                    .config
+        config.set_world_size(n).map_err(|e| {
+            e.in_file(
+                a.config
                     .as_ref()
                     .map_or("--ranks".into(), |p| p.display().to_string()),
-                message,
-            })?;
+            )
+        })?;
     }
     let run_dir = a.run_dir.clone().unwrap_or_else(|| config.run_dir());
     let command = if a.command.is_empty() {
@@ -520,7 +486,7 @@ fn config_named_after(dir: &Path) -> Result<crate::config::JobConfig> {
             }
         })
         .collect();
-    crate::config::JobConfig::parse(&format!("name: {name}\n")).map_err(anyhow::Error::msg)
+    Ok(crate::config::JobConfig::parse(&format!("name: {name}\n"))?)
 }
 
 /// The typed workload of a command line: `train` is the built-in trainer (its config checked
@@ -544,12 +510,8 @@ fn sbatch(a: SbatchArgs) -> Result<i32> {
         Some(p) => p.clone(),
         None => crate::supervision::launcher::exe().context("locate this binary")?,
     };
-    let script = crate::slurm::template::render(&cfg, &a.config, &exe, &workdir).map_err(|e| {
-        crate::config::ConfigError {
-            file: a.config.display().to_string(),
-            message: e.to_string(),
-        }
-    })?;
+    let script = crate::slurm::template::render(&cfg, &a.config, &exe, &workdir)
+        .map_err(|e| e.in_file(a.config.display()))?;
     let run_dir = workdir.join(cfg.run_dir());
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("create run dir {}", run_dir.display()))?;
@@ -580,28 +542,25 @@ fn builtin_trainer(
     file: Option<&Path>,
     resume: &str,
 ) -> Result<Workload> {
-    let refused = |message: String| crate::config::ConfigError {
-        file: file
-            .map(|f| f.display().to_string())
-            .unwrap_or_else(|| "job config".into()),
-        message,
-    };
-    let tc = crate::train::config::TrainConfig::from_job(cfg)
-        .map_err(|e| refused(format!("{}: {}", e.key, e.message)))?;
+    let named = file
+        .map(|f| f.display().to_string())
+        .unwrap_or_else(|| "job config".into());
+    let tc = crate::train::config::TrainConfig::from_job(cfg).map_err(|e| e.in_file(&named))?;
     // Before anything starts CUDA (and while this process has one thread): cuBLAS reads it then.
     crate::train::trainer::set_cuda_determinism_env(&tc);
     if tc.device == crate::train::config::DeviceChoice::Cuda {
-        crate::train::trainer::resolve_device(tc.device).map_err(|e| refused(e.to_string()))?;
+        crate::train::trainer::resolve_device(tc.device)
+            .map_err(|e| crate::config::ConfigError::at("device", e.to_string()).in_file(&named))?;
     }
     let world = cfg.world_size();
     if world > 1 {
-        crate::train::trainer::world_fits(tc.batch_size, world)
-            .map_err(|e| refused(format!("{}: {}", e.key, e.message)))?;
+        crate::train::trainer::world_fits(tc.batch_size, world).map_err(|e| e.in_file(&named))?;
         if resume != "auto" {
-            return Err(refused(format!(
+            return Err(crate::config::ConfigError::whole(format!(
                 "--resume {resume}: a job of {world} ranks resumes from the run dir's newest \
                  checkpoint that restores (--resume auto); to start over, use a new run dir"
             ))
+            .in_file(&named)
             .into());
         }
         let exe =

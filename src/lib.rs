@@ -10,6 +10,7 @@
 //!   (`wrap`).
 //! - [`slurm`]: the scheduler's environment, `scontrol`/`sbatch`, the sbatch template.
 //! - [`config`]: the job config (`job.yaml`), parsed strictly, read by every layer above.
+//! - [`sig`]: the signals hpc-ckpt handles, by name (the config parses into them).
 //! - [`storage`] knows nothing of torch or Slurm: checkpoint format, atomic commit, verification,
 //!   retention, the run lock and the journal.
 
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod exit_code;
 pub mod plot;
+pub mod sig;
 pub mod slurm;
 pub mod status;
 pub mod storage;

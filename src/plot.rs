@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::storage::lock;
@@ -255,6 +256,11 @@ fn step_range(segments: &[Segment], marks: &[Mark]) -> (f64, f64) {
     ((lo - pad).max(0.0), hi + pad)
 }
 
+/// The chart of one panel: steps across, the metric up.
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One panel: `metric` by step, each allocation its own curve, over the redone spans, with the
+/// interruptions marked. The first panel also carries the labels and the legend.
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     metric: &str,
@@ -266,23 +272,7 @@ fn panel<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let values: Vec<f64> = segments
-        .iter()
-        .flat_map(|s| s.records.iter().filter_map(|r| r.metrics.get(metric)))
-        .copied()
-        .filter(|v| v.is_finite())
-        .collect();
-    let (lo, hi) = values
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-    let (lo, hi) = if values.is_empty() {
-        (0.0, 1.0)
-    } else {
-        (lo, hi)
-    };
-    let pad = ((hi - lo) * 0.08).max(1e-6);
-    // Room above the curves for the interruption labels (top panel).
-    let (y0, y1) = (lo - pad, hi + pad * if first { 3.5 } else { 1.0 });
+    let (y0, y1) = value_range(metric, segments, first);
     let mut chart = ChartBuilder::on(area)
         .margin(12)
         .x_label_area_size(36)
@@ -302,6 +292,52 @@ where
         .axis_desc_style(("sans-serif", 15))
         .draw()?;
     // Redone spans first, under the curves.
+    draw_redone(&mut chart, marks, (y0, y1), first)?;
+    draw_curves(&mut chart, metric, segments, first)?;
+    draw_marks(&mut chart, marks, (x0, x1), (y0, y1), first)?;
+    if first {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .draw()?;
+    }
+    Ok(())
+}
+
+/// The value axis of `metric`: every finite value, with a little room (more above the curves
+/// of the first panel, for the interruption labels).
+fn value_range(metric: &str, segments: &[Segment], first: bool) -> (f64, f64) {
+    let values: Vec<f64> = segments
+        .iter()
+        .flat_map(|s| s.records.iter().filter_map(|r| r.metrics.get(metric)))
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = values
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    let (lo, hi) = if values.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (lo, hi)
+    };
+    let pad = ((hi - lo) * 0.08).max(1e-6);
+    (lo - pad, hi + pad * if first { 3.5 } else { 1.0 })
+}
+
+/// Shade the steps each interruption made the run redo (from its resume point to its step).
+fn draw_redone<DB: DrawingBackend>(
+    chart: &mut Chart<'_, DB>,
+    marks: &[Mark],
+    (y0, y1): (f64, f64),
+    first: bool,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
     let mut shaded = false;
     for m in marks {
         if let Some(r) = m.resumed_from.filter(|r| *r < m.step) {
@@ -317,6 +353,19 @@ where
             shaded = true;
         }
     }
+    Ok(())
+}
+
+/// One curve per allocation (a lone point as a dot).
+fn draw_curves<DB: DrawingBackend>(
+    chart: &mut Chart<'_, DB>,
+    metric: &str,
+    segments: &[Segment],
+    first: bool,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
     for s in segments {
         let color = PALETTE[s.alloc % PALETTE.len()];
         let pts: Vec<(f64, f64)> = s
@@ -341,6 +390,21 @@ where
             chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
         }
     }
+    Ok(())
+}
+
+/// Each interruption: a vertical line at its step, a triangle at its resume point, and (first
+/// panel) its label.
+fn draw_marks<DB: DrawingBackend>(
+    chart: &mut Chart<'_, DB>,
+    marks: &[Mark],
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+    first: bool,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
     for (i, m) in marks.iter().enumerate() {
         let color = match m.kind {
             Interruption::Announced => RGBColor(90, 90, 90),
@@ -365,17 +429,6 @@ where
         if first {
             // Labels alternate between two rows so that close interruptions stay readable.
             let row = y1 - (y1 - y0) * (0.03 + 0.07 * (i % 2) as f64);
-            let label = match m.resumed_from {
-                Some(r) if r < m.step => format!(
-                    "{} @ {} (resumed {}, {} redone)",
-                    kind_label(m.kind),
-                    m.step,
-                    r,
-                    m.step - r
-                ),
-                Some(r) => format!("{} @ {} (resumed {})", kind_label(m.kind), m.step, r),
-                None => format!("{} @ {}", kind_label(m.kind), m.step),
-            };
             let right = x > (x0 + x1) / 2.0;
             let style = TextStyle::from(("sans-serif", 13).into_font())
                 .color(&color)
@@ -388,19 +441,29 @@ where
                     plotters::style::text_anchor::VPos::Top,
                 ));
             let dx = (x1 - x0) * 0.006 * if right { -1.0 } else { 1.0 };
-            chart.draw_series(std::iter::once(Text::new(label, (x + dx, row), style)))?;
+            chart.draw_series(std::iter::once(Text::new(
+                mark_label(m),
+                (x + dx, row),
+                style,
+            )))?;
         }
     }
-    if first {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .draw()?;
-    }
     Ok(())
+}
+
+/// `unannounced @ 120 (resumed 100, 20 redone)`.
+fn mark_label(m: &Mark) -> String {
+    match m.resumed_from {
+        Some(r) if r < m.step => format!(
+            "{} @ {} (resumed {}, {} redone)",
+            kind_label(m.kind),
+            m.step,
+            r,
+            m.step - r
+        ),
+        Some(r) => format!("{} @ {} (resumed {})", kind_label(m.kind), m.step, r),
+        None => format!("{} @ {}", kind_label(m.kind), m.step),
+    }
 }
 
 /// The loss by step as Unicode block characters, at most `width` wide (each character the mean

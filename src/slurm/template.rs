@@ -20,7 +20,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use crate::config::JobConfig;
+use crate::config::{ConfigError, JobConfig};
 
 /// The template, with `{{header}}`, `{{directives}}`, `{{setup}}`, `{{workdir}}` and `{{exec}}`.
 pub const TEMPLATE: &str = include_str!("../../templates/auto_resume.sbatch");
@@ -28,19 +28,10 @@ pub const TEMPLATE: &str = include_str!("../../templates/auto_resume.sbatch");
 /// Slurm's limit for the `@LEAD` of `--signal` (seconds).
 const MAX_SIGNAL_LEAD: u32 = 65535;
 
-/// Why a script cannot be rendered: the key (config key path or argument) and what is wrong.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {message}")]
-pub struct RenderError {
-    pub key: String,
-    pub message: String,
-}
-
-fn err(key: impl Into<String>, message: impl Into<String>) -> RenderError {
-    RenderError {
-        key: key.into(),
-        message: message.into(),
-    }
+/// A script cannot be rendered: the key (config key path or argument) and what is wrong, as the
+/// config's one error.
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::at(key, message)
 }
 
 /// Render the auto-resume batch script for `cfg`.
@@ -55,7 +46,7 @@ pub fn render(
     config_path: &Path,
     hpc_ckpt: &Path,
     workdir: &Path,
-) -> Result<String, RenderError> {
+) -> Result<String, ConfigError> {
     let config_s = path_str("config_path", config_path)?;
     let hpc_ckpt_s = path_str("hpc_ckpt", hpc_ckpt)?;
     let workdir_s = path_str("workdir", workdir)?;
@@ -154,7 +145,7 @@ fn fill(template: &str, value: impl Fn(&str) -> Option<String>) -> String {
 }
 
 /// A path as UTF-8 text that fits on one line.
-fn path_str<'a>(key: &str, p: &'a Path) -> Result<&'a str, RenderError> {
+fn path_str<'a>(key: &str, p: &'a Path) -> Result<&'a str, ConfigError> {
     let s = p
         .to_str()
         .ok_or_else(|| err(key, format!("{} is not valid UTF-8", p.display())))?;
@@ -171,7 +162,7 @@ fn path_str<'a>(key: &str, p: &'a Path) -> Result<&'a str, RenderError> {
 }
 
 /// A value for an `#SBATCH` line: the characters the config validation allows (re-checked).
-fn sbatch_word<'a>(key: &str, v: &'a str) -> Result<&'a str, RenderError> {
+fn sbatch_word<'a>(key: &str, v: &'a str) -> Result<&'a str, ConfigError> {
     let ok = !v.is_empty()
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-,:/%=".contains(c));
@@ -188,7 +179,7 @@ fn sbatch_word<'a>(key: &str, v: &'a str) -> Result<&'a str, RenderError> {
 /// The output path as sbatch's directive parser takes it: `%` of the directory part is escaped
 /// by the caller; here the value is double-quoted when it is not a plain word. sbatch has no
 /// escape for `"` or `\` inside quotes, so those are refused.
-fn sbatch_path(key: &str, v: &str) -> Result<String, RenderError> {
+fn sbatch_path(key: &str, v: &str) -> Result<String, ConfigError> {
     if v.chars()
         .all(|c| c.is_ascii_alphanumeric() || "._-,:/%=+@".contains(c))
     {
@@ -240,8 +231,26 @@ const RESERVED: [&str; 17] = [
     "signal",
 ];
 
-/// The `#SBATCH` lines, in a fixed order.
-fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, RenderError> {
+/// The `#SBATCH` lines, in a fixed order: the allocation, the output file, the requeue and
+/// signal lines hpc-ckpt always sets, then the config's extra options.
+fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, ConfigError> {
+    let mut lines = allocation(cfg)?;
+    let (output_key, output) = output_file(cfg, workdir)?;
+    lines.push(format!(
+        "#SBATCH --output={}",
+        sbatch_path(output_key, &output)?
+    ));
+    lines.push("#SBATCH --requeue".into());
+    lines.push("#SBATCH --open-mode=append".into());
+    lines.push(signal(cfg)?);
+    for (i, e) in cfg.slurm.extra.iter().enumerate() {
+        lines.push(extra(i, e)?);
+    }
+    Ok(lines)
+}
+
+/// The allocation: job name, partition, time, the counts, memory, GPUs, account, QoS.
+fn allocation(cfg: &JobConfig) -> Result<Vec<String>, ConfigError> {
     let s = &cfg.slurm;
     let mut lines = Vec::new();
     let mut opt = |name: &str, value: String| lines.push(format!("#SBATCH --{name}={value}"));
@@ -289,71 +298,73 @@ fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, RenderErro
             opt(name, sbatch_word(key, v)?.into());
         }
     }
+    Ok(lines)
+}
 
-    let output = match &s.output {
+/// The job's output file (`slurm.output` under the workdir, else `<run_dir>/slurm-%j.out`), and
+/// the key it came from.
+fn output_file(cfg: &JobConfig, workdir: &Path) -> Result<(&'static str, String), ConfigError> {
+    Ok(match &cfg.slurm.output {
         Some(o) => {
             let o = sbatch_word("slurm.output", o)?;
-            if o.starts_with('/') {
+            let path = if o.starts_with('/') {
                 o.to_string()
             } else {
                 let dir = escape_pattern(path_str("workdir", workdir)?);
                 format!("{}/{o}", dir.trim_end_matches('/'))
-            }
+            };
+            ("slurm.output", path)
         }
         None => {
             let run_dir = cfg.run_dir();
             let dir = absolute(workdir, &run_dir);
             let dir = path_str("run_dir", &dir)?;
-            format!("{}/slurm-%j.out", escape_pattern(dir).trim_end_matches('/'))
+            let path = format!("{}/slurm-%j.out", escape_pattern(dir).trim_end_matches('/'));
+            ("run_dir", path)
         }
-    };
-    let output_key = if s.output.is_some() {
-        "slurm.output"
-    } else {
-        "run_dir"
-    };
-    opt("output", sbatch_path(output_key, &output)?);
+    })
+}
 
-    lines.push("#SBATCH --requeue".into());
-    lines.push("#SBATCH --open-mode=append".into());
-    let warn = cfg.signals.warn.name();
-    if s.signal_lead > MAX_SIGNAL_LEAD {
+/// `--signal=B:<warn>@<lead>`, the lead within Slurm's limit.
+fn signal(cfg: &JobConfig) -> Result<String, ConfigError> {
+    let lead = cfg.slurm.signal_lead;
+    if lead > MAX_SIGNAL_LEAD {
         return Err(err(
             "slurm.signal_lead",
+            format!("{lead} is more than Slurm's limit of {MAX_SIGNAL_LEAD} seconds"),
+        ));
+    }
+    Ok(format!(
+        "#SBATCH --signal=B:{}@{lead}",
+        cfg.signals.warn.name()
+    ))
+}
+
+/// `slurm.extra[i]`: a long option that does not set what hpc-ckpt sets itself.
+fn extra(i: usize, e: &str) -> Result<String, ConfigError> {
+    let key = format!("slurm.extra[{i}]");
+    let name = e.strip_prefix("--").ok_or_else(|| {
+        err(
+            &key,
+            format!("{e:?} must be a long option such as --constraint=a100"),
+        )
+    })?;
+    sbatch_word(&key, name)?;
+    let name = name.split('=').next().unwrap_or_default();
+    // sbatch also takes an unambiguous prefix of a long option (`--part=`).
+    if let Some(r) = RESERVED
+        .iter()
+        .find(|r| name.len() >= 2 && r.starts_with(name))
+    {
+        return Err(err(
+            key,
             format!(
-                "{} is more than Slurm's limit of {MAX_SIGNAL_LEAD} seconds",
-                s.signal_lead
+                "{e:?} would set --{r}, which hpc-ckpt sets from the config (use the slurm \
+                 section's own key; --requeue, --open-mode and --signal are always set)"
             ),
         ));
     }
-    lines.push(format!("#SBATCH --signal=B:{warn}@{}", s.signal_lead));
-
-    for (i, e) in s.extra.iter().enumerate() {
-        let key = format!("slurm.extra[{i}]");
-        let name = e.strip_prefix("--").ok_or_else(|| {
-            err(
-                &key,
-                format!("{e:?} must be a long option such as --constraint=a100"),
-            )
-        })?;
-        sbatch_word(&key, name)?;
-        let name = name.split('=').next().unwrap_or_default();
-        // sbatch also takes an unambiguous prefix of a long option (`--part=`).
-        if let Some(r) = RESERVED
-            .iter()
-            .find(|r| name.len() >= 2 && r.starts_with(name))
-        {
-            return Err(err(
-                key,
-                format!(
-                    "{e:?} would set --{r}, which hpc-ckpt sets from the config (use the slurm \
-                     section's own key; --requeue, --open-mode and --signal are always set)"
-                ),
-            ));
-        }
-        lines.push(format!("#SBATCH {e}"));
-    }
-    Ok(lines)
+    Ok(format!("#SBATCH {e}"))
 }
 
 #[cfg(test)]

@@ -68,7 +68,8 @@ pub enum StorageError {
     NothingValid { run_dir: PathBuf, detail: String },
 }
 
-fn join_faults(faults: &[Fault]) -> String {
+/// Faults as one line, `; `-separated.
+pub fn join_faults(faults: &[Fault]) -> String {
     faults
         .iter()
         .map(|f| f.to_string())

@@ -41,6 +41,49 @@ fn one() -> usize {
     1
 }
 
+/// `--keep-best METRIC:min|max` (keeps the one best).
+impl std::str::FromStr for Best {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Best, String> {
+        let (k, m) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not METRIC:min or METRIC:max"))?;
+        let mode = match m {
+            "min" => Mode::Min,
+            "max" => Mode::Max,
+            _ => return Err(format!("mode {m:?} is not min or max")),
+        };
+        if k.is_empty() {
+            return Err("metric name is empty".into());
+        }
+        Ok(Best {
+            monitor: k.into(),
+            mode,
+            keep: one(),
+        })
+    }
+}
+
+/// `--keep-every N[:K]`.
+impl std::str::FromStr for Periodic {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Periodic, String> {
+        let (n, k) = match s.split_once(':') {
+            Some((n, k)) => (n, k.parse().map_err(|_| format!("{k:?} is not a count"))?),
+            None => (s, 0),
+        };
+        let every: u64 = n
+            .parse()
+            .map_err(|_| format!("{n:?} is not a step count"))?;
+        if every == 0 {
+            return Err("N must be at least 1".into());
+        }
+        Ok(Periodic { every, keep: k })
+    }
+}
+
 /// A retention policy. `keep_last: None` keeps everything (nothing is ever deleted).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -20,8 +20,6 @@ use super::history::{Chain, Mtbf};
 pub const RECENT_SAVES: usize = 5;
 /// δ before any save of the run was measured.
 pub const ASSUMED_STALL_SECONDS: f64 = 1.0;
-/// The default prior MTBF, `checkpoint.mtbf` (24 h).
-pub const DEFAULT_MTBF_SECONDS: f64 = 24.0 * 3600.0;
 
 /// Daly's optimum interval (seconds of work between saves) for a save costing `delta` seconds
 /// and a mean time between failures of `mtbf` seconds.
@@ -120,6 +118,7 @@ impl AutoInterval {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_MTBF_SECONDS;
     use crate::supervision::events::Stamped;
     use crate::supervision::history::fold;
     use serde_json::json;

@@ -7,18 +7,20 @@
 //! - [`workload`]: what runs (built-in trainer in-process, or a program) and how it can fail.
 //! - [`deadline`]: the time-limit watch: a last save before the time limit when no warning
 //!   signal comes.
-//! - [`stop`]: the stop sequence (forward, grace, TERM, KILL) as a state machine.
+//! - [`stop`]: the stop sequence (forward, grace, TERM, KILL) as a state machine; `wrap/stopping.rs`
+//!   carries out its actions.
 //! - [`protocol`]: the child protocol: staging, commit requests, answers, kept files — per rank,
-//!   with one coordinated commit of every rank's files.
+//!   with one coordinated commit of every rank's files (the commit protocol itself:
+//!   `protocol/commit.rs`; the wire format: `protocol/request.rs`).
 //! - [`client`]: the program's side of the protocol, for the built-in trainer's ranks.
 //! - [`ranks`]: the ranks of a multi-rank job: how they start (`srun`, locally, the program's
 //!   own launcher), each rank's environment (`hpc-ckpt rank`), per-rank file names.
 //! - [`events`] and [`history`]: the supervisor's journal events and the one fold from the
-//!   journal to allocations (read by the policy and by `status`).
+//!   journal to allocations (`history/fold.rs`; read by the policy and by `status`).
 //! - [`interval`]: the checkpoint interval from data (Daly's optimum for the measured save stall
 //!   and the journal's mean time between unannounced interruptions).
 //! - [`policy`]: whether to requeue, from the allocation's outcome and the run's history.
-//! - [`wrap`]: one allocation: open, run the workload, decide, journal.
+//! - [`wrap`]: one allocation: open, run the workload (`wrap/run.rs`), decide, journal.
 
 pub mod child;
 pub mod client;

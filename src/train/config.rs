@@ -5,8 +5,8 @@
 //! metric the trainer records).
 //!
 //! Guarantees: parsing is strict — an unknown key, a wrong type or an impossible value is refused
-//! with a [`TrainConfigError`] that names the key path (`model.hidden[1]`), what was found and
-//! what is accepted; nothing here panics on user input. Files named by `data` are checked to
+//! with the config's one [`ConfigError`], which names the key path (`model.hidden[1]`), what was
+//! found and what is accepted; nothing here panics on user input. Files named by `data` are checked to
 //! exist. [`TrainConfig::hashed`] is the canonical JSON of every key that changes the numbers
 //! a run produces (all but the safe keys `max_steps`, `epochs`, `eval.every_steps`, `threads`
 //! and the `checkpoint` policy), which a checkpoint records to refuse resuming a different job.
@@ -20,22 +20,14 @@ use serde_yaml::{Mapping, Value};
 
 use super::optim::{AdamConfig, OptimizerConfig, SgdConfig};
 use super::sched::{AnnealConfig, ConstantConfig, SchedulerConfig};
-use crate::config::JobConfig;
+use crate::config::{
+    CheckpointConfig, ConfigError, Interval, JobConfig, OnSaveError, DEFAULT_MTBF_SECONDS,
+};
 use crate::storage::retention::Best;
 
-/// A trainer config error: the key path and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{key}: {message}")]
-pub struct TrainConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-fn err(key: impl Into<String>, message: impl Into<String>) -> TrainConfigError {
-    TrainConfigError {
-        key: key.into(),
-        message: message.into(),
-    }
+/// A trainer key refused: its path and what is wrong with it (the config's one error).
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::at(key, message)
 }
 
 /// An integer ≥ 1 (errors say "expected a positive integer" and what was found).
@@ -154,7 +146,7 @@ impl LossScaleConfig {
     /// The values torch.amp.GradScaler accepts and a float32 scale can hold: `init_scale` finite
     /// and positive within float32, `growth_factor` > 1, `backoff_factor` in (0, 1). Errors name
     /// the key under `loss_scale`.
-    fn validate(&self) -> Result<(), TrainConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let s = self.init_scale;
         if !(s.is_finite() && s > 0.0 && s <= f64::from(f32::MAX)) {
             return Err(err(
@@ -410,11 +402,7 @@ pub struct TrainConfig {
 }
 
 /// Split a `{kind: ..., ...}` mapping into its kind (one of `accepted`) and the other keys.
-fn split_kind(
-    key: &str,
-    v: &Value,
-    accepted: &[&str],
-) -> Result<(String, Value), TrainConfigError> {
+fn split_kind(key: &str, v: &Value, accepted: &[&str]) -> Result<(String, Value), ConfigError> {
     let list = accepted.join(", ");
     let Value::Mapping(m) = v else {
         return Err(err(
@@ -457,7 +445,7 @@ fn split_kind(
 }
 
 /// Deserialize `v` as `T`, naming `key` + the inner path in errors.
-fn de<T: DeserializeOwned>(key: &str, v: Value) -> Result<T, TrainConfigError> {
+fn de<T: DeserializeOwned>(key: &str, v: Value) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
@@ -485,7 +473,7 @@ fn found(v: &Value) -> String {
     }
 }
 
-fn check_dropout(key: &str, p: f64) -> Result<(), TrainConfigError> {
+fn check_dropout(key: &str, p: f64) -> Result<(), ConfigError> {
     if p.is_finite() && (0.0..1.0).contains(&p) {
         Ok(())
     } else {
@@ -496,7 +484,7 @@ fn check_dropout(key: &str, p: f64) -> Result<(), TrainConfigError> {
     }
 }
 
-fn check_file(key: &str, p: &std::path::Path) -> Result<(), TrainConfigError> {
+fn check_file(key: &str, p: &std::path::Path) -> Result<(), ConfigError> {
     match std::fs::metadata(p) {
         Ok(m) if m.is_file() => Ok(()),
         Ok(_) => Err(err(key, format!("{} is not a regular file", p.display()))),
@@ -504,7 +492,7 @@ fn check_file(key: &str, p: &std::path::Path) -> Result<(), TrainConfigError> {
     }
 }
 
-fn parse_model(v: &Value) -> Result<ModelConfig, TrainConfigError> {
+fn parse_model(v: &Value) -> Result<ModelConfig, ConfigError> {
     let (kind, rest) = split_kind("model", v, &["mlp", "cnn", "gpt"])?;
     let m = match kind.as_str() {
         "mlp" => {
@@ -541,7 +529,7 @@ fn parse_model(v: &Value) -> Result<ModelConfig, TrainConfigError> {
     Ok(m)
 }
 
-fn parse_data(v: &Value, model: &ModelConfig) -> Result<DataConfig, TrainConfigError> {
+fn parse_data(v: &Value, model: &ModelConfig) -> Result<DataConfig, ConfigError> {
     let (kind, rest) = split_kind(
         "data",
         v,
@@ -607,7 +595,7 @@ fn parse_data(v: &Value, model: &ModelConfig) -> Result<DataConfig, TrainConfigE
     Ok(d)
 }
 
-fn parse_optimizer(v: Option<&Value>) -> Result<OptimizerConfig, TrainConfigError> {
+fn parse_optimizer(v: Option<&Value>) -> Result<OptimizerConfig, ConfigError> {
     let Some(v) = v else {
         return Ok(OptimizerConfig::Adam(AdamConfig::default()));
     };
@@ -629,7 +617,7 @@ fn parse_optimizer(v: Option<&Value>) -> Result<OptimizerConfig, TrainConfigErro
     Ok(c)
 }
 
-fn parse_scheduler(v: Option<&Value>) -> Result<SchedulerConfig, TrainConfigError> {
+fn parse_scheduler(v: Option<&Value>) -> Result<SchedulerConfig, ConfigError> {
     let Some(v) = v else {
         return Ok(SchedulerConfig::Constant(ConstantConfig::default()));
     };
@@ -659,7 +647,7 @@ fn parse_scheduler(v: Option<&Value>) -> Result<SchedulerConfig, TrainConfigErro
 /// could keep: the eval metric (recorded in the checkpoint of each eval step) or `loss` (the
 /// training loss of the checkpoint's own step). `lr` is recorded too but is the schedule's value,
 /// not a measure of the model: refused.
-fn check_monitor(monitor: &str, eval: Option<&EvalConfig>) -> Result<(), TrainConfigError> {
+fn check_monitor(monitor: &str, eval: Option<&EvalConfig>) -> Result<(), ConfigError> {
     const KEY: &str = "checkpoint.keep_best.monitor";
     match eval {
         _ if monitor == "loss" => Ok(()),
@@ -691,131 +679,192 @@ fn check_monitor(monitor: &str, eval: Option<&EvalConfig>) -> Result<(), TrainCo
     }
 }
 
-fn positive(key: &str, v: Option<u64>) -> Result<Option<u64>, TrainConfigError> {
+fn positive(key: &str, v: Option<u64>) -> Result<Option<u64>, ConfigError> {
     match v {
         Some(0) => Err(err(key, "expected a positive integer, found 0")),
         other => Ok(other),
     }
 }
 
+/// `device`: cpu (the default), cuda or auto.
+fn parse_device(v: Option<&str>) -> Result<DeviceChoice, ConfigError> {
+    match v {
+        None => Ok(DeviceChoice::Cpu),
+        Some(s) => de::<DeviceChoice>("device", Value::String(s.to_owned())).map_err(|_| {
+            err(
+                "device",
+                format!("unknown device {s:?}; accepted: cpu, cuda, auto"),
+            )
+        }),
+    }
+}
+
+/// `precision`: fp32 (default), bf16 or fp16.
+fn parse_precision(v: Option<&str>) -> Result<Precision, ConfigError> {
+    match v {
+        None => Ok(Precision::Fp32),
+        Some(s) => de::<Precision>("precision", Value::String(s.to_owned())).map_err(|_| {
+            err(
+                "precision",
+                format!("unknown precision {s:?}; accepted: fp32, bf16, fp16"),
+            )
+        }),
+    }
+}
+
+/// `loss_scale`: the fp16 scaler's settings, refused with any other precision.
+fn parse_loss_scale(
+    v: Option<&Value>,
+    precision: Precision,
+) -> Result<LossScaleConfig, ConfigError> {
+    match v {
+        None => Ok(LossScaleConfig::default()),
+        Some(_) if precision != Precision::Fp16 => Err(err(
+            "loss_scale",
+            format!(
+                "configures the fp16 loss scaler, but precision is {}; accepted: \
+                 precision: fp16 with loss_scale, or no loss_scale",
+                precision.name()
+            ),
+        )),
+        Some(v) => {
+            let c: LossScaleConfig = de("loss_scale", v.clone())?;
+            c.validate()?;
+            Ok(c)
+        }
+    }
+}
+
+/// `threads`: 1 to 1024, default 1.
+fn parse_threads(v: Option<u32>) -> Result<u32, ConfigError> {
+    match v {
+        None => Ok(1),
+        Some(0) => Err(err("threads", "expected a positive integer, found 0")),
+        Some(n) if n > 1024 => Err(err(
+            "threads",
+            format!("expected at most 1024 threads, found {n}"),
+        )),
+        Some(n) => Ok(n),
+    }
+}
+
+/// `model`: required.
+fn parse_model_key(v: Option<&Value>) -> Result<ModelConfig, ConfigError> {
+    match v {
+        None => Err(err(
+            "model",
+            "missing; accepted: {kind: mlp, hidden: [..]}, {kind: cnn, channels: [..]}, \
+             {kind: gpt, layers, heads, d_model, context}",
+        )),
+        Some(v) => parse_model(v),
+    }
+}
+
+/// `batch_size`: 1 to 2^20, default 32.
+fn parse_batch_size(v: Option<u64>) -> Result<u64, ConfigError> {
+    let batch_size = positive("batch_size", v)?.unwrap_or(32);
+    if batch_size > 1 << 20 {
+        return Err(err(
+            "batch_size",
+            format!("expected at most {}, found {batch_size}", 1u64 << 20),
+        ));
+    }
+    Ok(batch_size)
+}
+
+/// `epochs` and `max_steps`: each positive, at least one of them given.
+fn parse_length(
+    epochs: Option<u64>,
+    max_steps: Option<u64>,
+) -> Result<(Option<u64>, Option<u64>), ConfigError> {
+    let epochs = positive("epochs", epochs)?;
+    let max_steps = positive("max_steps", max_steps)?;
+    if epochs.is_none() && max_steps.is_none() {
+        return Err(err(
+            "max_steps",
+            "missing: give max_steps (optimizer steps) or epochs (passes over the data), or both",
+        ));
+    }
+    Ok((epochs, max_steps))
+}
+
+/// `grad_clip`: a positive max norm, or none.
+fn parse_grad_clip(v: Option<f64>) -> Result<Option<f64>, ConfigError> {
+    match v {
+        Some(c) if !(c.is_finite() && c > 0.0) => Err(err(
+            "grad_clip",
+            format!("expected a positive max norm, found {c}"),
+        )),
+        c => Ok(c),
+    }
+}
+
+/// `eval`: its metric one the trainer records, and held-out samples in `data` to compute it.
+fn parse_eval(v: Option<&Value>, data: &DataConfig) -> Result<Option<EvalConfig>, ConfigError> {
+    let Some(v) = v else {
+        return Ok(None);
+    };
+    let e: EvalConfig = de("eval", v.clone())?;
+    if e.metric != "val_loss" {
+        return Err(err(
+            "eval.metric",
+            format!("unknown metric {:?}; accepted: val_loss", e.metric),
+        ));
+    }
+    if data.val_fraction() == 0.0 {
+        return Err(err(
+            "data.val_fraction",
+            "is 0, but eval needs held-out samples; accepted: a fraction in (0, 0.9)",
+        ));
+    }
+    Ok(Some(e))
+}
+
+/// The keys that read the eval metric (`checkpoint.keep_best`'s monitor, the plateau
+/// scheduler) need an `eval` that records it.
+fn check_needs_eval(
+    scheduler: &SchedulerConfig,
+    keep_best: Option<&Best>,
+    eval: Option<&EvalConfig>,
+) -> Result<(), ConfigError> {
+    if let Some(b) = keep_best {
+        check_monitor(&b.monitor, eval)?;
+    }
+    if matches!(scheduler, SchedulerConfig::Plateau(_)) && eval.is_none() {
+        return Err(err(
+            "scheduler.kind",
+            "plateau reduces the lr on the eval metric; add eval: {every_steps: N}",
+        ));
+    }
+    Ok(())
+}
+
+/// `checkpoint.interval: auto`: the prior MTBF (`checkpoint.mtbf`, validated with the job).
+fn auto_mtbf(ck: &CheckpointConfig) -> Option<f64> {
+    (ck.interval == Some(Interval::Auto)).then(|| ck.mtbf_seconds().unwrap_or(DEFAULT_MTBF_SECONDS))
+}
+
 impl TrainConfig {
-    /// Type and validate the trainer keys of `job`.
-    pub fn from_job(job: &JobConfig) -> Result<TrainConfig, TrainConfigError> {
-        let device = match job.device.as_deref() {
-            None => DeviceChoice::Cpu,
-            Some(s) => de::<DeviceChoice>("device", Value::String(s.to_owned())).map_err(|_| {
-                err(
-                    "device",
-                    format!("unknown device {s:?}; accepted: cpu, cuda, auto"),
-                )
-            })?,
-        };
-        let precision = match job.precision.as_deref() {
-            None => Precision::Fp32,
-            Some(s) => de::<Precision>("precision", Value::String(s.to_owned())).map_err(|_| {
-                err(
-                    "precision",
-                    format!("unknown precision {s:?}; accepted: fp32, bf16, fp16"),
-                )
-            })?,
-        };
-        let loss_scale = match &job.loss_scale {
-            None => LossScaleConfig::default(),
-            Some(_) if precision != Precision::Fp16 => {
-                return Err(err(
-                    "loss_scale",
-                    format!(
-                        "configures the fp16 loss scaler, but precision is {}; accepted: \
-                         precision: fp16 with loss_scale, or no loss_scale",
-                        precision.name()
-                    ),
-                ))
-            }
-            Some(v) => {
-                let c: LossScaleConfig = de("loss_scale", v.clone())?;
-                c.validate()?;
-                c
-            }
-        };
-        let threads = match job.threads {
-            None => 1,
-            Some(0) => return Err(err("threads", "expected a positive integer, found 0")),
-            Some(n) if n > 1024 => {
-                return Err(err(
-                    "threads",
-                    format!("expected at most 1024 threads, found {n}"),
-                ))
-            }
-            Some(n) => n,
-        };
-        let model =
-            match &job.model {
-                None => return Err(err(
-                    "model",
-                    "missing; accepted: {kind: mlp, hidden: [..]}, {kind: cnn, channels: [..]}, \
-                     {kind: gpt, layers, heads, d_model, context}",
-                )),
-                Some(v) => parse_model(v)?,
-            };
+    /// Type and validate the trainer keys of `job`: one named step a key (or a pair of keys
+    /// checked together), then the checks across keys.
+    pub fn from_job(job: &JobConfig) -> Result<TrainConfig, ConfigError> {
+        let device = parse_device(job.device.as_deref())?;
+        let precision = parse_precision(job.precision.as_deref())?;
+        let loss_scale = parse_loss_scale(job.loss_scale.as_ref(), precision)?;
+        let threads = parse_threads(job.threads)?;
+        let model = parse_model_key(job.model.as_ref())?;
         let data = match &job.data {
             None => DataConfig::default_for(&model),
             Some(v) => parse_data(v, &model)?,
         };
-        let batch_size = positive("batch_size", job.batch_size)?.unwrap_or(32);
-        if batch_size > 1 << 20 {
-            return Err(err(
-                "batch_size",
-                format!("expected at most {}, found {batch_size}", 1u64 << 20),
-            ));
-        }
-        let epochs = positive("epochs", job.epochs)?;
-        let max_steps = positive("max_steps", job.max_steps)?;
-        if epochs.is_none() && max_steps.is_none() {
-            return Err(err(
-                "max_steps",
-                "missing: give max_steps (optimizer steps) or epochs (passes over the data), or both",
-            ));
-        }
+        let batch_size = parse_batch_size(job.batch_size)?;
+        let (epochs, max_steps) = parse_length(job.epochs, job.max_steps)?;
         let grad_accum = positive("grad_accum", job.grad_accum)?.unwrap_or(1);
-        let grad_clip = match job.grad_clip {
-            Some(c) if !(c.is_finite() && c > 0.0) => {
-                return Err(err(
-                    "grad_clip",
-                    format!("expected a positive max norm, found {c}"),
-                ))
-            }
-            c => c,
-        };
+        let grad_clip = parse_grad_clip(job.grad_clip)?;
         let optimizer = parse_optimizer(job.optimizer.as_ref())?;
         let scheduler = parse_scheduler(job.scheduler.as_ref())?;
-        let eval: Option<EvalConfig> = match &job.eval {
-            None => None,
-            Some(v) => Some(de("eval", v.clone())?),
-        };
-        if let Some(e) = &eval {
-            if e.metric != "val_loss" {
-                return Err(err(
-                    "eval.metric",
-                    format!("unknown metric {:?}; accepted: val_loss", e.metric),
-                ));
-            }
-            if data.val_fraction() == 0.0 {
-                return Err(err(
-                    "data.val_fraction",
-                    "is 0, but eval needs held-out samples; accepted: a fraction in (0, 0.9)",
-                ));
-            }
-        }
-        let keep_best = job.checkpoint.keep_best.clone();
-        if let Some(b) = &keep_best {
-            check_monitor(&b.monitor, eval.as_ref())?;
-        }
-        if matches!(scheduler, SchedulerConfig::Plateau(_)) && eval.is_none() {
-            return Err(err(
-                "scheduler.kind",
-                "plateau reduces the lr on the eval metric; add eval: {every_steps: N}",
-            ));
-        }
+        let eval = parse_eval(job.eval.as_ref(), &data)?;
+        check_needs_eval(&scheduler, job.checkpoint.keep_best.as_ref(), eval.as_ref())?;
         Ok(TrainConfig {
             seed: job.seed.unwrap_or(0),
             device,
@@ -835,15 +884,10 @@ impl TrainConfig {
             eval,
             checkpoint_every_steps: job.checkpoint.every_steps,
             checkpoint_every_seconds: job.checkpoint.every_seconds,
-            stop_on_save_error: job.checkpoint.on_save_error == crate::config::OnSaveError::Stop,
+            stop_on_save_error: job.checkpoint.on_save_error == OnSaveError::Stop,
             checkpoint_async: job.checkpoint.async_saves,
-            checkpoint_auto_mtbf: (job.checkpoint.interval == Some(crate::config::Interval::Auto))
-                .then(|| {
-                    job.checkpoint
-                        .mtbf_seconds()
-                        .unwrap_or(crate::supervision::interval::DEFAULT_MTBF_SECONDS)
-                }),
-            keep_best,
+            checkpoint_auto_mtbf: auto_mtbf(&job.checkpoint),
+            keep_best: job.checkpoint.keep_best.clone(),
         })
     }
 
@@ -938,7 +982,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn parse(extra: &str) -> Result<TrainConfig, String> {
-        let job = JobConfig::parse(&format!("name: t\n{extra}"))?;
+        let job = JobConfig::parse(&format!("name: t\n{extra}")).map_err(|e| e.to_string())?;
         TrainConfig::from_job(&job).map_err(|e| e.to_string())
     }
 

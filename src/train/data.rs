@@ -17,8 +17,12 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::config::{DataConfig, ModelConfig, TrainConfig, TrainConfigError};
+use super::config::{
+    DataConfig, MnistConfig, ModelConfig, SyntheticConfig, SyntheticImagesConfig, TextConfig,
+    TrainConfig,
+};
 use super::seeds::{data_seed, epoch_order_seed, SplitMix};
+use crate::config::ConfigError;
 
 /// A public-domain text (Lewis Carroll, *Alice's Adventures in Wonderland*, 1865, chapter 1),
 /// the default data of the `gpt` model: it runs with no download.
@@ -92,11 +96,8 @@ pub struct Dataset {
     pub vocab: Vec<char>,
 }
 
-fn cfg_err(key: &str, message: String) -> TrainConfigError {
-    TrainConfigError {
-        key: key.to_owned(),
-        message,
-    }
+fn cfg_err(key: &str, message: String) -> ConfigError {
+    ConfigError::at(key, message)
 }
 
 fn hash_hex(parts: &[&[u8]]) -> String {
@@ -118,165 +119,193 @@ fn split_count(n: usize, val_fraction: f64) -> usize {
 }
 
 impl Dataset {
-    /// Build or read the dataset of `cfg`.
-    pub fn load(cfg: &TrainConfig) -> Result<Dataset, TrainConfigError> {
+    /// Build or read the dataset of `cfg`, and check it fits the run (held-out samples for
+    /// eval, a batch's worth of training samples).
+    pub fn load(cfg: &TrainConfig) -> Result<Dataset, ConfigError> {
         let vf = cfg.data.val_fraction();
         let seed = data_seed(cfg.seed);
         let ds = match &cfg.data {
-            DataConfig::Synthetic(c) => {
-                let (n, f, k) = (
-                    c.samples.0 as usize,
-                    c.features.0 as usize,
-                    c.classes.0 as usize,
-                );
-                if n.saturating_mul(f) > 1 << 28 {
-                    return Err(cfg_err(
-                        "data.samples",
-                        format!("{n} samples × {f} features is too large for synthetic data (max 2^28 values)"),
-                    ));
+            DataConfig::Synthetic(c) => Self::synthetic(c, seed, vf)?,
+            DataConfig::SyntheticImages(c) => Self::synthetic_images(c, seed, vf)?,
+            DataConfig::MnistIdx(c) => Self::mnist_idx(c, vf)?,
+            DataConfig::Text(c) => Self::text(c, &cfg.model, vf)?,
+        };
+        ds.check_fits(cfg)?;
+        Ok(ds)
+    }
+
+    /// `synthetic`: Gaussian features labelled by a random linear teacher (argmax of `x·W`).
+    fn synthetic(c: &SyntheticConfig, seed: u64, vf: f64) -> Result<Dataset, ConfigError> {
+        let (n, f, k) = (
+            c.samples.0 as usize,
+            c.features.0 as usize,
+            c.classes.0 as usize,
+        );
+        if n.saturating_mul(f) > 1 << 28 {
+            return Err(cfg_err(
+                "data.samples",
+                format!(
+                    "{n} samples × {f} features is too large for synthetic data (max 2^28 values)"
+                ),
+            ));
+        }
+        let mut r = SplitMix::new(seed);
+        let w: Vec<f64> = (0..f * k).map(|_| r.normal()).collect();
+        let mut xs = Vec::with_capacity(n * f);
+        let mut ys = Vec::with_capacity(n);
+        for _ in 0..n {
+            let row: Vec<f64> = (0..f).map(|_| r.normal()).collect();
+            let mut best = (0usize, f64::NEG_INFINITY);
+            for c in 0..k {
+                let s: f64 = (0..f).map(|j| row[j] * w[j * k + c]).sum();
+                if s > best.1 {
+                    best = (c, s);
                 }
-                let mut r = SplitMix::new(seed);
-                let w: Vec<f64> = (0..f * k).map(|_| r.normal()).collect();
-                let mut xs = Vec::with_capacity(n * f);
-                let mut ys = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let row: Vec<f64> = (0..f).map(|_| r.normal()).collect();
-                    let mut best = (0usize, f64::NEG_INFINITY);
-                    for c in 0..k {
-                        let s: f64 = (0..f).map(|j| row[j] * w[j * k + c]).sum();
-                        if s > best.1 {
-                            best = (c, s);
-                        }
-                    }
-                    xs.extend(row.iter().map(|&v| v as f32));
-                    ys.push(best.0 as i64);
-                }
-                Self::classification(xs, ys, vec![f as i64], k as i64, vf)
             }
-            DataConfig::SyntheticImages(c) => {
-                let (n, s, ch, k) = (
-                    c.samples.0 as usize,
-                    c.size.0 as usize,
-                    c.channels.0 as usize,
-                    c.classes.0 as usize,
-                );
-                let per = ch.saturating_mul(s).saturating_mul(s);
-                if n.saturating_mul(per) > 1 << 28 || s > 4096 {
-                    return Err(cfg_err(
-                        "data.samples",
-                        format!("{n} images of {ch}×{s}×{s} is too large for synthetic data (max 2^28 values)"),
-                    ));
-                }
-                let mut r = SplitMix::new(seed);
-                let templates: Vec<f64> = (0..k * per).map(|_| r.normal()).collect();
-                let mut xs = Vec::with_capacity(n * per);
-                let mut ys = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let y = r.below(k as u64) as usize;
-                    let t = &templates[y * per..(y + 1) * per];
-                    xs.extend(t.iter().map(|&v| (v + r.normal()) as f32));
-                    ys.push(y as i64);
-                }
-                let shape = vec![ch as i64, s as i64, s as i64];
-                Self::classification(xs, ys, shape, k as i64, vf)
-            }
-            DataConfig::MnistIdx(c) => {
-                let (idims, img) = read_idx("data.images", &c.images)?;
-                let (ldims, lab) = read_idx("data.labels", &c.labels)?;
-                if idims.len() != 3 {
-                    return Err(cfg_err(
-                        "data.images",
-                        format!(
-                            "{}: expected an IDX file of N×H×W images, found {} dimensions",
-                            c.images.display(),
-                            idims.len()
-                        ),
-                    ));
-                }
-                if ldims.len() != 1 || ldims[0] != idims[0] {
-                    return Err(cfg_err(
-                        "data.labels",
-                        format!(
-                            "{}: expected {} labels (one per image), found dimensions {ldims:?}",
-                            c.labels.display(),
-                            idims[0]
-                        ),
-                    ));
-                }
-                if let Some(bad) = lab.iter().find(|&&l| l > 9) {
-                    return Err(cfg_err(
-                        "data.labels",
-                        format!("{}: label {bad} is not a digit 0-9", c.labels.display()),
-                    ));
-                }
-                let xs: Vec<f32> = img
-                    .iter()
-                    .map(|&p| (p as f32 / 255.0 - 0.1307) / 0.3081)
-                    .collect();
-                let ys: Vec<i64> = lab.iter().map(|&l| l as i64).collect();
-                let shape = vec![1, idims[1] as i64, idims[2] as i64];
-                let mut d = Self::classification(xs, ys, shape, 10, vf);
-                d.fingerprint = hash_hex(&[&img, &lab]);
-                d
-            }
-            DataConfig::Text(c) => {
-                let text = match &c.path {
-                    None => EMBEDDED_TEXT.to_owned(),
-                    Some(p) => {
-                        let bytes = std::fs::read(p).map_err(|e| {
-                            cfg_err("data.path", format!("cannot read {}: {e}", p.display()))
-                        })?;
-                        String::from_utf8(bytes).map_err(|e| {
-                            cfg_err(
-                                "data.path",
-                                format!("{}: not UTF-8 text ({e})", p.display()),
-                            )
-                        })?
-                    }
-                };
-                let context = match &cfg.model {
-                    ModelConfig::Gpt(g) => g.context.0 as i64,
-                    _ => {
-                        return Err(cfg_err(
-                            "data.kind",
-                            "text data feeds the gpt model only".into(),
-                        ))
-                    }
-                };
-                let mut vocab: Vec<char> = text.chars().collect();
-                vocab.sort_unstable();
-                vocab.dedup();
-                let tokens: Vec<i64> = text
-                    .chars()
-                    .map(|ch| vocab.binary_search(&ch).unwrap_or(0) as i64)
-                    .collect();
-                let n = tokens.len();
-                let n_train = split_count(n, vf) as i64;
-                let n_val_tokens = n as i64 - n_train;
-                if n_train <= context || (vf > 0.0 && n_val_tokens <= context) {
-                    return Err(cfg_err(
+            xs.extend(row.iter().map(|&v| v as f32));
+            ys.push(best.0 as i64);
+        }
+        Ok(Self::classification(xs, ys, vec![f as i64], k as i64, vf))
+    }
+
+    /// `synthetic_images`: one random template image per class plus Gaussian noise.
+    fn synthetic_images(
+        c: &SyntheticImagesConfig,
+        seed: u64,
+        vf: f64,
+    ) -> Result<Dataset, ConfigError> {
+        let (n, s, ch, k) = (
+            c.samples.0 as usize,
+            c.size.0 as usize,
+            c.channels.0 as usize,
+            c.classes.0 as usize,
+        );
+        let per = ch.saturating_mul(s).saturating_mul(s);
+        if n.saturating_mul(per) > 1 << 28 || s > 4096 {
+            return Err(cfg_err(
+                "data.samples",
+                format!(
+                    "{n} images of {ch}×{s}×{s} is too large for synthetic data (max 2^28 values)"
+                ),
+            ));
+        }
+        let mut r = SplitMix::new(seed);
+        let templates: Vec<f64> = (0..k * per).map(|_| r.normal()).collect();
+        let mut xs = Vec::with_capacity(n * per);
+        let mut ys = Vec::with_capacity(n);
+        for _ in 0..n {
+            let y = r.below(k as u64) as usize;
+            let t = &templates[y * per..(y + 1) * per];
+            xs.extend(t.iter().map(|&v| (v + r.normal()) as f32));
+            ys.push(y as i64);
+        }
+        let shape = vec![ch as i64, s as i64, s as i64];
+        Ok(Self::classification(xs, ys, shape, k as i64, vf))
+    }
+
+    /// `mnist`: IDX image and label files (N×H×W bytes, N digit labels), normalised as
+    /// torchvision's MNIST transform does.
+    fn mnist_idx(c: &MnistConfig, vf: f64) -> Result<Dataset, ConfigError> {
+        let (idims, img) = read_idx("data.images", &c.images)?;
+        let (ldims, lab) = read_idx("data.labels", &c.labels)?;
+        if idims.len() != 3 {
+            return Err(cfg_err(
+                "data.images",
+                format!(
+                    "{}: expected an IDX file of N×H×W images, found {} dimensions",
+                    c.images.display(),
+                    idims.len()
+                ),
+            ));
+        }
+        if ldims.len() != 1 || ldims[0] != idims[0] {
+            return Err(cfg_err(
+                "data.labels",
+                format!(
+                    "{}: expected {} labels (one per image), found dimensions {ldims:?}",
+                    c.labels.display(),
+                    idims[0]
+                ),
+            ));
+        }
+        if let Some(bad) = lab.iter().find(|&&l| l > 9) {
+            return Err(cfg_err(
+                "data.labels",
+                format!("{}: label {bad} is not a digit 0-9", c.labels.display()),
+            ));
+        }
+        let xs: Vec<f32> = img
+            .iter()
+            .map(|&p| (p as f32 / 255.0 - 0.1307) / 0.3081)
+            .collect();
+        let ys: Vec<i64> = lab.iter().map(|&l| l as i64).collect();
+        let shape = vec![1, idims[1] as i64, idims[2] as i64];
+        let mut d = Self::classification(xs, ys, shape, 10, vf);
+        d.fingerprint = hash_hex(&[&img, &lab]);
+        Ok(d)
+    }
+
+    /// `text`: a character-level corpus (the embedded one, or `data.path`) for the gpt model.
+    fn text(c: &TextConfig, model: &ModelConfig, vf: f64) -> Result<Dataset, ConfigError> {
+        let text = match &c.path {
+            None => EMBEDDED_TEXT.to_owned(),
+            Some(p) => {
+                let bytes = std::fs::read(p).map_err(|e| {
+                    cfg_err("data.path", format!("cannot read {}: {e}", p.display()))
+                })?;
+                String::from_utf8(bytes).map_err(|e| {
+                    cfg_err(
                         "data.path",
-                        format!(
-                            "the text has {n} characters: too short for model.context {context} \
-                             ({n_train} training and {n_val_tokens} held-out characters; each part needs more than the context)"
-                        ),
-                    ));
-                }
-                Dataset {
-                    task: Task::Lm {
-                        vocab: vocab.len() as i64,
-                        context,
-                    },
-                    x: Tensor::from_slice(&tokens),
-                    y: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
-                    n_train,
-                    n_total: n as i64,
-                    fingerprint: hash_hex(&[text.as_bytes()]),
-                    vocab,
-                }
+                        format!("{}: not UTF-8 text ({e})", p.display()),
+                    )
+                })?
             }
         };
-        if cfg.eval.is_some() && ds.is_empty(Split::Val) {
+        let context = match model {
+            ModelConfig::Gpt(g) => g.context.0 as i64,
+            _ => {
+                return Err(cfg_err(
+                    "data.kind",
+                    "text data feeds the gpt model only".into(),
+                ))
+            }
+        };
+        let mut vocab: Vec<char> = text.chars().collect();
+        vocab.sort_unstable();
+        vocab.dedup();
+        let tokens: Vec<i64> = text
+            .chars()
+            .map(|ch| vocab.binary_search(&ch).unwrap_or(0) as i64)
+            .collect();
+        let n = tokens.len();
+        let n_train = split_count(n, vf) as i64;
+        let n_val_tokens = n as i64 - n_train;
+        if n_train <= context || (vf > 0.0 && n_val_tokens <= context) {
+            return Err(cfg_err(
+                "data.path",
+                format!(
+                    "the text has {n} characters: too short for model.context {context} \
+                     ({n_train} training and {n_val_tokens} held-out characters; each part needs more than the context)"
+                ),
+            ));
+        }
+        Ok(Dataset {
+            task: Task::Lm {
+                vocab: vocab.len() as i64,
+                context,
+            },
+            x: Tensor::from_slice(&tokens),
+            y: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+            n_train,
+            n_total: n as i64,
+            fingerprint: hash_hex(&[text.as_bytes()]),
+            vocab,
+        })
+    }
+
+    /// The data fits the run: eval has held-out samples, a batch has training samples.
+    fn check_fits(&self, cfg: &TrainConfig) -> Result<(), ConfigError> {
+        if cfg.eval.is_some() && self.is_empty(Split::Val) {
             return Err(cfg_err(
                 "data.val_fraction",
                 format!(
@@ -286,18 +315,18 @@ impl Dataset {
                 ),
             ));
         }
-        if ds.len(Split::Train) < cfg.batch_size as i64 {
+        let n_train = self.len(Split::Train);
+        if n_train < cfg.batch_size as i64 {
             return Err(cfg_err(
                 "batch_size",
                 format!(
-                    "{} is larger than the {} training samples of data; accepted: at most {}",
-                    cfg.batch_size,
-                    ds.len(Split::Train),
-                    ds.len(Split::Train)
+                    "{} is larger than the {n_train} training samples of data; accepted: at most \
+                     {n_train}",
+                    cfg.batch_size
                 ),
             ));
         }
-        Ok(ds)
+        Ok(())
     }
 
     fn classification(
@@ -384,7 +413,7 @@ impl Dataset {
 }
 
 /// Read an IDX file (`u8` data); `key` names the config key in errors.
-fn read_idx(key: &str, path: &Path) -> Result<(Vec<usize>, Vec<u8>), TrainConfigError> {
+fn read_idx(key: &str, path: &Path) -> Result<(Vec<usize>, Vec<u8>), ConfigError> {
     let e = |m: String| cfg_err(key, format!("{}: {m}", path.display()));
     let bytes = std::fs::read(path).map_err(|x| e(format!("cannot read: {x}")))?;
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08 {

@@ -11,7 +11,7 @@
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
-use super::config::ModelConfig;
+use super::config::{CnnConfig, GptConfig, MlpConfig, ModelConfig};
 use super::data::Task;
 
 /// The model: one of the three architectures.
@@ -65,95 +65,113 @@ pub struct ModelError(pub String);
 
 impl Model {
     /// Create the model's variables under `root` (drawing their initial values from libtorch's
-    /// default generator).
+    /// default generator, in the order each builder creates them).
     pub fn build(root: &nn::Path, cfg: &ModelConfig, task: &Task) -> Result<Model, ModelError> {
-        Ok(match (cfg, task) {
+        match (cfg, task) {
             (ModelConfig::Mlp(c), Task::Classify { classes, input }) => {
-                let mut dims = vec![input.iter().product::<i64>()];
-                dims.extend(c.hidden.iter().map(|h| h.0 as i64));
-                dims.push(*classes);
-                let p = root / "layers";
-                let layers = dims
-                    .windows(2)
-                    .enumerate()
-                    .map(|(i, w)| nn::linear(&p / i, w[0], w[1], Default::default()))
-                    .collect();
-                Model::Mlp(Mlp {
-                    layers,
-                    dropout: c.dropout,
-                })
+                Ok(Self::mlp(root, c, input, *classes))
             }
             (ModelConfig::Cnn(c), Task::Classify { classes, input }) => {
-                if input.len() != 3 {
-                    return Err(ModelError(format!(
-                        "model.kind: cnn needs image data (channels × height × width), found samples of shape {input:?}"
-                    )));
-                }
-                let mut in_ch = input[0];
-                let (mut convs, mut bns) = (Vec::new(), Vec::new());
-                let conv_cfg = nn::ConvConfig {
-                    padding: 1,
-                    ..Default::default()
-                };
-                let bn_cfg = nn::BatchNormConfig {
-                    ws_init: nn::Init::Const(1.0),
-                    ..Default::default()
-                };
-                for (i, ch) in c.channels.iter().enumerate() {
-                    let ch = ch.0 as i64;
-                    convs.push(nn::conv2d(root / "convs" / i, in_ch, ch, 3, conv_cfg));
-                    bns.push(nn::batch_norm2d(root / "bns" / i, ch, bn_cfg));
-                    in_ch = ch;
-                }
-                let head = nn::linear(root / "head", in_ch, *classes, Default::default());
-                Model::Cnn(Cnn {
-                    convs,
-                    bns,
-                    head,
-                    dropout: c.dropout,
-                })
+                Self::cnn(root, c, input, *classes)
             }
             (ModelConfig::Gpt(c), Task::Lm { vocab, context }) => {
-                let d = c.d_model.0 as i64;
-                let emb = nn::EmbeddingConfig {
-                    ws_init: nn::Init::Randn {
-                        mean: 0.0,
-                        stdev: 0.02,
-                    },
-                    ..Default::default()
-                };
-                let ln = || nn::LayerNormConfig::default();
-                let blocks = (0..c.layers.0)
-                    .map(|i| {
-                        let b = root / "blocks" / i;
-                        Block {
-                            ln1: nn::layer_norm(&b / "ln1", vec![d], ln()),
-                            qkv: nn::linear(&b / "attn" / "qkv", d, 3 * d, Default::default()),
-                            proj: nn::linear(&b / "attn" / "proj", d, d, Default::default()),
-                            ln2: nn::layer_norm(&b / "ln2", vec![d], ln()),
-                            fc: nn::linear(&b / "mlp" / "fc", d, 4 * d, Default::default()),
-                            fc_proj: nn::linear(&b / "mlp" / "proj", 4 * d, d, Default::default()),
-                        }
-                    })
-                    .collect();
-                Model::Gpt(Box::new(Gpt {
-                    tok: nn::embedding(root / "tok", *vocab, d, emb),
-                    pos: nn::embedding(root / "pos", *context, d, emb),
-                    blocks,
-                    ln_f: nn::layer_norm(root / "ln_f", vec![d], ln()),
-                    head: nn::linear(root / "head", d, *vocab, Default::default()),
-                    heads: c.heads.0 as i64,
-                    d_model: d,
-                    dropout: c.dropout,
-                }))
+                Ok(Self::gpt(root, c, *vocab, *context))
             }
-            (m, _) => {
-                return Err(ModelError(format!(
-                    "model.kind: {} does not fit this data",
-                    m.kind()
-                )))
-            }
+            (m, _) => Err(ModelError(format!(
+                "model.kind: {} does not fit this data",
+                m.kind()
+            ))),
+        }
+    }
+
+    /// Linear layers from the flattened input through `hidden` to the classes.
+    fn mlp(root: &nn::Path, c: &MlpConfig, input: &[i64], classes: i64) -> Model {
+        let mut dims = vec![input.iter().product::<i64>()];
+        dims.extend(c.hidden.iter().map(|h| h.0 as i64));
+        dims.push(classes);
+        let p = root / "layers";
+        let layers = dims
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| nn::linear(&p / i, w[0], w[1], Default::default()))
+            .collect();
+        Model::Mlp(Mlp {
+            layers,
+            dropout: c.dropout,
         })
+    }
+
+    /// A conv + batchnorm block per entry of `channels`, then a linear head.
+    fn cnn(
+        root: &nn::Path,
+        c: &CnnConfig,
+        input: &[i64],
+        classes: i64,
+    ) -> Result<Model, ModelError> {
+        if input.len() != 3 {
+            return Err(ModelError(format!(
+                "model.kind: cnn needs image data (channels × height × width), found samples of shape {input:?}"
+            )));
+        }
+        let mut in_ch = input[0];
+        let (mut convs, mut bns) = (Vec::new(), Vec::new());
+        let conv_cfg = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let bn_cfg = nn::BatchNormConfig {
+            ws_init: nn::Init::Const(1.0),
+            ..Default::default()
+        };
+        for (i, ch) in c.channels.iter().enumerate() {
+            let ch = ch.0 as i64;
+            convs.push(nn::conv2d(root / "convs" / i, in_ch, ch, 3, conv_cfg));
+            bns.push(nn::batch_norm2d(root / "bns" / i, ch, bn_cfg));
+            in_ch = ch;
+        }
+        let head = nn::linear(root / "head", in_ch, classes, Default::default());
+        Ok(Model::Cnn(Cnn {
+            convs,
+            bns,
+            head,
+            dropout: c.dropout,
+        }))
+    }
+
+    /// Token and position embeddings, `layers` pre-LayerNorm blocks, a final norm and head.
+    fn gpt(root: &nn::Path, c: &GptConfig, vocab: i64, context: i64) -> Model {
+        let d = c.d_model.0 as i64;
+        let emb = nn::EmbeddingConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            ..Default::default()
+        };
+        let ln = || nn::LayerNormConfig::default();
+        let blocks = (0..c.layers.0)
+            .map(|i| {
+                let b = root / "blocks" / i;
+                Block {
+                    ln1: nn::layer_norm(&b / "ln1", vec![d], ln()),
+                    qkv: nn::linear(&b / "attn" / "qkv", d, 3 * d, Default::default()),
+                    proj: nn::linear(&b / "attn" / "proj", d, d, Default::default()),
+                    ln2: nn::layer_norm(&b / "ln2", vec![d], ln()),
+                    fc: nn::linear(&b / "mlp" / "fc", d, 4 * d, Default::default()),
+                    fc_proj: nn::linear(&b / "mlp" / "proj", 4 * d, d, Default::default()),
+                }
+            })
+            .collect();
+        Model::Gpt(Box::new(Gpt {
+            tok: nn::embedding(root / "tok", vocab, d, emb),
+            pos: nn::embedding(root / "pos", context, d, emb),
+            blocks,
+            ln_f: nn::layer_norm(root / "ln_f", vec![d], ln()),
+            head: nn::linear(root / "head", d, vocab, Default::default()),
+            heads: c.heads.0 as i64,
+            d_model: d,
+            dropout: c.dropout,
+        }))
     }
 
     /// The logits for `xs` (`train` switches dropout on and batchnorm to batch statistics,

@@ -420,6 +420,37 @@ impl Optimizer {
         meta: &OptimizerMeta,
         tensors: Vec<(String, Tensor)>,
     ) -> Result<(), OptimError> {
+        self.check_meta(meta)?;
+        let with_state: BTreeSet<&str> = meta.with_state.iter().map(String::as_str).collect();
+        let mut given = by_name(tensors)?;
+        let mut new_states = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let state = if with_state.contains(p.name.as_str()) {
+                self.load_param_state(p, &mut given)?
+            } else {
+                ParamState::None
+            };
+            new_states.push(state);
+        }
+        if let Some(name) = given.keys().next() {
+            return Err(OptimError::UnexpectedState {
+                name: name.clone(),
+                reason: format!(
+                    "no {} state of that name for the optimizer's parameters",
+                    self.config.kind()
+                ),
+            });
+        }
+        for (p, s) in self.params.iter_mut().zip(new_states) {
+            p.state = s;
+        }
+        Ok(())
+    }
+
+    /// The saved state fits this optimizer: a format this build reads, the same kind, the same
+    /// parameters in the same order, state only for known parameters. Changed hyperparameters
+    /// are logged (the current ones apply).
+    fn check_meta(&self, meta: &OptimizerMeta) -> Result<(), OptimError> {
         if meta.format_version != STATE_FORMAT_VERSION {
             return Err(OptimError::Config(format!(
                 "optimizer state format version {} is not supported (this build reads {})",
@@ -458,43 +489,14 @@ impl Optimizer {
                 },
             });
         }
-        let with_state: BTreeSet<&str> = meta.with_state.iter().map(String::as_str).collect();
-        if let Some(unknown) = with_state.iter().find(|n| !names.contains(n)) {
+        if let Some(unknown) = meta
+            .with_state
+            .iter()
+            .find(|n| !names.contains(&n.as_str()))
+        {
             return Err(OptimError::ParamsMismatch {
                 detail: format!("state listed for unknown parameter {unknown}"),
             });
-        }
-        let mut given: BTreeMap<String, Tensor> = BTreeMap::new();
-        for (name, t) in tensors {
-            if given.contains_key(&name) {
-                return Err(OptimError::UnexpectedState {
-                    name,
-                    reason: "given twice".into(),
-                });
-            }
-            given.insert(name, t);
-        }
-
-        let mut new_states = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let state = if with_state.contains(p.name.as_str()) {
-                self.load_param_state(p, &mut given)?
-            } else {
-                ParamState::None
-            };
-            new_states.push(state);
-        }
-        if let Some(name) = given.keys().next() {
-            return Err(OptimError::UnexpectedState {
-                name: name.clone(),
-                reason: format!(
-                    "no {} state of that name for the optimizer's parameters",
-                    self.config.kind()
-                ),
-            });
-        }
-        for (p, s) in self.params.iter_mut().zip(new_states) {
-            p.state = s;
         }
         Ok(())
     }
@@ -721,6 +723,21 @@ fn adam_update(
     let _ = denom.f_add_scalar_(c.eps)?;
     // param.addcdiv_(exp_avg, denom, value=-step_size)
     ffi::addcdiv_(param, exp_avg, &denom, -step_size).map_err(StepError::from)
+}
+
+/// The saved tensors by name; a name given twice is refused.
+fn by_name(tensors: Vec<(String, Tensor)>) -> Result<BTreeMap<String, Tensor>, OptimError> {
+    let mut given: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (name, t) in tensors {
+        if given.contains_key(&name) {
+            return Err(OptimError::UnexpectedState {
+                name,
+                reason: "given twice".into(),
+            });
+        }
+        given.insert(name, t);
+    }
+    Ok(given)
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ use serde_json::json;
 use tch::{nn, Device, Tensor};
 
 use super::amp::{GradScaler, ScalerError};
-use super::config::{changed_keys, DeviceChoice, Precision, TrainConfig, TrainConfigError};
+use super::config::{changed_keys, DeviceChoice, Precision, TrainConfig};
 use super::data::{Dataset, Loader, Position, Split};
 use super::ffi::{self, Generator, ShimError};
 use super::models::{named_parameters, named_state, parameter_count, Model, ModelError};
@@ -79,6 +79,7 @@ use super::optim::{OptimError, Optimizer, OptimizerMeta};
 use super::sched::{Scheduler, SchedulerState};
 use super::seeds;
 use super::tensors::{copy_tensor, read_safetensors, to_tensor_data, torch_message, TensorError};
+use crate::config::ConfigError;
 use crate::config::JobConfig;
 use crate::storage::journal::now_rfc3339;
 use crate::storage::manifest::{parse_checkpoint_name, MANIFEST_FILE};
@@ -127,7 +128,7 @@ pub struct Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error("invalid trainer config: {0}")]
-    Config(#[from] TrainConfigError),
+    Config(#[from] ConfigError),
     #[error("{0}")]
     Model(#[from] ModelError),
     #[error("{0}")]

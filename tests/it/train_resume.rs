@@ -338,6 +338,8 @@ fn config_errors_name_the_key_path() {
         assert!(e.contains(want), "{body:?}: got {e:?}, want {want:?}");
     }
     // A wrong type at the top level is the job config's own error, with its path.
-    let e = JobConfig::parse("name: t\nbatch_size: many\n").unwrap_err();
+    let e = JobConfig::parse("name: t\nbatch_size: many\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("batch_size: "), "{e}");
 }

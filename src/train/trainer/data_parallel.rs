@@ -41,13 +41,14 @@ use std::time::Duration;
 
 use super::restore::{restore_dir, Source};
 use super::*;
+use crate::config::ConfigError;
+use crate::sig::Sig;
 use crate::storage::journal::{FaultRecord, Journal, StoreEvent};
 use crate::storage::persister::Buffers;
 use crate::storage::run_dir::RunDir;
 use crate::storage::writer::write_files;
 use crate::supervision::client::Client;
 use crate::supervision::protocol::Request;
-use crate::supervision::signals::Sig;
 use crate::train::collective::{ConnectOptions, ProcessGroup, Rendezvous};
 
 /// Every rank's own file in a data-parallel checkpoint (committed as `rank<NNNNN>.rank_state.json`).
@@ -58,16 +59,16 @@ pub const RANK_STATE_FILE: &str = "rank_state.json";
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Why `batch_size` does not fit `world` ranks, if it does not.
-pub fn world_fits(batch_size: u64, world: u32) -> Result<(), TrainConfigError> {
+pub fn world_fits(batch_size: u64, world: u32) -> Result<(), ConfigError> {
     if world > 1 && !batch_size.is_multiple_of(world as u64) {
-        return Err(TrainConfigError {
-            key: "batch_size".into(),
-            message: format!(
+        return Err(ConfigError::at(
+            "batch_size",
+            format!(
                 "{batch_size} samples cannot be shared equally by {world} ranks (batch_size is \
                  the global batch; each rank computes batch_size / world_size of it): use a \
                  multiple of {world}"
             ),
-        });
+        ));
     }
     Ok(())
 }

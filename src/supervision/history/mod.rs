@@ -3,99 +3,20 @@
 //! and which of its steps were redone. The requeue policy reads the crash-loop streak from it
 //! ([`Chain::history`]), `checkpoint.interval: auto` the MTBF ([`Chain::mtbf`]); `status` shows
 //! it with the goodput ([`Chain::goodput`]). One fold, so they never disagree.
+//!
+//! Where each part lives: [`fold`](mod@fold) the journal fold; [`allocation`] what it says of one
+//! allocation; this file the chain of allocations and what is read from it (history, MTBF,
+//! goodput).
 
 use std::time::SystemTime;
 
-use super::events::{Event, Stamped, SupervisorEvent};
 use super::policy::History;
-use crate::storage::journal::{Cadence, StoreEvent};
 
-/// One allocation of the run, as the journal tells it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Allocation {
-    pub job_id: Option<String>,
-    pub restart_count: u32,
-    pub host: Option<String>,
-    pub started_at: Option<SystemTime>,
-    pub ended_at: Option<SystemTime>,
-    /// `completed`, `warning_signal`, `terminated`, `failed`; None when it never said (killed,
-    /// node lost).
-    pub ending: Option<String>,
-    pub decision: Option<String>,
-    pub reason: Option<String>,
-    pub action: Option<String>,
-    pub exit_code: Option<i32>,
-    /// The step it resumed from (None: a fresh start).
-    pub resume_step: Option<u64>,
-    pub new_checkpoints: u32,
-    /// The newest step it committed.
-    pub last_step: Option<u64>,
-    /// The first stop signal, and seconds from it to the next committed checkpoint.
-    pub signal: Option<String>,
-    pub signal_to_checkpoint_seconds: Option<f64>,
-    /// Steps committed before this allocation but redone by it (it resumed from an older one).
-    pub steps_redone: u64,
-    /// The time of its last event (how long it lived when it never wrote its end).
-    pub last_event_at: Option<SystemTime>,
-    /// The stall of each save it committed, seconds, where the saver measured it (the built-in
-    /// trainer's saves).
-    pub save_stalls: Vec<f64>,
-    /// Staged files it could not commit and kept aside.
-    pub kept: Vec<Kept>,
-    /// Commit requests it refused.
-    pub refused_requests: Vec<String>,
-    /// Ranks of its program (None: a 1-rank program or the built-in trainer).
-    pub world_size: Option<u32>,
-    /// Multi-rank commits that never happened because some ranks never asked.
-    pub incomplete: Vec<Incomplete>,
-    /// Ranks that failed (a locally started job names them; under srun, srun's log does).
-    pub failed_ranks: Vec<(u32, String)>,
-    /// When its program was ready to train (the built-in trainer's `training_started`; a child's
-    /// `child_started`, whose own restore is not seen): the end of start-up and restore.
-    pub training_started_at: Option<SystemTime>,
-    /// The newest step it is known to have trained: its commits, and what the next allocation
-    /// found in the metrics file (`training_started`'s `previous_step`).
-    pub reached_step: Option<u64>,
-    /// When its newest commit became durable.
-    pub last_commit_at: Option<SystemTime>,
-    /// Steps it trained that the next allocation redid (past its last commit, or past the
-    /// checkpoint the next one fell back to). Known once the next allocation has started.
-    pub steps_lost: u64,
-    /// What `training_started` of this allocation says of its predecessor: the last step the
-    /// metrics file recorded, and when.
-    pub predecessor_reached: Option<(u64, Option<SystemTime>)>,
-    /// The interval of its newest commit that journaled one (`checkpoint.interval: auto`), with
-    /// that commit's step.
-    pub cadence: Option<(u64, Cadence)>,
-    /// Its time-limit watch (a Slurm job with a time limit), if armed.
-    pub time_limit_watch: Option<TimeLimitWatch>,
-}
+mod allocation;
+mod fold;
 
-/// An allocation's time-limit watch ([`super::deadline`]): as armed, and whether it fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct TimeLimitWatch {
-    pub seconds_left: u64,
-    pub save_in_seconds: u64,
-    pub lead_seconds: u64,
-    /// The watch stopped the program (no warning signal came before it).
-    pub fired: bool,
-}
-
-/// Where one allocation's wall time went, seconds (see [`Chain::goodput`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Account {
-    /// From its start to its end (or its last known moment when it never wrote its end).
-    pub wall: f64,
-    /// From its start until its program was ready to train.
-    pub startup: f64,
-    /// Training stood still for saves (the saver's measured stalls).
-    pub save_stall: f64,
-    /// Work that was redone: `steps_lost` × its mean step time; for an unannounced interruption
-    /// with no step count, the time from its last commit to its end.
-    pub lost: f64,
-    /// The rest: training that was preserved (with eval, logging and exit).
-    pub productive: f64,
-}
+pub use allocation::*;
+pub use fold::fold;
 
 /// The run's goodput: the share of allocation wall time that became preserved progress, and
 /// the badput by cause, in the spirit of Google's ml-goodput-measurement breakdown.
@@ -122,90 +43,6 @@ impl Goodput {
     }
 }
 
-/// A multi-rank commit some ranks asked for and others never did: nothing was committed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Incomplete {
-    pub step: Option<u64>,
-    pub missing: Vec<u32>,
-    pub requested: Vec<u32>,
-}
-
-/// How an allocation's work was cut short.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Interruption {
-    /// A stop signal came and the final checkpoint was committed after it: only the steps since
-    /// that signal's step boundary were at risk, and none were lost.
-    Announced,
-    /// Killed, node lost, crashed, or signalled without a final commit: the work since the last
-    /// checkpoint was lost.
-    Unannounced,
-}
-
-impl Allocation {
-    /// How this allocation was interrupted, if it was. `None` when it completed or has not
-    /// ended (`last`: the newest allocation, which may still be running, is never counted as
-    /// killed for lack of an end).
-    pub fn interruption(&self, last: bool) -> Option<Interruption> {
-        match self.ending.as_deref() {
-            Some("completed") => None,
-            Some("warning_signal" | "terminated")
-                if self.signal_to_checkpoint_seconds.is_some() =>
-            {
-                Some(Interruption::Announced)
-            }
-            None if last => None,
-            _ => Some(Interruption::Unannounced),
-        }
-    }
-
-    /// Where its wall time went. `interrupted`: how it was interrupted, if it was.
-    pub fn account(&self, interrupted: Option<Interruption>) -> Account {
-        let since = |t: Option<SystemTime>, from: Option<SystemTime>| {
-            t.zip(from)
-                .and_then(|(t, f)| t.duration_since(f).ok())
-                .map_or(0.0, |d| d.as_secs_f64())
-        };
-        let end = self.ended_at.or(self.last_event_at);
-        let wall = since(end, self.started_at);
-        let startup = since(self.training_started_at, self.started_at).min(wall);
-        let save_stall = self.save_stalls.iter().sum::<f64>().min(wall - startup);
-        let trained = self
-            .reached_step
-            .unwrap_or(0)
-            .saturating_sub(self.resume_step.unwrap_or(0));
-        let training = wall - startup - save_stall;
-        let lost = if self.steps_lost > 0 && trained > 0 {
-            self.steps_lost.min(trained) as f64 * training / trained as f64
-        } else if interrupted == Some(Interruption::Unannounced) {
-            since(
-                end,
-                self.last_commit_at
-                    .or(self.training_started_at)
-                    .or(self.started_at),
-            )
-        } else {
-            0.0
-        }
-        .min(training);
-        Account {
-            wall,
-            startup,
-            save_stall,
-            lost,
-            productive: training - lost,
-        }
-    }
-
-    /// Seconds from its start to its end (or its last event when it never wrote its end).
-    pub fn seconds(&self) -> Option<f64> {
-        let end = self.ended_at.or(self.last_event_at)?;
-        end.duration_since(self.started_at?)
-            .ok()
-            .map(|d| d.as_secs_f64())
-    }
-}
-
 /// The mean time between unannounced interruptions, and where it came from.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Mtbf {
@@ -214,15 +51,6 @@ pub struct Mtbf {
     pub observed: u32,
     /// Allocation time they were observed over, seconds.
     pub over_seconds: f64,
-}
-
-/// Staged files kept aside (never deleted) because they could not be committed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Kept {
-    pub dir: String,
-    pub files: Vec<String>,
-    pub step: Option<u64>,
-    pub reason: String,
 }
 
 /// The whole job chain.
@@ -326,221 +154,10 @@ impl Chain {
     }
 }
 
-/// Fold the journal's events into the job chain.
-pub fn fold(events: &[Stamped]) -> Chain {
-    let mut chain = Chain::default();
-    let mut max_step: Option<u64> = None;
-    let mut signal_at: Option<SystemTime> = None;
-    for e in events {
-        if let Event::Supervisor(SupervisorEvent::AllocationStart {
-            job_id,
-            restart_count,
-            host,
-            ..
-        }) = &e.event
-        {
-            chain.done = false;
-            signal_at = None;
-            chain.allocations.push(Allocation {
-                job_id: job_id.clone(),
-                restart_count: *restart_count,
-                host: host.clone(),
-                started_at: e.ts,
-                last_event_at: e.ts,
-                ..Default::default()
-            });
-            continue;
-        }
-        if matches!(e.event, Event::Supervisor(SupervisorEvent::RunDone)) {
-            chain.done = true;
-        }
-        let before = max_step;
-        if let Event::Store(StoreEvent::CheckpointCommitted { step, .. }) = &e.event {
-            max_step = Some(max_step.map_or(*step, |m| m.max(*step)));
-        }
-        if let Some(a) = chain.allocations.last_mut() {
-            if e.ts.is_some() {
-                a.last_event_at = e.ts;
-            }
-            apply(a, e, before, &mut signal_at);
-        }
-    }
-    settle(&mut chain.allocations);
-    chain
-}
-
-/// What an allocation's successor tells of it: how far it trained (from the metrics file), and
-/// so which of its steps were redone.
-fn settle(allocations: &mut [Allocation]) {
-    for i in 1..allocations.len() {
-        let (before, after) = allocations.split_at_mut(i);
-        let (prev, next) = (&mut before[i - 1], &after[0]);
-        // A record older than the predecessor's start is not its own (it never logged one).
-        let own = |at: Option<SystemTime>| at.zip(prev.started_at).is_none_or(|(t, s)| t >= s);
-        if let Some((step, at)) = next.predecessor_reached.filter(|(_, at)| own(*at)) {
-            if prev.reached_step.is_none_or(|r| r < step) {
-                prev.reached_step = Some(step);
-            }
-            if prev.ended_at.is_none() && at > prev.last_event_at {
-                prev.last_event_at = at;
-            }
-        }
-        if next.resume_step.is_none() && next.training_started_at.is_none() {
-            continue; // the next has not resumed yet: what it redoes is not known
-        }
-        let floor = next
-            .resume_step
-            .unwrap_or(0)
-            .max(prev.resume_step.unwrap_or(0));
-        prev.steps_lost = prev.reached_step.unwrap_or(0).saturating_sub(floor);
-    }
-}
-
-/// One event's effect on the allocation it belongs to. One match arm per event kind: long by
-/// design, so that the whole fold reads in one place. `max_before` is the newest step
-/// committed by anyone before this event.
-fn apply(
-    a: &mut Allocation,
-    e: &Stamped,
-    max_before: Option<u64>,
-    signal_at: &mut Option<SystemTime>,
-) {
-    let resumed = |a: &mut Allocation, step: Option<u64>| {
-        a.resume_step = step;
-        a.steps_redone = max_before
-            .map(|m| m.saturating_sub(step.unwrap_or(0)))
-            .unwrap_or(0);
-    };
-    match &e.event {
-        Event::Supervisor(SupervisorEvent::ChildStarted {
-            in_process: false,
-            resume_step,
-            world_size,
-            ..
-        }) => {
-            a.world_size = *world_size;
-            a.training_started_at = a.training_started_at.or(e.ts);
-            a.reached_step = a.reached_step.max(*resume_step);
-            resumed(a, *resume_step)
-        }
-        Event::Supervisor(SupervisorEvent::TrainingStarted {
-            step,
-            previous_step,
-            previous_at,
-        }) => {
-            a.training_started_at = e.ts;
-            a.reached_step = a.reached_step.max(Some(*step));
-            a.predecessor_reached = previous_step.map(|s| {
-                let at = previous_at
-                    .as_deref()
-                    .and_then(|t| humantime::parse_rfc3339(t).ok());
-                (s, at)
-            });
-        }
-        Event::Supervisor(SupervisorEvent::RanksIncomplete {
-            step,
-            missing,
-            requested,
-            ..
-        }) => a.incomplete.push(Incomplete {
-            step: *step,
-            missing: missing.clone(),
-            requested: requested.clone(),
-        }),
-        Event::Supervisor(SupervisorEvent::RankFailed { rank, how }) => {
-            a.failed_ranks.push((*rank, how.clone()))
-        }
-        // The built-in trainer picks its checkpoint itself: the one it loaded.
-        Event::Store(StoreEvent::CheckpointLoaded { step, .. }) if a.new_checkpoints == 0 => {
-            a.reached_step = a.reached_step.max(Some(*step));
-            resumed(a, Some(*step))
-        }
-        Event::Supervisor(SupervisorEvent::SignalReceived {
-            signal,
-            repeat: false,
-            ..
-        }) => {
-            a.signal = Some(signal.clone());
-            *signal_at = e.ts;
-        }
-        Event::Supervisor(SupervisorEvent::TimeLimitWatch {
-            seconds_left,
-            save_in_seconds,
-            lead_seconds,
-        }) => {
-            a.time_limit_watch = Some(TimeLimitWatch {
-                seconds_left: *seconds_left,
-                save_in_seconds: *save_in_seconds,
-                lead_seconds: *lead_seconds,
-                fired: false,
-            });
-        }
-        Event::Supervisor(SupervisorEvent::TimeLimitNear { .. }) => {
-            if let Some(w) = a.time_limit_watch.as_mut() {
-                w.fired = true;
-            }
-        }
-        Event::Store(StoreEvent::CheckpointCommitted {
-            step,
-            stall_seconds,
-            cadence,
-            ..
-        }) => {
-            if let Some(c) = cadence {
-                a.cadence = Some((*step, c.clone()));
-            }
-            a.new_checkpoints += 1;
-            a.save_stalls.extend(*stall_seconds);
-            a.last_step = Some(a.last_step.map_or(*step, |m| m.max(*step)));
-            a.reached_step = a.reached_step.max(Some(*step));
-            a.last_commit_at = e.ts.or(a.last_commit_at);
-            if let (Some(s), Some(t), None) = (*signal_at, e.ts, a.signal_to_checkpoint_seconds) {
-                a.signal_to_checkpoint_seconds = t.duration_since(s).ok().map(|d| d.as_secs_f64());
-            }
-        }
-        // In-process stops journal the signal after the fact; take the measured time.
-        Event::Supervisor(SupervisorEvent::StopCompleted {
-            seconds_since_signal,
-            ..
-        }) if a.signal_to_checkpoint_seconds.is_none() && a.new_checkpoints > 0 => {
-            a.signal_to_checkpoint_seconds = Some(*seconds_since_signal);
-        }
-        Event::Supervisor(SupervisorEvent::StagedKept {
-            dir,
-            files,
-            step,
-            reason,
-        }) => a.kept.push(Kept {
-            dir: dir.clone(),
-            files: files.clone(),
-            step: *step,
-            reason: reason.clone(),
-        }),
-        Event::Supervisor(SupervisorEvent::RequestRefused { reason, .. }) => {
-            a.refused_requests.push(reason.clone())
-        }
-        Event::Supervisor(SupervisorEvent::AllocationEnd {
-            ending,
-            decision,
-            reason,
-            action,
-            exit_code,
-            ..
-        }) => {
-            a.ended_at = e.ts;
-            a.ending = Some(ending.clone());
-            a.decision = Some(decision.clone());
-            a.reason = Some(reason.clone());
-            a.action = Some(action.clone());
-            a.exit_code = Some(*exit_code);
-        }
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::supervision::events::Stamped;
     use serde_json::json;
 
     fn ev(v: serde_json::Value) -> Stamped {

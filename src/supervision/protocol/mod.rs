@@ -24,23 +24,38 @@
 //! - a multi-rank checkpoint holds the files of every rank or does not exist: ranks asking for
 //!   different steps are refused, and ranks that never ask leave nothing committed (journaled
 //!   as `ranks_incomplete`, naming them).
+//!
+//! Where each part lives: [`request`] the wire format (request, answer, a rank's slot);
+//! [`commit`] the commit protocol (agreement of the ranks, refusal, one snapshot, one commit);
+//! [`kept`] keeping aside what cannot be committed; [`layout`] what a checkpoint records of
+//! the job's ranks. This file: the allocation's protocol state, its environment for the
+//! program, answering requests, and the end of the allocation.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::events::SupervisorEvent;
 use super::ranks;
-use crate::storage::fsutil::{fsync_dir, read_bounded, replace_file_durable};
-use crate::storage::journal::now_rfc3339;
 use crate::storage::manifest::JobInfo;
-use crate::storage::metrics as storage_metrics;
-use crate::storage::{CommitMeta, Snapshot, Store};
+use crate::storage::Store;
+
+mod commit;
+mod kept;
+mod layout;
+mod request;
+
+pub use kept::keep_aside;
+use kept::*;
+pub use layout::{
+    world_of, SavedWorld, Sharding, EXTRA_RANK_FILES, EXTRA_RESHARDABLE, EXTRA_SHARDED,
+    EXTRA_WORLD_SIZE,
+};
+use request::*;
+pub use request::{result_path, Answer, Request};
 
 /// Where programs stage checkpoints, one dir per allocation.
 pub const STAGING_DIR: &str = "staging";
@@ -48,115 +63,6 @@ pub const STAGING_DIR: &str = "staging";
 pub const KEPT_DIR: &str = "kept";
 /// Training metrics of committed requests, one JSON object a line.
 pub use crate::storage::metrics::METRICS_FILE;
-/// The largest request file read.
-const MAX_REQUEST_BYTES: u64 = 1 << 20;
-
-/// What a program writes to ask for a commit.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    pub step: u64,
-    #[serde(default)]
-    pub epoch: Option<u64>,
-    #[serde(default)]
-    pub metrics: BTreeMap<String, f64>,
-    /// The program says this is its final checkpoint: training is complete.
-    #[serde(default)]
-    pub done: bool,
-    /// This rank's files are a shard of the state (they load only with the same world size,
-    /// unless `reshardable`).
-    #[serde(default)]
-    pub sharded: bool,
-    /// The sharded state is written in a format whose reader reshards it to any world size
-    /// (torch.distributed.checkpoint): the checkpoint resumes on another number of ranks.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub reshardable: bool,
-    /// Values for the manifest's `extra` (rank 0's request; the supervisor's own keys —
-    /// `world_size`, `rank_files`, `sharded`, `reshardable` — may not be set).
-    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-    /// The program appends its own per-step lines to `metrics.jsonl` (the built-in trainer's
-    /// ranks do): the supervisor adds no line for this commit.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub metrics_logged: bool,
-}
-
-/// How a request was answered.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Answer {
-    Committed {
-        name: String,
-        done: bool,
-    },
-    /// Not committed, by rule (an older step); the files were kept aside.
-    Refused {
-        reason: String,
-    },
-    /// The commit failed (bad request, bad files, disk full); the files were kept aside.
-    Failed {
-        error: String,
-    },
-}
-
-/// One rank's staging dir and request file (the only one of a 1-rank job).
-#[derive(Debug)]
-struct Slot {
-    rank: u32,
-    token: String,
-    staging: PathBuf,
-    request: PathBuf,
-}
-
-impl Slot {
-    fn has_request(&self) -> bool {
-        self.request.exists()
-    }
-
-    fn read_request(&self) -> std::result::Result<Request, String> {
-        let bytes = read_bounded(&self.request, MAX_REQUEST_BYTES)
-            .map_err(|r| format!("{}: {r}", self.request.display()))?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            format!(
-                "{}: not a valid commit request ({e}); expected {{\"step\": N, \"epoch\"?: E, \
-                 \"metrics\"?: {{..}}, \"done\"?: bool, \"sharded\"?: bool, \"reshardable\"?: bool, \
-                 \"extra\"?: {{..}}, \"metrics_logged\"?: bool}}",
-                self.request.display()
-            )
-        })
-    }
-
-    fn is_empty(&self) -> bool {
-        fs::read_dir(&self.staging).map_or(true, |mut d| d.next().is_none())
-    }
-
-    /// Write the answer, then remove the request (the acknowledgement).
-    fn reply(&self, result: &serde_json::Value) -> Result<()> {
-        replace_file_durable(&result_path(&self.request), result.to_string().as_bytes())?;
-        fs::remove_file(&self.request).with_context(|| format!("remove {}", self.request.display()))
-    }
-
-    /// Move whatever is staged aside (see [`keep_aside`]) and recreate the staging dir.
-    fn keep(&self, store: &mut Store, step: Option<u64>, reason: &str) -> Result<Option<String>> {
-        let kept = keep_aside(store, &self.staging, &self.token, step, reason)?;
-        if kept.is_some() {
-            fs::create_dir_all(&self.staging)
-                .with_context(|| format!("create {}", self.staging.display()))?;
-        }
-        Ok(kept)
-    }
-
-    fn clear(&self) -> Result<()> {
-        for e in fs::read_dir(&self.staging)?.flatten() {
-            let p = e.path();
-            let _ = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
-        }
-        Ok(())
-    }
-}
 
 /// One allocation's side of the protocol, for every rank of the job.
 ///
@@ -313,206 +219,6 @@ impl ChildProtocol {
         Ok(answer)
     }
 
-    /// The one request of all ranks (rank 0's epoch, metrics and `done`; sharded when any rank
-    /// says so, reshardable when every rank does), or why there is none: an invalid request fails, different steps are refused.
-    fn agreed(
-        &self,
-        requests: &[std::result::Result<Request, String>],
-    ) -> std::result::Result<(Request, Sharding), Answer> {
-        let errors: Vec<String> = requests
-            .iter()
-            .zip(&self.slots)
-            .filter_map(|(r, s)| r.as_ref().err().map(|e| (s.rank, e)))
-            .map(|(rank, e)| self.of_rank(rank, e))
-            .collect();
-        if !errors.is_empty() {
-            return Err(Answer::Failed {
-                error: errors.join("; "),
-            });
-        }
-        let reqs: Vec<&Request> = requests.iter().flatten().collect();
-        let lead = reqs[0].clone();
-        if reqs.iter().any(|r| r.step != lead.step) {
-            let steps: Vec<String> = reqs
-                .iter()
-                .enumerate()
-                .map(|(i, r)| format!("rank {i}: step {}", r.step))
-                .collect();
-            return Err(Answer::Refused {
-                reason: format!(
-                    "the ranks asked for different steps ({}): a checkpoint holds one step of \
-                     every rank, so nothing was committed. The ranks must agree on the step at \
-                     which they save (e.g. an all_reduce of the stop flag at each step boundary)",
-                    steps.join(", ")
-                ),
-            });
-        }
-        let sharding = Sharding {
-            sharded: reqs.iter().any(|r| r.sharded),
-            reshardable: reqs.iter().all(|r| r.reshardable),
-        };
-        Ok((lead, sharding))
-    }
-
-    fn of_rank(&self, rank: u32, msg: &str) -> String {
-        if self.world_size() == 1 {
-            msg.to_string()
-        } else {
-            format!("rank {rank}: {msg}")
-        }
-    }
-
-    fn commit_or_refuse(
-        &mut self,
-        store: &mut Store,
-        req: &Request,
-        sharding: Sharding,
-    ) -> Result<Answer> {
-        if let Some(reason) = self.refusal(req.step) {
-            tracing::error!(step = req.step, %reason, "commit request refused");
-            store.journal().append(&SupervisorEvent::RequestRefused {
-                step: Some(req.step),
-                reason: reason.clone(),
-            })?;
-            let kept = self.keep_all(store, Some(req.step), &reason)?;
-            return Ok(Answer::Refused {
-                reason: with_kept(&reason, kept.as_deref()),
-            });
-        }
-        match self.commit(store, req, sharding) {
-            Ok(name) => {
-                self.floor = Some(self.floor.map_or(req.step, |f| f.max(req.step)));
-                Ok(Answer::Committed {
-                    name,
-                    done: req.done,
-                })
-            }
-            Err(e) => {
-                let error = format!("{e:#}");
-                let kept = self.keep_all(
-                    store,
-                    Some(req.step),
-                    &format!("the commit failed: {error}"),
-                )?;
-                Ok(Answer::Failed {
-                    error: with_kept(&error, kept.as_deref()),
-                })
-            }
-        }
-    }
-
-    /// Why a request for `step` must be refused, if it must.
-    fn refusal(&self, step: u64) -> Option<String> {
-        let floor = self.floor?;
-        if step >= floor || self.allow_backwards {
-            return None;
-        }
-        Some(format!(
-            "step {step} is older than step {floor}, the newest checkpoint of this run (the one \
-             the program resumed from, or committed since): committed steps only grow. The usual \
-             cause is a program that started from scratch instead of resuming from \
-             HPC_CKPT_RESUME_FROM; if going back is intended, set checkpoint.allow_step_backwards: \
-             true in the job config"
-        ))
-    }
-
-    /// The files of every rank as one snapshot (a multi-rank job's under `rank<NNNNN>.` names,
-    /// DCP's files under their own: [`ranks::committed_name`]); two ranks staging one DCP name
-    /// fail the commit. Staged in the run dir, they are adopted (linked in and read once), not
-    /// copied again.
-    fn snapshot(&self) -> Result<Snapshot<'static>> {
-        if self.world_size() == 1 {
-            return Ok(Snapshot::adopt_dir(self.staging())?);
-        }
-        let mut all = Snapshot::new();
-        let mut owner = BTreeMap::new();
-        for slot in self.slots.iter().filter(|s| !s.is_empty()) {
-            let snap = Snapshot::adopt_dir(&slot.staging)
-                .with_context(|| format!("rank {}", slot.rank))?;
-            for (name, src) in snap.files {
-                let committed = ranks::committed_name(slot.rank, &name);
-                if let Some(other) = owner.insert(committed.clone(), slot.rank) {
-                    anyhow::bail!(
-                        "ranks {other} and {} both staged {name:?}, a torch.distributed.checkpoint \
-                         file that keeps its name in the checkpoint: DCP writes each such name \
-                         on one rank only (.metadata on its coordinator, __<rank>_<n>.distcp on \
-                         <rank>); did two ranks save with different process groups?",
-                        slot.rank
-                    );
-                }
-                all.add(committed, src);
-            }
-        }
-        anyhow::ensure!(
-            !all.files.is_empty(),
-            "no rank staged any file (in {}-r*)",
-            self.run_dir.join(STAGING_DIR).join(&self.token).display()
-        );
-        Ok(all)
-    }
-
-    fn commit(&mut self, store: &mut Store, req: &Request, sharding: Sharding) -> Result<String> {
-        let snapshot = self.snapshot()?;
-        let reserved = [
-            EXTRA_WORLD_SIZE,
-            EXTRA_RANK_FILES,
-            EXTRA_SHARDED,
-            EXTRA_RESHARDABLE,
-        ];
-        if let Some(k) = req.extra.keys().find(|k| reserved.contains(&k.as_str())) {
-            anyhow::bail!(
-                "the request's extra sets {k:?}, which the supervisor writes itself (reserved: \
-                 {})",
-                reserved.join(", ")
-            );
-        }
-        let mut extra = req.extra.clone();
-        if self.world_size() > 1 {
-            extra.insert(EXTRA_WORLD_SIZE.into(), json!(self.world_size()));
-            extra.insert(EXTRA_RANK_FILES.into(), json!("rank{rank:05}.{name}"));
-        }
-        if sharding.sharded {
-            extra.insert(EXTRA_SHARDED.into(), json!(true));
-        }
-        if sharding.reshardable {
-            extra.insert(EXTRA_RESHARDABLE.into(), json!(true));
-        }
-        let meta = CommitMeta {
-            step: req.step,
-            epoch: req.epoch,
-            metrics: req.metrics.clone(),
-            job: self.job.clone(),
-            extra,
-            ..Default::default()
-        };
-        let report = store.commit(&snapshot, &meta)?;
-        if !req.metrics_logged {
-            let line = json!({"ts": now_rfc3339(), "step": req.step, "epoch": req.epoch, "metrics": req.metrics});
-            let (mut f, _) = storage_metrics::open_append(&self.run_dir)?;
-            storage_metrics::append(&mut f, &line).with_context(|| {
-                format!("append to {}", self.run_dir.join(METRICS_FILE).display())
-            })?;
-        }
-        for slot in &self.slots {
-            slot.clear()?;
-        }
-        Ok(report.name)
-    }
-
-    /// Keep aside what every rank staged; the kept dirs, relative to the run dir, joined.
-    fn keep_all(
-        &self,
-        store: &mut Store,
-        step: Option<u64>,
-        reason: &str,
-    ) -> Result<Option<String>> {
-        let mut kept = Vec::new();
-        for slot in &self.slots {
-            kept.extend(slot.keep(store, step, reason)?);
-        }
-        Ok((!kept.is_empty()).then(|| kept.join(", ")))
-    }
-
     /// Whether rank `rank` has a request waiting.
     pub fn has_asked(&self, rank: u32) -> bool {
         self.slots[rank as usize].has_request()
@@ -597,179 +303,6 @@ impl ChildProtocol {
         }
         Ok(reason)
     }
-}
-
-/// Manifest `extra` key: the number of ranks that wrote a multi-rank checkpoint (absent: 1).
-pub const EXTRA_WORLD_SIZE: &str = "world_size";
-/// Manifest `extra` key: how per-rank files are named.
-pub const EXTRA_RANK_FILES: &str = "rank_files";
-/// Manifest `extra` key: a rank said its files are a shard (they load only with the same
-/// world size, unless the program reshards).
-pub const EXTRA_SHARDED: &str = "sharded";
-
-/// Manifest `extra` key: every rank said its state is in a format whose reader reshards it
-/// (torch.distributed.checkpoint): the checkpoint loads with any world size.
-pub const EXTRA_RESHARDABLE: &str = "reshardable";
-
-/// How the ranks' state of one commit is laid out (from their requests, into the manifest).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sharding {
-    /// Some rank's files are a shard of the state.
-    pub sharded: bool,
-    /// Every rank's state is reshardable by its reader (DCP).
-    pub reshardable: bool,
-}
-
-/// What a manifest records of the ranks that wrote its checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SavedWorld {
-    /// The number of ranks (1 for a 1-rank checkpoint).
-    pub world: u32,
-    pub sharding: Sharding,
-}
-
-impl SavedWorld {
-    /// The state loads only with the world size that wrote it (sharded, not reshardable).
-    pub fn pinned(&self) -> bool {
-        self.sharding.sharded && !self.sharding.reshardable
-    }
-}
-
-/// The world size and sharding a manifest records.
-pub fn world_of(manifest: &crate::storage::Manifest) -> SavedWorld {
-    let flag = |k: &str| {
-        manifest
-            .extra
-            .get(k)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
-    };
-    let world = manifest
-        .extra
-        .get(EXTRA_WORLD_SIZE)
-        .and_then(|v| v.as_u64())
-        .map_or(1, |w| w as u32);
-    SavedWorld {
-        world,
-        sharding: Sharding {
-            sharded: flag(EXTRA_SHARDED),
-            reshardable: flag(EXTRA_RESHARDABLE),
-        },
-    }
-}
-
-/// Keep aside whatever earlier allocations left under `staging/` (their staged files; an
-/// unanswered request only lends its step to the record); then `staging/` holds nothing of
-/// theirs.
-fn keep_leftovers(store: &mut Store, root: &Path) -> Result<()> {
-    let Ok(entries) = fs::read_dir(root) else {
-        return Ok(());
-    };
-    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    paths.sort();
-    for dir in paths.iter().filter(|p| p.is_dir()) {
-        let token = dir
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let request = root.join(format!("{token}.request"));
-        let step = read_bounded(&request, MAX_REQUEST_BYTES)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Request>(&b).ok())
-            .map(|r| r.step);
-        let reason = match step {
-            Some(s) => format!(
-                "staged by an earlier allocation ({token}) that asked for step {s} but ended \
-                 before its commit"
-            ),
-            None => format!(
-                "staged by an earlier allocation ({token}) and never committed (no commit \
-                 request, or its supervisor ended first)"
-            ),
-        };
-        keep_aside(store, dir, &token, step, &reason)?;
-        let _ = fs::remove_dir(dir);
-    }
-    // Requests, answers and temp files of earlier allocations: their files are kept above.
-    for p in paths.iter().filter(|p| !p.is_dir()) {
-        let _ = fs::remove_file(p);
-    }
-    Ok(())
-}
-
-/// Move the files of `dir` (if any) into a new `kept/<time>-<token>/` of the run dir, by one
-/// rename (no copy); log an ERROR naming them and journal `staged_kept`. Returns the kept dir
-/// relative to the run dir, or None when `dir` held nothing.
-pub fn keep_aside(
-    store: &mut Store,
-    dir: &Path,
-    token: &str,
-    step: Option<u64>,
-    reason: &str,
-) -> Result<Option<String>> {
-    let mut files: Vec<String> = fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    if files.is_empty() {
-        return Ok(None);
-    }
-    files.sort();
-    let run_dir = store.run_dir().root().to_path_buf();
-    let kept_root = run_dir.join(KEPT_DIR);
-    fs::create_dir_all(&kept_root).with_context(|| format!("create {}", kept_root.display()))?;
-    let stamp = now_rfc3339().replace([':', '.'], "");
-    let mut rel = format!("{KEPT_DIR}/{stamp}-{token}");
-    let mut n = 1;
-    while run_dir.join(&rel).exists() {
-        n += 1;
-        rel = format!("{KEPT_DIR}/{stamp}-{token}-{n}");
-    }
-    let dest = run_dir.join(&rel);
-    fs::rename(dir, &dest)
-        .with_context(|| format!("move {} to {}", dir.display(), dest.display()))?;
-    fsync_dir(&kept_root)?;
-    if let Some(parent) = dir.parent() {
-        fsync_dir(parent)?;
-    }
-    tracing::error!(
-        kept = %dest.display(),
-        files = ?files,
-        %reason,
-        "staged files were NOT committed; they are kept (import them with `hpc-ckpt commit`, see \
-         `hpc-ckpt status`)"
-    );
-    store.journal().append(&SupervisorEvent::StagedKept {
-        dir: rel.clone(),
-        files,
-        step,
-        reason: reason.to_string(),
-    })?;
-    Ok(Some(rel))
-}
-
-fn with_kept(msg: &str, kept: Option<&str>) -> String {
-    match kept {
-        Some(k) => format!("{msg} (the staged files were kept in {k})"),
-        None => msg.to_string(),
-    }
-}
-
-/// `<request>.result`: the answer.
-pub fn result_path(request: &Path) -> PathBuf {
-    let mut s = request.as_os_str().to_owned();
-    s.push(".result");
-    PathBuf::from(s)
-}
-
-/// `<request>.tmp`: where the program writes before its rename.
-fn tmp_path(request: &Path) -> PathBuf {
-    let mut s = request.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
 }
 
 #[cfg(test)]

@@ -1,0 +1,179 @@
+//! The `slurm:` section: the allocation `hpc-ckpt sbatch` asks for. Every value that goes on an
+//! `#SBATCH` line is checked here to hold only what Slurm accepts there (refused, never quoted:
+//! it ends up in a shell script).
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// The `slurm:` section: the allocation `hpc-ckpt sbatch` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    #[serde(default)]
+    pub job_name: Option<String>,
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// Wall time as Slurm takes it: `MM`, `HH:MM:SS`, `D-HH:MM`, ….
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub nodes: Option<u32>,
+    /// Tasks of the job: each is one rank (see `distributed`).
+    #[serde(default)]
+    pub ntasks: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ntasks_per_node: Option<u32>,
+    #[serde(default)]
+    pub cpus_per_task: Option<u32>,
+    /// Memory per node, e.g. `16G`, `4000M`.
+    #[serde(default)]
+    pub mem: Option<String>,
+    /// GPUs per node, e.g. `1` or `a100:2`.
+    #[serde(default)]
+    pub gpus: Option<String>,
+    /// GPUs per task (rank), e.g. `1` or `a100:1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_task: Option<String>,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub qos: Option<String>,
+    /// Seconds before the end at which Slurm sends the warning signal (`--signal=B:SIG@LEAD`).
+    #[serde(default = "default_lead")]
+    pub signal_lead: u32,
+    /// The job's output file (Slurm patterns allowed); default `<run_dir>/slurm-%j.out`.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Extra `#SBATCH` options, e.g. `--constraint=a100` (each must start with `--`).
+    #[serde(default)]
+    pub extra: Vec<String>,
+    /// Shell lines run before the supervisor, e.g. `module load cuda/12`.
+    #[serde(default)]
+    pub setup: Vec<String>,
+}
+
+fn default_lead() -> u32 {
+    120
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("empty slurm section parses")
+    }
+}
+
+impl SlurmConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(v) = &self.job_name {
+            check_word("slurm.job_name", v)?;
+        }
+        if let Some(v) = &self.partition {
+            check_sbatch_value("slurm.partition", v, ",")?;
+        }
+        if let Some(v) = &self.time {
+            check_sbatch_value("slurm.time", v, ":")?;
+            if !v.chars().next().is_some_and(|c| c.is_ascii_digit())
+                || v.chars().any(|c| c.is_ascii_alphabetic())
+            {
+                return Err(ConfigError::at(
+                    "slurm.time",
+                    format!(
+                        "{v:?} is not a Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)"
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = &self.mem {
+            check_sbatch_value("slurm.mem", v, "")?;
+            let digits = v.trim_end_matches(['K', 'M', 'G', 'T']);
+            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                return Err(ConfigError::at(
+                    "slurm.mem",
+                    format!("{v:?} is not a size like 4000M or 16G"),
+                ));
+            }
+        }
+        if let Some(v) = &self.gpus {
+            check_sbatch_value("slurm.gpus", v, ":")?;
+        }
+        if let Some(v) = &self.gpus_per_task {
+            check_sbatch_value("slurm.gpus_per_task", v, ":")?;
+        }
+        if let Some(v) = &self.account {
+            check_sbatch_value("slurm.account", v, "")?;
+        }
+        if let Some(v) = &self.qos {
+            check_sbatch_value("slurm.qos", v, "")?;
+        }
+        if let Some(v) = &self.output {
+            check_sbatch_value("slurm.output", v, "/%")?;
+        }
+        for (n, k) in [
+            ("slurm.nodes", self.nodes),
+            ("slurm.ntasks", self.ntasks),
+            ("slurm.ntasks_per_node", self.ntasks_per_node),
+            ("slurm.cpus_per_task", self.cpus_per_task),
+        ] {
+            if k == Some(0) {
+                return Err(ConfigError::at(n, "must be at least 1"));
+            }
+        }
+        for (i, e) in self.extra.iter().enumerate() {
+            let key = format!("slurm.extra[{i}]");
+            if !e.starts_with("--") {
+                return Err(ConfigError::at(
+                    key,
+                    format!("{e:?} must be a long option such as --constraint=a100"),
+                ));
+            }
+            check_sbatch_value(&key, &e[2..], "=:,/%")?;
+        }
+        for (i, s) in self.setup.iter().enumerate() {
+            if s.contains('\n') || s.contains('\r') || s.contains('\0') {
+                return Err(ConfigError::at(
+                    format!("slurm.setup[{i}]"),
+                    "one shell line per entry (no newlines)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A plain word: letters, digits, `.`, `_`, `-` (no shell metacharacters, no spaces).
+pub(super) fn check_word(key: &str, v: &str) -> Result<(), ConfigError> {
+    if v.is_empty() || v.len() > 200 {
+        return Err(ConfigError::at(key, "must be 1 to 200 characters"));
+    }
+    if let Some(c) = v
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(ConfigError::at(
+            key,
+            format!("{v:?} contains {c:?}; allowed are letters, digits, '.', '_' and '-'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Characters allowed in a value that goes on an `#SBATCH` line.
+fn check_sbatch_value(key: &str, v: &str, extra: &str) -> Result<(), ConfigError> {
+    if v.is_empty() {
+        return Err(ConfigError::at(key, "must not be empty"));
+    }
+    if let Some(c) = v
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c) || extra.contains(*c)))
+    {
+        return Err(ConfigError::at(
+            key,
+            format!(
+                "{v:?} contains {c:?}, which Slurm does not accept there (refused rather than \
+                 quoted: it would end up in a shell script)"
+            ),
+        ));
+    }
+    Ok(())
+}
