@@ -19,7 +19,7 @@ use super::manifest::{checkpoint_name, parse_checkpoint_name, Manifest, FORMAT, 
 use super::pointer::{self, Pointer};
 use super::retention::{self, Candidate, RetentionPolicy};
 use super::verify::{self, Loaded};
-use super::writer::{self, CommitMeta, CommitReport, SaveTiming, Snapshot};
+use super::writer::{self, CommitMeta, CommitReport, Snapshot};
 
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// Prefix of in-progress (or being-deleted) entries; never read, removed by the next writer.
@@ -368,56 +368,107 @@ impl Store {
         result
     }
 
+    /// The commit protocol as named steps: check, stage into a temp dir, publish (rename, fsync
+    /// the parent, swap the pointer), record (journal and log), then retention.
     fn commit_inner(
         &mut self,
         snapshot: &Snapshot<'_>,
         meta: &CommitMeta,
         started: Instant,
     ) -> Result<CommitReport> {
+        self.check_commit(snapshot, meta)?;
+        let name = checkpoint_name(meta.step);
+        let (tmp, manifest) = self.stage_in_temp(&name, snapshot, meta)?;
+        let replaced = self.publish(&tmp, &name)?;
+        let done = Committed {
+            name,
+            bytes: manifest.total_bytes(),
+            seconds: started.elapsed().as_secs_f64(),
+            replaced,
+        };
+        self.record(&done, meta)?;
+        tracing::debug!(phase = "retention", "applying retention");
+        let deleted = self.apply_retention()?;
+        Ok(CommitReport {
+            name: done.name,
+            step: meta.step,
+            bytes: done.bytes,
+            seconds: done.seconds,
+            replaced,
+            deleted,
+        })
+    }
+
+    /// Before anything touches the disk: names, tensor sizes, finite metrics, and room for the
+    /// checkpoint (retention applied first when short).
+    fn check_commit(&mut self, snapshot: &Snapshot<'_>, meta: &CommitMeta) -> Result<()> {
         snapshot.validate()?;
         if let Some((k, v)) = meta.metrics.iter().find(|(_, v)| !v.is_finite()) {
             return Err(StorageError::Invalid(format!(
                 "metric {k} is {v}; metrics must be finite"
             )));
         }
-        let ckpts = self.dir.checkpoints_dir();
-        let need = snapshot.estimated_bytes() + SPACE_MARGIN;
-        self.ensure_space(meta.step, need)?;
+        self.ensure_space(meta.step, snapshot.estimated_bytes() + SPACE_MARGIN)
+    }
 
-        let name = checkpoint_name(meta.step);
-        let tmp = ckpts.join(format!(
+    /// Write every file and the manifest into a fresh temp dir in `checkpoints/`, each fsynced,
+    /// then the dir (see [`writer::stage`]); the temp dir is removed when that fails.
+    fn stage_in_temp(
+        &self,
+        name: &str,
+        snapshot: &Snapshot<'_>,
+        meta: &CommitMeta,
+    ) -> Result<(PathBuf, Manifest)> {
+        let tmp = self.dir.checkpoints_dir().join(format!(
             "{TEMP_PREFIX}{name}-{}-{}",
             std::process::id(),
             unique()
         ));
         fs::create_dir(&tmp).ctx(|| format!("create temp dir {}", tmp.display()))?;
-        let base = self.manifest_base(meta);
-        let manifest = match writer::stage(&tmp, snapshot, base) {
-            Ok(m) => m,
+        match writer::stage(&tmp, snapshot, self.manifest_base(meta)) {
+            Ok(m) => Ok((tmp, m)),
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
-                return Err(e);
+                Err(e)
             }
-        };
+        }
+    }
+
+    /// Make the staged `tmp` the checkpoint `name`: rename it into place (exchanging with a
+    /// checkpoint of the same step), fsync `checkpoints/`, swap the pointer, and only then remove
+    /// what was replaced. Returns whether a checkpoint was replaced.
+    fn publish(&self, tmp: &Path, name: &str) -> Result<bool> {
+        let ckpts = self.dir.checkpoints_dir();
         tracing::debug!(phase = "rename", checkpoint = %name, "renaming into place");
-        let final_path = ckpts.join(&name);
-        let renamed = match rename_dir_into_place(&tmp, &final_path) {
+        let renamed = match rename_dir_into_place(tmp, &ckpts.join(name)) {
             Ok(r) => r,
             Err(e) => {
-                let _ = fs::remove_dir_all(&tmp);
+                let _ = fs::remove_dir_all(tmp);
                 return Err(e);
             }
         };
         tracing::debug!(phase = "fsync-parent", "fsync checkpoints/");
         fsync_dir(&ckpts)?;
         tracing::debug!(phase = "pointer", checkpoint = %name, "swapping last_checkpoint");
-        pointer::write(self.dir.root(), &name)?;
-        if renamed == Renamed::Exchanged {
+        pointer::write(self.dir.root(), name)?;
+        let replaced = renamed == Renamed::Exchanged;
+        if replaced {
             // The previous checkpoint of this step now sits at the temp name.
-            fs::remove_dir_all(&tmp).ctx(|| format!("remove replaced {}", tmp.display()))?;
+            fs::remove_dir_all(tmp).ctx(|| format!("remove replaced {}", tmp.display()))?;
         }
-        let bytes = manifest.total_bytes();
-        let seconds = started.elapsed().as_secs_f64();
+        Ok(replaced)
+    }
+
+    /// Journal the durable commit (with the save's stall when the caller said how the save
+    /// went) and log it.
+    fn record(&mut self, done: &Committed, meta: &CommitMeta) -> Result<()> {
+        let Committed {
+            name,
+            bytes,
+            seconds,
+            replaced,
+        } = done;
+        let (bytes, seconds) = (*bytes, *seconds);
         let stall_seconds = meta.save.as_ref().map(|s| s.stall_seconds(seconds));
         let background = meta.save.as_ref().is_some_and(|s| s.background);
         tracing::debug!(phase = "journal", "recording commit");
@@ -427,54 +478,34 @@ impl Store {
             epoch: meta.epoch,
             bytes,
             seconds,
-            replaced: renamed == Renamed::Exchanged,
+            replaced: *replaced,
             metrics: meta.metrics.clone(),
             stall_seconds,
             background,
             cadence: meta.save.as_ref().and_then(|s| s.cadence.clone()),
         })?;
+        let seconds = format!("{seconds:.3}");
         match (&meta.save, stall_seconds) {
-            (
-                Some(
-                    save @ SaveTiming {
-                        cadence: Some(c), ..
-                    },
-                ),
-                Some(stall),
-            ) => tracing::info!(
-                checkpoint = %name,
-                bytes,
-                seconds = format!("{seconds:.3}"),
-                stall_seconds = format!("{stall:.3}"),
-                waited_seconds = format!("{:.3}", save.wait_seconds),
-                background,
-                interval_seconds = format!("{:.1}", c.actual_seconds),
-                recommended_interval_seconds = format!("{:.1}", c.recommended_seconds),
-                "checkpoint committed"
-            ),
-            (Some(save), Some(stall)) => tracing::info!(
-                checkpoint = %name,
-                bytes,
-                seconds = format!("{seconds:.3}"),
-                stall_seconds = format!("{stall:.3}"),
-                waited_seconds = format!("{:.3}", save.wait_seconds),
-                background,
-                "checkpoint committed"
-            ),
-            _ => {
-                tracing::info!(checkpoint = %name, bytes, seconds = format!("{seconds:.3}"), "checkpoint committed")
+            (Some(save), Some(stall)) => {
+                let stall = format!("{stall:.3}");
+                let waited = format!("{:.3}", save.wait_seconds);
+                match &save.cadence {
+                    Some(c) => tracing::info!(
+                        checkpoint = %name, bytes, seconds, stall_seconds = stall,
+                        waited_seconds = waited, background,
+                        interval_seconds = format!("{:.1}", c.actual_seconds),
+                        recommended_interval_seconds = format!("{:.1}", c.recommended_seconds),
+                        "checkpoint committed"
+                    ),
+                    None => tracing::info!(
+                        checkpoint = %name, bytes, seconds, stall_seconds = stall,
+                        waited_seconds = waited, background, "checkpoint committed"
+                    ),
+                }
             }
+            _ => tracing::info!(checkpoint = %name, bytes, seconds, "checkpoint committed"),
         }
-        tracing::debug!(phase = "retention", "applying retention");
-        let deleted = self.apply_retention()?;
-        Ok(CommitReport {
-            name,
-            step: meta.step,
-            bytes,
-            seconds,
-            replaced: renamed == Renamed::Exchanged,
-            deleted,
-        })
+        Ok(())
     }
 
     fn manifest_base(&self, meta: &CommitMeta) -> Manifest {
@@ -562,6 +593,14 @@ impl Store {
         }
         Ok(doomed)
     }
+}
+
+/// A checkpoint just made durable, for [`Store::record`].
+struct Committed {
+    name: String,
+    bytes: u64,
+    seconds: f64,
+    replaced: bool,
 }
 
 fn unique() -> u128 {

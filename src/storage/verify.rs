@@ -14,7 +14,9 @@ use std::path::Path;
 use super::checksum::Checksum;
 use super::error::Fault;
 use super::fsutil::{open_regular_nofollow, read_bounded};
-use super::manifest::{parse_checkpoint_name, Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES};
+use super::manifest::{
+    parse_checkpoint_name, FileEntry, Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES,
+};
 use super::safetensors;
 
 const CHUNK: usize = 8 << 20;
@@ -78,91 +80,22 @@ pub fn load_checkpoint(dir: &Path) -> Result<Loaded, Vec<Fault>> {
     Ok(Loaded { manifest, files })
 }
 
+/// Verify `dir` as named steps: the manifest, no file it does not list, then every listed file
+/// (size, checksum, safetensors header), keeping their bytes in `keep` when asked.
 fn check(
     dir: &Path,
     mut keep: Option<&mut BTreeMap<String, Vec<u8>>>,
 ) -> Result<Manifest, Vec<Fault>> {
     let m = read_manifest(dir).map_err(|f| vec![f])?;
-    let mut faults = Vec::new();
-
-    match fs::read_dir(dir) {
-        Ok(rd) => {
-            for e in rd.flatten() {
-                let n = e.file_name();
-                let n = n.to_string_lossy();
-                if n != MANIFEST_FILE && m.file(&n).is_none() {
-                    faults.push(Fault::new(label(dir, &n), "not listed in the manifest"));
-                }
-            }
-        }
-        Err(e) => faults.push(Fault::new(label(dir, ""), format!("cannot list: {e}"))),
-    }
-
+    let mut faults = unlisted_files(dir, &m);
     for entry in &m.files {
-        let path = dir.join(&entry.name);
-        let lbl = label(dir, &entry.name);
-        let (mut f, size) = match open_regular_nofollow(&path) {
-            Ok(x) => x,
-            Err(r) => {
-                faults.push(Fault::new(lbl, r));
-                continue;
-            }
-        };
-        if size != entry.size {
-            faults.push(Fault::new(
-                lbl,
-                format!("size is {size} bytes, the manifest says {}", entry.size),
-            ));
-            continue;
-        }
-        let mut sum = Checksum::new();
-        let mut buf = keep.as_ref().map(|_| Vec::with_capacity(size as usize));
-        let mut chunk = vec![0u8; CHUNK.min(size as usize).max(1)];
-        let mut read_total = 0u64;
-        let result = loop {
-            match f.read(&mut chunk) {
-                Ok(0) => break Ok(()),
-                Ok(n) => {
-                    sum.update(&chunk[..n]);
-                    if let Some(b) = buf.as_mut() {
-                        b.extend_from_slice(&chunk[..n]);
-                    }
-                    read_total += n as u64;
-                    if read_total > size {
-                        break Err("grew while being read".to_string());
-                    }
+        match check_file(dir, entry, keep.is_some()) {
+            Ok(bytes) => {
+                if let (Some(k), Some(b)) = (keep.as_deref_mut(), bytes) {
+                    k.insert(entry.name.clone(), b);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(format!("read failed: {e}")),
             }
-        };
-        if let Err(r) = result {
-            faults.push(Fault::new(lbl, r));
-            continue;
-        }
-        if read_total != size {
-            faults.push(Fault::new(lbl, "shrank while being read"));
-            continue;
-        }
-        if sum.hex() != entry.checksum {
-            faults.push(Fault::new(
-                lbl,
-                format!(
-                    "checksum mismatch (content changed or corrupted): {} on disk, {} in the manifest",
-                    sum.hex(),
-                    entry.checksum
-                ),
-            ));
-            continue;
-        }
-        if entry.name.ends_with(".safetensors") {
-            if let Err(r) = check_safetensors(&path, size) {
-                faults.push(Fault::new(lbl, r));
-                continue;
-            }
-        }
-        if let (Some(k), Some(b)) = (keep.as_deref_mut(), buf) {
-            k.insert(entry.name.clone(), b);
+            Err(f) => faults.push(f),
         }
     }
     if faults.is_empty() {
@@ -170,6 +103,81 @@ fn check(
     } else {
         Err(faults)
     }
+}
+
+/// A fault for every entry of `dir` the manifest does not list (or one if `dir` cannot be
+/// listed).
+fn unlisted_files(dir: &Path, m: &Manifest) -> Vec<Fault> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => return vec![Fault::new(label(dir, ""), format!("cannot list: {e}"))],
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            (n != MANIFEST_FILE && m.file(&n).is_none())
+                .then(|| Fault::new(label(dir, &n), "not listed in the manifest"))
+        })
+        .collect()
+}
+
+/// Check one listed file: a regular file of the listed size whose content has the listed
+/// checksum (and a valid header for a `*.safetensors`). Returns its bytes when `keep`.
+fn check_file(dir: &Path, entry: &FileEntry, keep: bool) -> Result<Option<Vec<u8>>, Fault> {
+    let path = dir.join(&entry.name);
+    let fault = |r: String| Fault::new(label(dir, &entry.name), r);
+    let (mut f, size) = open_regular_nofollow(&path).map_err(fault)?;
+    if size != entry.size {
+        return Err(fault(format!(
+            "size is {size} bytes, the manifest says {}",
+            entry.size
+        )));
+    }
+    let (sum, bytes) = read_summed(&mut f, size, keep).map_err(fault)?;
+    if sum != entry.checksum {
+        return Err(fault(format!(
+            "checksum mismatch (content changed or corrupted): {sum} on disk, {} in the manifest",
+            entry.checksum
+        )));
+    }
+    if entry.name.ends_with(".safetensors") {
+        check_safetensors(&path, size).map_err(fault)?;
+    }
+    Ok(bytes)
+}
+
+/// Read `f` (expected `size` bytes) in fixed chunks: its checksum, and its bytes when `keep`.
+/// Fails if the file grows or shrinks while being read.
+fn read_summed(
+    f: &mut fs::File,
+    size: u64,
+    keep: bool,
+) -> Result<(String, Option<Vec<u8>>), String> {
+    let mut sum = Checksum::new();
+    let mut buf = keep.then(|| Vec::with_capacity(size as usize));
+    let mut chunk = vec![0u8; CHUNK.min(size as usize).max(1)];
+    let mut read_total = 0u64;
+    loop {
+        match f.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                sum.update(&chunk[..n]);
+                if let Some(b) = buf.as_mut() {
+                    b.extend_from_slice(&chunk[..n]);
+                }
+                read_total += n as u64;
+                if read_total > size {
+                    return Err("grew while being read".to_string());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+    }
+    if read_total != size {
+        return Err("shrank while being read".to_string());
+    }
+    Ok((sum.hex(), buf))
 }
 
 /// Validate a safetensors file's header against its size (bounded reads only).

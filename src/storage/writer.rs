@@ -4,9 +4,10 @@
 //! A [`Snapshot`] is a list of named files. Tensor files are real safetensors, laid out in the
 //! order given; their bytes are [`Cow`]s, so a caller can lend its buffers for a synchronous save
 //! or hand over owned host copies (`Snapshot<'static>`, which is `Send`) for a background persist.
-//! Every byte is checksummed on its way to disk (no second read) — an adopted file, already on
-//! the checkpoint's file system, is linked in and read once instead — every file is fsynced, and
-//! the manifest is written last.
+//! Every byte is checksummed on its way to disk (no second read; for a large file on a helper
+//! thread handed the very slices the writer writes, so hashing overlaps the writes) — an adopted
+//! file, already on the checkpoint's file system, is linked in and read once instead — every
+//! file is fsynced, and the manifest is written last.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -236,43 +237,94 @@ impl<'a> Snapshot<'a> {
 /// Small writes are gathered in a buffer; large slices go to the file directly (no copy).
 const GATHER: usize = 4 << 20;
 
-struct HashingFile {
+/// A file at least this large is checksummed on a helper thread while it is written (below
+/// that, the thread's start costs more than the overlap saves).
+const HASH_THREAD_MIN: u64 = 8 << 20;
+
+/// Pieces queued for the hashing thread at most (references into the snapshot, no copies): the
+/// writer runs at most this far ahead of the checksum.
+const HASH_QUEUE: usize = 16;
+
+/// Where a file's checksum is computed: inline, or on a helper thread that is handed every
+/// piece (borrowed, in file order) just before the writer writes it, so that hashing overlaps
+/// the writes.
+enum Hasher<'a> {
+    Inline(Box<Checksum>),
+    Thread(crossbeam_channel::Sender<&'a [u8]>),
+}
+
+impl<'a> Hasher<'a> {
+    fn update(&mut self, bytes: &'a [u8]) -> Result<()> {
+        match self {
+            Hasher::Inline(sum) => {
+                sum.update(bytes);
+                Ok(())
+            }
+            Hasher::Thread(tx) => tx.send(bytes).map_err(|_| {
+                StorageError::Invalid("the checksum thread ended early (it panicked)".into())
+            }),
+        }
+    }
+}
+
+/// One file being written: every byte goes through [`HashingFile::put`], which hands the very
+/// slice it writes to the [`Hasher`], so the checksum is of exactly the bytes written, in order.
+struct HashingFile<'a> {
     file: File,
     path: PathBuf,
-    sum: Checksum,
+    hasher: Hasher<'a>,
     buf: Vec<u8>,
     written: u64,
 }
 
-impl HashingFile {
-    fn create(path: PathBuf) -> Result<Self> {
+impl<'a> HashingFile<'a> {
+    fn create(path: PathBuf, hasher: Hasher<'a>) -> Result<Self> {
         Ok(HashingFile {
             file: create_new(&path)?,
             path,
-            sum: Checksum::new(),
+            hasher,
             buf: Vec::new(),
             written: 0,
         })
     }
 
-    fn put(&mut self, bytes: &[u8]) -> Result<()> {
-        self.sum.update(bytes);
-        self.written += bytes.len() as u64;
+    fn put(&mut self, bytes: &'a [u8]) -> Result<()> {
         if bytes.len() >= GATHER {
             self.flush_buf()?;
-            self.file
-                .write_all(bytes)
-                .ctx(|| format!("write {}", self.path.display()))
-        } else {
-            if self.buf.len() + bytes.len() > GATHER {
-                self.flush_buf()?;
+            // Piece by piece, so the checksum of one piece runs while the previous is written.
+            for piece in bytes.chunks(GATHER) {
+                self.hasher.update(piece)?;
+                self.written += piece.len() as u64;
+                self.file
+                    .write_all(piece)
+                    .ctx(|| format!("write {}", self.path.display()))?;
             }
-            if self.buf.capacity() == 0 {
-                self.buf.reserve_exact(GATHER);
-            }
-            self.buf.extend_from_slice(bytes);
-            Ok(())
+            return Ok(());
         }
+        self.hasher.update(bytes)?;
+        self.written += bytes.len() as u64;
+        if self.buf.len() + bytes.len() > GATHER {
+            self.flush_buf()?;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(GATHER);
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Like [`HashingFile::put`] for bytes that do not outlive the call (read from a file into a
+    /// reused buffer): checksummed inline.
+    fn put_transient(&mut self, bytes: &[u8]) -> Result<()> {
+        match &mut self.hasher {
+            Hasher::Inline(sum) => sum.update(bytes),
+            Hasher::Thread(_) => unreachable!("copies are checksummed inline"),
+        }
+        self.written += bytes.len() as u64;
+        self.flush_buf()?;
+        self.file
+            .write_all(bytes)
+            .ctx(|| format!("write {}", self.path.display()))
     }
 
     fn flush_buf(&mut self) -> Result<()> {
@@ -285,23 +337,25 @@ impl HashingFile {
         Ok(())
     }
 
-    /// Flush, fsync, and return (size, checksum).
-    fn finish(mut self) -> Result<(u64, String)> {
+    /// Flush and fsync; returns the size and the inline checksum, if inline.
+    fn finish(mut self) -> Result<(u64, Option<String>)> {
         self.flush_buf()?;
         tracing::debug!(phase = "fsync", file = %self.path.display(), "fsync");
         self.file
             .sync_all()
             .ctx(|| format!("fsync {}", self.path.display()))?;
-        Ok((self.written, self.sum.hex()))
+        let sum = match &self.hasher {
+            Hasher::Inline(sum) => Some(sum.hex()),
+            Hasher::Thread(_) => None,
+        };
+        Ok((self.written, sum))
     }
 }
 
 fn write_one(dir: &Path, name: &str, src: &FileSource<'_>) -> Result<FileEntry> {
-    if let FileSource::Adopt(path) = src {
-        return adopt_one(dir, name, path);
-    }
-    let mut out = HashingFile::create(dir.join(name))?;
-    match src {
+    let (size, checksum) = match src {
+        FileSource::Adopt(path) => return adopt_one(dir, name, path),
+        FileSource::CopyOf(path) => copy_one(&dir.join(name), path)?,
         FileSource::Tensors { tensors, metadata } => {
             let layout: Vec<(&str, Dtype, &[usize])> = tensors
                 .iter()
@@ -309,25 +363,75 @@ fn write_one(dir: &Path, name: &str, src: &FileSource<'_>) -> Result<FileEntry> 
                 .collect();
             let header = encode_header(&layout, metadata)
                 .map_err(|r| StorageError::Invalid(format!("{name}: {r}")))?;
-            out.put(&header)?;
-            for t in tensors {
-                out.put(&t.bytes)?;
-            }
+            let mut pieces = vec![header.as_slice()];
+            pieces.extend(tensors.iter().map(|t| &*t.bytes));
+            write_pieces(&dir.join(name), &pieces)?
         }
-        FileSource::Bytes(b) => out.put(b)?,
-        FileSource::CopyOf(path) => {
-            let (mut f, _) = open_regular_nofollow(path)
-                .map_err(|r| StorageError::Invalid(format!("{}: {r}", path.display())))?;
-            read_all(&mut f, path, |chunk| out.put(chunk))?;
-        }
-        FileSource::Adopt(_) => unreachable!("adopted above"),
-    }
-    let (size, checksum) = out.finish()?;
+        FileSource::Bytes(b) => write_pieces(&dir.join(name), &[&**b])?,
+    };
     Ok(FileEntry {
         name: name.to_string(),
         size,
         checksum,
     })
+}
+
+/// Write `pieces` in order into the new file `path`, checksum them, fsync: (size, checksum). A
+/// large file is checksummed on a helper thread fed the same borrowed slices the writer writes
+/// (the bytes cannot change meanwhile: they are borrowed immutably for the whole call), so the
+/// checksum costs no time beside the writes.
+fn write_pieces(path: &Path, pieces: &[&[u8]]) -> Result<(u64, String)> {
+    let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+    if total < HASH_THREAD_MIN {
+        let (size, sum) = write_through(path, pieces, Hasher::Inline(Box::default()))?;
+        return Ok((size, sum.expect("an inline checksum")));
+    }
+    std::thread::scope(|s| {
+        let (tx, rx) = crossbeam_channel::bounded::<&[u8]>(HASH_QUEUE);
+        let hashing = std::thread::Builder::new()
+            .name("hpc-ckpt-hash".into())
+            .spawn_scoped(s, move || {
+                let mut sum = Checksum::new();
+                for piece in rx {
+                    sum.update(piece);
+                }
+                sum.hex()
+            })
+            .ctx(|| format!("start the checksum thread for {}", path.display()))?;
+        // `write` consumes the sender: the thread's loop ends when the writer is done or fails.
+        let written = write_through(path, pieces, Hasher::Thread(tx));
+        let sum = hashing.join().map_err(|_| {
+            StorageError::Invalid(format!(
+                "the checksum thread of {} panicked",
+                path.display()
+            ))
+        });
+        let (size, _) = written?;
+        Ok((size, sum?))
+    })
+}
+
+/// Create `path`, put every piece through `hasher` into it, fsync it.
+fn write_through<'a>(
+    path: &Path,
+    pieces: &[&'a [u8]],
+    hasher: Hasher<'a>,
+) -> Result<(u64, Option<String>)> {
+    let mut out = HashingFile::create(path.to_path_buf(), hasher)?;
+    for p in pieces {
+        out.put(p)?;
+    }
+    out.finish()
+}
+
+/// Copy the regular file `src` into the new file `path`, checksumming inline: (size, checksum).
+fn copy_one(path: &Path, src: &Path) -> Result<(u64, String)> {
+    let (mut f, _) = open_regular_nofollow(src)
+        .map_err(|r| StorageError::Invalid(format!("{}: {r}", src.display())))?;
+    let mut out = HashingFile::create(path.to_path_buf(), Hasher::Inline(Box::default()))?;
+    read_all(&mut f, src, |chunk| out.put_transient(chunk))?;
+    let (size, sum) = out.finish()?;
+    Ok((size, sum.expect("an inline checksum")))
 }
 
 /// Read `f` (opened from `path`) to its end, handing each chunk to `each`; returns the bytes read.
@@ -443,6 +547,31 @@ mod tests {
             .collect();
         fs::write(dir.join("model.bin"), big).unwrap();
         fs::write(dir.join("state.json"), b"{\"step\": 7}").unwrap();
+    }
+
+    #[test]
+    fn a_large_file_checksummed_beside_its_writes_has_the_checksum_of_its_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        // Above the thread's threshold, in pieces not multiples of the write chunk.
+        let a: Vec<u8> = (0..(9 << 20) + 3).map(|i: u32| (i % 251) as u8).collect();
+        let b: Vec<u8> = (0..(5 << 20) + 11).map(|i: u32| (i % 13) as u8).collect();
+        let small = b"tail".to_vec();
+        let pieces = [
+            a.as_slice(),
+            small.as_slice(),
+            b.as_slice(),
+            small.as_slice(),
+        ];
+        let path = d.path().join("big.bin");
+        let (size, sum) = write_pieces(&path, &pieces).unwrap();
+        let on_disk = fs::read(&path).unwrap();
+        assert_eq!(on_disk, pieces.concat());
+        assert_eq!(size, on_disk.len() as u64);
+        assert_eq!(sum, checksum::hex_of(&on_disk));
+        // Below the threshold, inline: the same answer for the same bytes.
+        let path = d.path().join("small.bin");
+        let (size, sum) = write_pieces(&path, &[&small, &small]).unwrap();
+        assert_eq!((size, sum), (8, checksum::hex_of(b"tailtail")));
     }
 
     #[test]

@@ -451,6 +451,8 @@ struct Trainer {
     commits: u32,
     /// The save handed to the persister and not yet durable.
     pending: Option<save::Pending>,
+    /// Phase 1 of a background save not yet handed over (its copy may still be running).
+    phase1: Option<save::Phase1>,
     /// When the last save began (or training, in this process).
     last_save: Instant,
     /// `checkpoint.interval: auto`: the interval from the measured stalls and the run's MTBF.
@@ -516,6 +518,7 @@ impl Trainer {
             committed: None,
             commits: 0,
             pending: None,
+            phase1: None,
             last_save: Instant::now(),
             auto: None,
             eval_at: None,
@@ -757,6 +760,8 @@ impl Trainer {
         if let Some(max_norm) = self.tc.grad_clip {
             clip_grad_norm(&self.params, max_norm);
         }
+        // A save's copy of the parameters and optimizer state may still be reading them.
+        self.fence_copy();
         match (self.scaler.as_mut(), found_inf) {
             (Some(s), Some(found_inf)) => {
                 if s.should_skip(&found_inf) {

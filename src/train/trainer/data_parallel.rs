@@ -547,7 +547,7 @@ impl Trainer {
         let mut snap = Snapshot::new();
         let mut best_before = None;
         if self.is_lead() {
-            let (s, meta, before) = self.snapshot(&mut Buffers::default()).map_err(storage)?;
+            let (s, meta, before) = self.snapshot(Buffers::default()).map_err(storage)?;
             best_before = before;
             snap = s;
             req.metrics = meta.metrics;

@@ -1,13 +1,18 @@
 //! How the trainer's state becomes a checkpoint: a two-phase save through the store's
 //! [`Persister`] (DESIGN, "Two-phase saves").
 //!
-//! Phase 1 ([`Trainer::save`], on the training thread): wait for the persist in flight, if any
-//! (that wait is measured, logged and journaled with the commit), then copy the complete state —
-//! model, optimizer, reference batch, `trainer_state.json` — into the persister's host buffers,
-//! which the previous save's bytes are reused for. Phase 2: the persister commits the snapshot
-//! with the full protocol, in the background (`checkpoint.async: true`) while training goes on,
-//! or before `save` returns (`async: false`). Both phases write the same bytes: a checkpoint does
-//! not depend on the mode.
+//! Phase 1 ([`Trainer::save`]): wait for the persist in flight, if any (that wait is measured,
+//! logged and journaled with the commit), then copy the complete state — model, optimizer,
+//! reference batch, `trainer_state.json` — into the persister's host buffers, which the previous
+//! save's bytes are reused for. On the training thread: the small parts (RNG, trainer state, the
+//! model's buffers, which a forward pass in train mode may update) and the reference loss; on a
+//! helper thread: the parameters, the optimizer state and the reference batch. With
+//! `checkpoint.async: true` that thread overlaps the next step's forward and backward, which only
+//! read what it copies, and [`Trainer::fence_copy`] joins it just before that step's optimizer
+//! update mutates them; the snapshot is then handed over at the next step boundary
+//! ([`Trainer::hand_over`]). Phase 2: the persister commits the snapshot with the full protocol,
+//! in the background (`async: true`) while training goes on, or before `save` returns
+//! (`async: false`). Both phases write the same bytes: a checkpoint does not depend on the mode.
 //!
 //! Guarantees:
 //! - `committed` (the step a stop need not save again) moves only when a persist is durable;
@@ -18,12 +23,13 @@
 //!   ([`Trainer::commit_unless_committed`]) first waits for the persist in flight, then commits in
 //!   the foreground, and its failure is always an error.
 
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use super::*;
 use crate::storage::journal::Cadence;
 use crate::storage::persister::{Buffers, Persisted, Persister};
-use crate::storage::SaveTiming;
+use crate::storage::{SaveTiming, TensorData};
 
 /// A save handed to the persister and not yet durable.
 #[derive(Debug)]
@@ -40,16 +46,61 @@ pub(super) enum SaveFailed {
     Fatal(TrainError),
 }
 
+/// Phase 1 of a background save not yet handed over to the persister.
+pub(super) enum Phase1 {
+    /// The helper thread is still copying (see the module doc).
+    Copying(Copying, Staged),
+    /// Copied (or failed): to hand over at the next step boundary.
+    Copied(
+        Result<(Snapshot<'static>, CommitMeta), StorageError>,
+        Staged,
+    ),
+}
+
+/// What the helper thread copies, and how long it took.
+pub(super) struct Copying(JoinHandle<Result<Copied, StorageError>>);
+
+pub(super) struct Copied {
+    /// The parameters, with their positions in the model file.
+    model: Vec<(usize, TensorData<'static>)>,
+    optim: Vec<TensorData<'static>>,
+    reference: Vec<TensorData<'static>>,
+    seconds: f64,
+}
+
+/// What phase 1 took on the training thread, for the snapshot once the copy is done.
+pub(super) struct Staged {
+    step: u64,
+    background: bool,
+    /// `best` before this save changed it (`None`: it did not).
+    best_before: Option<Option<BestMetric>>,
+    meta: CommitMeta,
+    state: Vec<u8>,
+    /// The model's buffers, copied on the training thread, by their position in the model file.
+    model_buffers: Vec<(usize, TensorData<'static>)>,
+    /// The fp16 loss scaler's state (`scaler.safetensors`), copied on the training thread.
+    scaler: Option<Vec<TensorData<'static>>>,
+    model_kind: &'static str,
+    optimizer_kind: &'static str,
+    /// The part of the stall already spent: the wait for the previous persist and the training
+    /// thread's share of the copy.
+    wait_seconds: f64,
+    copy_seconds: f64,
+    cadence: Option<Cadence>,
+}
+
 impl Trainer {
     /// Save the current step (see the module doc). `background`: return once the state is
-    /// copied (the persist goes on); else return once it is durable. `must`: a failure is an
-    /// error whatever `on_save_error` says (the save of a stop or the end).
+    /// copied, or its copy overlaps the next step (the persist goes on); else return once it is
+    /// durable. `must`: a failure is an error whatever `on_save_error` says (the save of a stop
+    /// or the end).
     pub(super) fn save(
         &mut self,
         p: &mut Persister,
         background: bool,
         must: bool,
     ) -> Result<(), SaveFailed> {
+        self.hand_over(p, false)?;
         let step = self.st.global_step;
         let waited = p.wait();
         if let Some(done) = waited.persisted {
@@ -76,35 +127,21 @@ impl Trainer {
         });
         self.last_save = Instant::now();
         let copy_started = Instant::now();
-        let mut buffers = p.buffers();
-        let (snapshot, mut meta, best_before) = match self.snapshot(&mut buffers) {
+        let buffers = p.buffers();
+        let (copying, mut staged) = match self.start_snapshot(buffers) {
             Ok(s) => s,
             Err(source) => return Err(self.failed(step, source, must)),
         };
-        drop(buffers);
-        let phase1 = waited.waited.as_secs_f64() + copy_started.elapsed().as_secs_f64();
-        meta.save = Some(SaveTiming {
-            background,
-            wait_seconds: waited.waited.as_secs_f64(),
-            copy_seconds: copy_started.elapsed().as_secs_f64(),
-            cadence,
-        });
-        tracing::debug!(
-            step,
-            background,
-            "state copied; handing over to the persister"
-        );
-        if let Err(source) = p.submit(snapshot, meta) {
-            if let Some(b) = best_before {
-                self.st.best = b;
-            }
-            return Err(self.failed(step, source, must));
-        }
-        self.pending = Some(Pending { step, best_before });
+        staged.background = background;
+        staged.wait_seconds = waited.waited.as_secs_f64();
+        staged.copy_seconds = copy_started.elapsed().as_secs_f64();
+        staged.cadence = cadence;
+        self.phase1 = Some(Phase1::Copying(copying, staged));
         if background {
-            self.note_stall(phase1);
+            tracing::debug!(step, "state copy overlapping the next step");
             return Ok(());
         }
+        let phase1 = self.hand_over(p, must)?;
         match p.wait().persisted {
             Some(done) => {
                 self.note_stall(phase1 + done.seconds);
@@ -112,6 +149,74 @@ impl Trainer {
             }
             None => unreachable!("a persist was just handed over"),
         }
+    }
+
+    /// The end of phase 1 of a background save: wait for the helper thread's copy (if one is
+    /// running), and assemble the snapshot. Called just before an optimizer update mutates the
+    /// parameters and the optimizer state the thread reads, and before any hand-over.
+    pub(super) fn fence_copy(&mut self) {
+        let Some(Phase1::Copying(copying, staged)) = self.phase1.take() else {
+            return;
+        };
+        let fenced = Instant::now();
+        let copied = copying.0.join().unwrap_or_else(|_| {
+            Err(StorageError::Invalid(
+                "the save's copy thread panicked".into(),
+            ))
+        });
+        let mut staged = staged;
+        staged.copy_seconds += fenced.elapsed().as_secs_f64();
+        let snapshot = copied.map(|c| {
+            tracing::debug!(
+                step = staged.step,
+                copy_seconds = c.seconds,
+                waited_seconds = fenced.elapsed().as_secs_f64(),
+                "state copied beside the training thread"
+            );
+            assemble(&mut staged, c)
+        });
+        self.phase1 = Some(Phase1::Copied(snapshot, staged));
+    }
+
+    /// Hand the snapshot of phase 1 over to the persister, if there is one (fencing its copy
+    /// first). `must`: its failure is an error whatever `on_save_error` says.
+    /// Returns the training time phase 1 took (0 when there was none).
+    pub(super) fn hand_over(&mut self, p: &mut Persister, must: bool) -> Result<f64, SaveFailed> {
+        self.fence_copy();
+        let Some(Phase1::Copied(snapshot, staged)) = self.phase1.take() else {
+            return Ok(0.0);
+        };
+        let (step, background) = (staged.step, staged.background);
+        let best_before = staged.best_before;
+        let restore_best = |t: &mut Trainer| {
+            if let Some(b) = best_before.clone() {
+                t.st.best = b;
+            }
+        };
+        let (snapshot, meta) = match snapshot {
+            Ok(s) => s,
+            Err(source) => {
+                restore_best(self);
+                return Err(self.failed(step, source, must));
+            }
+        };
+        let stall = meta
+            .save
+            .as_ref()
+            .map_or(0.0, |s| s.wait_seconds + s.copy_seconds);
+        tracing::debug!(step, "state copied; handing over to the persister");
+        if let Err(source) = p.submit(snapshot, meta) {
+            restore_best(self);
+            return Err(self.failed(step, source, must));
+        }
+        self.pending = Some(Pending {
+            step,
+            best_before: best_before.clone(),
+        });
+        if background {
+            self.note_stall(stall);
+        }
+        Ok(stall)
     }
 
     /// With `interval: auto`, feed a save's stall to the interval; log a changed recommendation.
@@ -133,6 +238,7 @@ impl Trainer {
 
     /// Take in the outcome of a persist that ended, if one has, without blocking.
     pub(super) fn poll_saves(&mut self, p: &mut Persister) -> Result<(), SaveFailed> {
+        self.hand_over(p, false)?;
         match p.poll() {
             Some(done) => self.settle(done, false),
             None => Ok(()),
@@ -143,6 +249,9 @@ impl Trainer {
     /// the current step in the foreground unless it is committed already. A failure here is
     /// always an error (`on_save_error` applies to periodic saves only).
     pub(super) fn commit_unless_committed(&mut self, p: &mut Persister) -> Result<(), TrainError> {
+        if let Err(SaveFailed::Fatal(e)) = self.hand_over(p, false) {
+            return Err(e);
+        }
         // The persist in flight may be this very step (or fail, with on_save_error: stop).
         if let Some(done) = p.wait().persisted {
             if let Err(SaveFailed::Fatal(e)) = self.settle(done, false) {
@@ -192,131 +301,83 @@ impl Trainer {
         SaveFailed::Tolerated
     }
 
-    /// Phase 1: the current state as a snapshot in `buffers`, the commit's metadata, and `best`
-    /// before this save changed it. With `keep_best`, `best` takes this checkpoint's monitored
-    /// value when it is at least as good, so the state it records names what retention keeps.
+    /// Phase 1 in one go, on the calling thread's time: the current state as a snapshot in
+    /// `buffers`, the commit's metadata, and `best` before this save changed it (see
+    /// [`Trainer::start_snapshot`]). For the ranks' saves.
+    #[allow(clippy::type_complexity)]
     pub(super) fn snapshot(
         &mut self,
-        buffers: &mut Buffers,
+        buffers: Buffers,
     ) -> Result<(Snapshot<'static>, CommitMeta, Option<Option<BestMetric>>), StorageError> {
-        let invalid = |e: &dyn std::fmt::Display| StorageError::Invalid(e.to_string());
-        let step = self.st.global_step;
-        let metrics = self.checkpoint_metrics();
-        let mut best_before = None;
-        if let Some(b) = &self.tc.keep_best {
-            if let Some(&v) = metrics.get(&b.monitor) {
-                let before = self.st.best.clone();
-                note_best(&mut self.st.best, &b.monitor, b.mode, v, step);
-                if self.st.best != before {
-                    best_before = Some(before);
+        let (copying, mut staged) = self.start_snapshot(buffers)?;
+        let copied = copying.0.join().unwrap_or_else(|_| {
+            Err(StorageError::Invalid(
+                "the save's copy thread panicked".into(),
+            ))
+        });
+        match copied {
+            Ok(c) => {
+                let (snap, mut meta) = assemble(&mut staged, c);
+                meta.save = None;
+                Ok((snap, meta, staged.best_before))
+            }
+            Err(e) => {
+                if let Some(b) = staged.best_before {
+                    self.st.best = b;
                 }
+                Err(e)
             }
         }
+    }
+
+    /// Start phase 1 as named steps: take this checkpoint's `best`, write down the small state
+    /// (RNG, scheduler, optimizer meta, `trainer_state.json`), copy the model's buffers here,
+    /// start the helper thread that copies the parameters, the optimizer state and the reference
+    /// batch into `buffers`, and compute the reference loss meanwhile. On an error `best` is put
+    /// back; an error of the thread comes with its join (the caller puts `best` back).
+    pub(super) fn start_snapshot(
+        &mut self,
+        mut buffers: Buffers,
+    ) -> Result<(Copying, Staged), StorageError> {
+        let step = self.st.global_step;
+        let metrics = self.checkpoint_metrics();
+        let best_before = self.take_best(&metrics);
         let restore_best = |t: &mut Trainer, e: StorageError| {
             if let Some(b) = best_before.clone() {
                 t.st.best = b;
             }
             e
         };
-        let rng = ffi::rng_state(Generator::Cpu).map_err(|e| restore_best(self, invalid(&e)))?;
-        let rng = to_tensor_data("rng", &rng).map_err(|e| restore_best(self, invalid(&e)))?;
-        self.st.rng.cpu_state = hex(&rng.bytes);
-        self.st.rng.cuda_states =
-            cuda_rng_states(self.device).map_err(|e| restore_best(self, invalid(&e)))?;
-        self.st.scheduler = self.sched.state().clone();
-        self.st.optimizer = self.opt.meta();
-        let copied = |buffers: &mut Buffers, file: &str, list: Vec<(String, Tensor)>| {
-            list.iter()
-                .map(|(n, t)| copy_tensor(n, t, |len| buffers.tensor(file, n, len)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| invalid(&e))
-        };
-        let scaler = match &self.scaler {
-            Some(s) => Some(
-                copied(buffers, SCALER_FILE, s.state_tensors())
-                    .map_err(|e| restore_best(self, e))?,
-            ),
-            None => None,
-        };
-        // The copy into the host buffers (memory bandwidth) runs on a helper thread while this
-        // thread computes the reference batch's loss (a forward pass in eval mode, which only
-        // reads the parameters): the save's stall is the longer of the two, not their sum.
-        let lists = (
-            named_state(&self.vs),
+        let state = self
+            .state_json(&mut buffers)
+            .map_err(|e| restore_best(self, e))?;
+        let (model_buffers, params) =
+            split_model(named_state(&self.vs), &mut buffers).map_err(|e| restore_best(self, e))?;
+        // The loss scaler's few bytes here: the next step updates them after its fence.
+        let scaler = self
+            .scaler_tensors(&mut buffers)
+            .map_err(|e| restore_best(self, e))?;
+        let copying = start_copy(
+            buffers,
+            params,
             self.opt.state_tensors(),
             vec![
                 ("x".to_string(), self.reference.0.shallow_clone()),
                 ("y".to_string(), self.reference.1.shallow_clone()),
             ],
-        );
-        let started = Instant::now();
-        let (files, ref_loss, reference_seconds) = std::thread::scope(|scope| {
-            let copier = std::thread::Builder::new()
-                .name("save-copy".into())
-                .spawn_scoped(scope, || {
-                    let (model, optim, reference) = lists;
-                    let model = copied(buffers, MODEL_FILE, model)?;
-                    let optim = copied(buffers, OPTIMIZER_FILE, optim)?;
-                    let reference = copied(buffers, REFERENCE_FILE, reference)?;
-                    Ok::<_, StorageError>((model, optim, reference, started.elapsed()))
-                })
-                .map_err(|e| StorageError::Invalid(format!("cannot start the copy thread: {e}")));
-            let ref_loss = self
-                .reference_loss()
-                .map_err(|e| StorageError::Invalid(format!("the reference loss: {e}")));
-            let reference_seconds = started.elapsed().as_secs_f64();
-            let files = copier.and_then(|c| c.join().expect("the save's copy thread panicked"));
-            (files, ref_loss, reference_seconds)
-        });
-        let ref_loss = ref_loss.map_err(|e| restore_best(self, e))?;
-        let (model, optim, reference, copy_time) = files.map_err(|e| restore_best(self, e))?;
-        tracing::debug!(
-            step,
-            reference_seconds,
-            copy_seconds = copy_time.as_secs_f64(),
-            "state copied and reference loss computed side by side"
-        );
-        let mut state = buffers.file(STATE_FILE, 0);
-        serde_json::to_writer_pretty(&mut state, &self.st)
-            .map_err(|e| restore_best(self, invalid(&e)))?;
-        let meta_of = |kind: &str| {
-            BTreeMap::from([
-                ("format".to_owned(), "hpc-ckpt-trainer".to_owned()),
-                ("content".to_owned(), kind.to_owned()),
-            ])
+        )
+        .map_err(|e| restore_best(self, e))?;
+        // The reference batch's loss (a forward pass in eval mode, which only reads the
+        // parameters) while the thread copies.
+        let ref_loss = match self.reference_loss() {
+            Ok(l) => l,
+            Err(e) => {
+                // The thread reads the live tensors: let it finish before training goes on.
+                let _ = copying.0.join();
+                let e = StorageError::Invalid(format!("the reference loss: {e}"));
+                return Err(restore_best(self, e));
+            }
         };
-        let mut snap = Snapshot::new();
-        snap.add(
-            MODEL_FILE,
-            FileSource::Tensors {
-                tensors: model,
-                metadata: meta_of(self.tc.model.kind()),
-            },
-        );
-        snap.add(
-            OPTIMIZER_FILE,
-            FileSource::Tensors {
-                tensors: optim,
-                metadata: meta_of(self.tc.optimizer.kind()),
-            },
-        );
-        snap.add(
-            REFERENCE_FILE,
-            FileSource::Tensors {
-                tensors: reference,
-                metadata: meta_of("reference batch"),
-            },
-        );
-        if let Some(tensors) = scaler {
-            snap.add(
-                SCALER_FILE,
-                FileSource::Tensors {
-                    tensors,
-                    metadata: meta_of("loss scaler"),
-                },
-            );
-        }
-        snap.add(STATE_FILE, FileSource::Bytes(state.into()));
         let mut extra = serde_json::Map::new();
         extra.insert("reference_loss".into(), json!(ref_loss as f64));
         extra.insert(
@@ -333,7 +394,72 @@ impl Trainer {
             extra,
             save: None,
         };
-        Ok((snap, meta, best_before))
+        let staged = Staged {
+            step,
+            background: false,
+            best_before,
+            meta,
+            state,
+            model_buffers,
+            scaler,
+            model_kind: self.tc.model.kind(),
+            optimizer_kind: self.tc.optimizer.kind(),
+            wait_seconds: 0.0,
+            copy_seconds: 0.0,
+            cadence: None,
+        };
+        Ok((copying, staged))
+    }
+
+    /// With `keep_best`, `best` takes this checkpoint's monitored value when it is at least as
+    /// good, so the state it records names what retention keeps. Returns `best` before, if it
+    /// changed.
+    fn take_best(&mut self, metrics: &BTreeMap<String, f64>) -> Option<Option<BestMetric>> {
+        let b = self.tc.keep_best.as_ref()?;
+        let &v = metrics.get(&b.monitor)?;
+        let before = self.st.best.clone();
+        note_best(
+            &mut self.st.best,
+            &b.monitor,
+            b.mode,
+            v,
+            self.st.global_step,
+        );
+        (self.st.best != before).then_some(before)
+    }
+
+    /// The CPU (and CUDA) generators' state, the scheduler's and the optimizer's meta into the
+    /// trainer state, and that as `trainer_state.json`'s bytes.
+    fn state_json(&mut self, buffers: &mut Buffers) -> Result<Vec<u8>, StorageError> {
+        let invalid = |e: &dyn std::fmt::Display| StorageError::Invalid(e.to_string());
+        let rng = ffi::rng_state(Generator::Cpu).map_err(|e| invalid(&e))?;
+        let rng = to_tensor_data("rng", &rng).map_err(|e| invalid(&e))?;
+        self.st.rng.cpu_state = hex(&rng.bytes);
+        self.st.rng.cuda_states = cuda_rng_states(self.device).map_err(|e| invalid(&e))?;
+        self.st.scheduler = self.sched.state().clone();
+        self.st.optimizer = self.opt.meta();
+        let mut state = buffers.file(STATE_FILE, 0);
+        serde_json::to_writer_pretty(&mut state, &self.st).map_err(|e| invalid(&e))?;
+        Ok(state)
+    }
+
+    /// The fp16 loss scaler's tensors (scale, growth tracker) copied into `buffers`, if the
+    /// run has a scaler.
+    fn scaler_tensors(
+        &self,
+        buffers: &mut Buffers,
+    ) -> Result<Option<Vec<TensorData<'static>>>, StorageError> {
+        let Some(s) = &self.scaler else {
+            return Ok(None);
+        };
+        s.state_tensors()
+            .iter()
+            .map(|(n, t)| {
+                copy_tensor(n, t, |len| buffers.tensor(SCALER_FILE, n, len))
+                    .map_err(|e| StorageError::Invalid(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// The manifest metrics of the checkpoint of the current step: its `loss` and `lr`, and the
@@ -352,4 +478,132 @@ impl Trainer {
         metrics.insert("lr".to_owned(), self.sched.lr(step.saturating_sub(1)));
         metrics
     }
+}
+
+/// The model's variables in file order, split: its buffers (no grad; a forward pass in train
+/// mode may update them, e.g. batchnorm's running statistics) copied here, by position, and its
+/// parameters (with their positions) left for the helper thread.
+#[allow(clippy::type_complexity)]
+fn split_model(
+    vars: Vec<(String, Tensor)>,
+    buffers: &mut Buffers,
+) -> Result<
+    (
+        Vec<(usize, TensorData<'static>)>,
+        Vec<(usize, String, Tensor)>,
+    ),
+    StorageError,
+> {
+    let mut copied = Vec::new();
+    let mut params = Vec::new();
+    for (i, (n, t)) in vars.into_iter().enumerate() {
+        if t.requires_grad() {
+            params.push((i, n, t));
+        } else {
+            let d = copy_tensor(&n, &t, |len| buffers.tensor(MODEL_FILE, &n, len))
+                .map_err(|e| StorageError::Invalid(e.to_string()))?;
+            copied.push((i, d));
+        }
+    }
+    Ok((copied, params))
+}
+
+/// Start the helper thread that copies `params` (with their positions in the model file), the
+/// optimizer state and the reference batch into `buffers` (shallow clones: the thread reads
+/// the live tensors, so they must not change until it is joined).
+fn start_copy(
+    mut buffers: Buffers,
+    params: Vec<(usize, String, Tensor)>,
+    optim: Vec<(String, Tensor)>,
+    reference: Vec<(String, Tensor)>,
+) -> Result<Copying, StorageError> {
+    let thread = std::thread::Builder::new()
+        .name("save-copy".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let mut copy = |file: &str, n: &str, t: &Tensor| {
+                copy_tensor(n, t, |len| buffers.tensor(file, n, len))
+                    .map_err(|e| StorageError::Invalid(e.to_string()))
+            };
+            let model = params
+                .iter()
+                .map(|(_, n, t)| copy(MODEL_FILE, n, t))
+                .collect::<Result<Vec<_>, _>>()?;
+            let optim = optim
+                .iter()
+                .map(|(n, t)| copy(OPTIMIZER_FILE, n, t))
+                .collect::<Result<Vec<_>, _>>()?;
+            let reference = reference
+                .iter()
+                .map(|(n, t)| copy(REFERENCE_FILE, n, t))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Params in file order, each with its position, for `assemble`.
+            let model = params.iter().map(|(i, ..)| *i).zip(model).collect();
+            Ok(Copied {
+                model,
+                optim,
+                reference,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        })
+        .map_err(|e| StorageError::Invalid(format!("cannot start the copy thread: {e}")))?;
+    Ok(Copying(thread))
+}
+
+/// The snapshot of phase 1 once the copy is done: the model file (buffers and parameters back
+/// in file order), the optimizer's, the reference batch's and the trainer state; the commit's
+/// metadata with the save's timing.
+fn assemble(staged: &mut Staged, c: Copied) -> (Snapshot<'static>, CommitMeta) {
+    let meta_of = |kind: &str| {
+        BTreeMap::from([
+            ("format".to_owned(), "hpc-ckpt-trainer".to_owned()),
+            ("content".to_owned(), kind.to_owned()),
+        ])
+    };
+    let mut model: Vec<(usize, TensorData<'static>)> = std::mem::take(&mut staged.model_buffers);
+    model.extend(c.model);
+    model.sort_by_key(|(i, _)| *i);
+    let mut snap = Snapshot::new();
+    snap.add(
+        MODEL_FILE,
+        FileSource::Tensors {
+            tensors: model.into_iter().map(|(_, t)| t).collect(),
+            metadata: meta_of(staged.model_kind),
+        },
+    );
+    snap.add(
+        OPTIMIZER_FILE,
+        FileSource::Tensors {
+            tensors: c.optim,
+            metadata: meta_of(staged.optimizer_kind),
+        },
+    );
+    snap.add(
+        REFERENCE_FILE,
+        FileSource::Tensors {
+            tensors: c.reference,
+            metadata: meta_of("reference batch"),
+        },
+    );
+    if let Some(tensors) = staged.scaler.take() {
+        snap.add(
+            SCALER_FILE,
+            FileSource::Tensors {
+                tensors,
+                metadata: meta_of("loss scaler"),
+            },
+        );
+    }
+    snap.add(
+        STATE_FILE,
+        FileSource::Bytes(std::mem::take(&mut staged.state).into()),
+    );
+    let mut meta = staged.meta.clone();
+    meta.save = Some(SaveTiming {
+        background: staged.background,
+        wait_seconds: staged.wait_seconds,
+        copy_seconds: staged.copy_seconds,
+        cadence: staged.cadence.clone(),
+    });
+    (snap, meta)
 }
