@@ -51,8 +51,9 @@ pub(super) enum Phase1 {
     /// The helper thread is still copying (see the module doc).
     Copying(Copying, Staged),
     /// Copied (or failed): to hand over at the next step boundary.
+    /// (The snapshot boxed: the enum stays the size of its copying variant.)
     Copied(
-        Result<(Snapshot<'static>, CommitMeta), StorageError>,
+        Box<Result<(Snapshot<'static>, CommitMeta), StorageError>>,
         Staged,
     ),
 }
@@ -175,7 +176,7 @@ impl Trainer {
             );
             assemble(&mut staged, c)
         });
-        self.phase1 = Some(Phase1::Copied(snapshot, staged));
+        self.phase1 = Some(Phase1::Copied(Box::new(snapshot), staged));
     }
 
     /// Hand the snapshot of phase 1 over to the persister, if there is one (fencing its copy
@@ -193,7 +194,7 @@ impl Trainer {
                 t.st.best = b;
             }
         };
-        let (snapshot, meta) = match snapshot {
+        let (snapshot, meta) = match *snapshot {
             Ok(s) => s,
             Err(source) => {
                 restore_best(self);
