@@ -45,11 +45,27 @@ fn commits(run: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn async_and_sync_saves_of_a_step_write_identical_files() {
+    async_and_sync_saves_agree("", &[]);
+}
+
+/// fp16 with a scale that overflows at first: the loss scaler's state (which the next step
+/// updates after the copy's fence) is saved alike by both modes, skipped steps included.
+#[test]
+fn async_and_sync_fp16_saves_write_identical_files_scaler_included() {
+    async_and_sync_saves_agree(
+        "precision: fp16\nloss_scale: {init_scale: 1.0e9, growth_interval: 4}\n",
+        &["scaler.safetensors"],
+    );
+}
+
+/// Run the same job with `checkpoint.async` true and false (plus `extra` keys): every
+/// checkpoint's files (with `must_hold` among them) are identical in name, size and checksum.
+fn async_and_sync_saves_agree(extra: &str, must_hold: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let job = |mode: bool| {
         let p = tmp.path().join(format!("job-{mode}.yaml"));
         let body = format!(
-            "name: modes\nseed: 4\nthreads: 1\n\
+            "name: modes\nseed: 4\nthreads: 1\n{extra}\
              model: {{kind: mlp, hidden: [64, 32], dropout: 0.1}}\n\
              data: {{kind: synthetic, samples: 600, features: 16, classes: 5}}\n\
              batch_size: 16\nmax_steps: 47\noptimizer: {{kind: adamw, lr: 0.003}}\n\
@@ -95,6 +111,12 @@ fn async_and_sync_saves_of_a_step_write_identical_files() {
             files, &s[step],
             "step {step}: files differ between async and sync"
         );
+        for name in must_hold {
+            assert!(
+                files.iter().any(|f| f.0 == *name),
+                "step {step}: no {name} in {files:?}"
+            );
+        }
     }
     // The journal: every save's stall; async periodic saves persisted in the background, the
     // final one (the end) and every sync save in the foreground.
