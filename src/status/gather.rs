@@ -456,8 +456,8 @@ impl GoodputStatus {
 
 /// The save timing facts of the run: the newest commit's interval, the newest allocation's
 /// time-limit watch (both from the journal's one fold).
-pub(super) fn save_timing(chain: &Chain) -> SaveTiming {
-    SaveTiming {
+pub(super) fn save_timing(chain: &Chain) -> SaveTimingStatus {
+    SaveTimingStatus {
         interval: chain
             .allocations
             .iter()
@@ -478,7 +478,7 @@ mod tests {
     use super::*;
     use serde_json::{json, Value};
 
-    fn timing(v: Vec<Value>) -> SaveTiming {
+    fn timing(v: Vec<Value>) -> SaveTimingStatus {
         let events: Vec<Stamped> = v.into_iter().map(Stamped::from_value).collect();
         save_timing(&history::fold(&events))
     }
