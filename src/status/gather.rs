@@ -1,6 +1,6 @@
 //! Gathering: reads a run directory once into a [`StatusReport`], one section at a time. The job
-//! chain comes from the same fold of the journal the requeue policy uses ([`history::fold`]),
-//! converted here into the report's types.
+//! chain comes from the same fold of the journal the requeue policy uses
+//! ([`history::fold`](fn@history::fold)), converted here into the report's types.
 //!
 //! Read-only: it never takes the lock, removes temp entries or moves the pointer. It verifies the
 //! checkpoint a resume would use (and, with `verify_all`, every checkpoint).
@@ -337,7 +337,8 @@ fn temp_entries(dir: &RunDir) -> Vec<TempEntry> {
         .collect()
 }
 
-/// The job chain of the journal's one fold ([`history::fold`]), and where it stands.
+/// The job chain of the journal's one fold ([`history::fold`](fn@history::fold)), and where it
+/// stands.
 pub fn chain_of(chain: &Chain, writer_running: bool) -> RunChain {
     let (state, reason) = match chain.allocations.last() {
         _ if writer_running => (RunState::Running, None),

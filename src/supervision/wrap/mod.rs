@@ -5,7 +5,7 @@
 //! ([`AllocationRun::end`]: the requeue decision of [`super::policy`], carried out and journaled).
 //!
 //! Where each part lives: this file opens and ends the allocation (lock, frozen config,
-//! history, the requeue decision carried out and journaled); [`run`] runs the workload;
+//! history, the requeue decision carried out and journaled); [`running`] runs the workload;
 //! [`stopping`] carries out the stop sequence. Guarantees: the allocation ends with an
 //! `allocation_end` event and a decision, whatever the workload did.
 
@@ -31,8 +31,8 @@ use crate::storage::fsutil::replace_file_durable;
 use crate::storage::run_dir::{holder, hostname};
 use crate::storage::Store;
 
-mod run;
-mod stopping;
+pub mod running;
+pub mod stopping;
 
 /// The run's frozen copy of the job config.
 pub const CONFIG_FILE: &str = "config.yaml";
