@@ -1,6 +1,6 @@
 //! Gathering: reads a run directory once into a [`StatusReport`], one section at a time. The job
-//! chain comes from the same fold of the journal the requeue policy uses ([`history::fold`]),
-//! converted here into the report's types.
+//! chain comes from the same fold of the journal the requeue policy uses
+//! ([`history::fold`](fn@history::fold)), converted here into the report's types.
 //!
 //! Read-only: it never takes the lock, removes temp entries or moves the pointer. It verifies the
 //! checkpoint a resume would use (and, with `verify_all`, every checkpoint).
@@ -337,7 +337,8 @@ fn temp_entries(dir: &RunDir) -> Vec<TempEntry> {
         .collect()
 }
 
-/// The job chain of the journal's one fold ([`history::fold`]), and where it stands.
+/// The job chain of the journal's one fold ([`history::fold`](fn@history::fold)), and where it
+/// stands.
 pub fn chain_of(chain: &Chain, writer_running: bool) -> RunChain {
     let (state, reason) = match chain.allocations.last() {
         _ if writer_running => (RunState::Running, None),
@@ -456,8 +457,8 @@ impl GoodputStatus {
 
 /// The save timing facts of the run: the newest commit's interval, the newest allocation's
 /// time-limit watch (both from the journal's one fold).
-pub(super) fn save_timing(chain: &Chain) -> SaveTiming {
-    SaveTiming {
+pub(super) fn save_timing(chain: &Chain) -> SaveTimingStatus {
+    SaveTimingStatus {
         interval: chain
             .allocations
             .iter()
@@ -478,7 +479,7 @@ mod tests {
     use super::*;
     use serde_json::{json, Value};
 
-    fn timing(v: Vec<Value>) -> SaveTiming {
+    fn timing(v: Vec<Value>) -> SaveTimingStatus {
         let events: Vec<Stamped> = v.into_iter().map(Stamped::from_value).collect();
         save_timing(&history::fold(&events))
     }

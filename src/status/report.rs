@@ -37,13 +37,13 @@ pub struct StatusReport {
     /// `metrics.jsonl`: what the training recorded.
     pub metrics: MetricsSummary,
     /// How saves are timed: the interval chosen last (`interval: auto`) and the time-limit watch.
-    pub saves: SaveTiming,
+    pub saves: SaveTimingStatus,
     pub warnings: Vec<String>,
 }
 
 /// How saves are timed, from the journal.
 #[derive(Debug, Default, Serialize)]
-pub struct SaveTiming {
+pub struct SaveTimingStatus {
     /// The newest commit that journaled its cadence (`checkpoint.interval: auto`).
     pub interval: Option<IntervalStatus>,
     /// The newest allocation's time-limit watch (a Slurm job with a time limit).

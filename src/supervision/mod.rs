@@ -20,7 +20,7 @@
 //! - [`interval`]: the checkpoint interval from data (Daly's optimum for the measured save stall
 //!   and the journal's mean time between unannounced interruptions).
 //! - [`policy`]: whether to requeue, from the allocation's outcome and the run's history.
-//! - [`wrap`]: one allocation: open, run the workload (`wrap/run.rs`), decide, journal.
+//! - [`wrap`]: one allocation: open, run the workload (`wrap/running.rs`), decide, journal.
 
 pub mod child;
 pub mod client;

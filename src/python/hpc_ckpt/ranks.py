@@ -150,3 +150,18 @@ class StopAgreement:
     def median_us(self) -> Optional[float]:
         """The median duration of one agreement, in microseconds (None before the first)."""
         return 1e6 * statistics.median(self.seconds) if self.seconds else None
+
+
+def check_world_seen(world_size: int, supervised: bool) -> None:
+    """A torch.distributed job of several ranks that the supervisor sees as one would commit
+    each rank's files as the whole checkpoint: refuse it (:class:`ProtocolError`)."""
+    torch = torch_module()
+    d = torch.distributed
+    if world_size == 1 and supervised and d.is_available() and d.is_initialized() \
+            and d.get_world_size() > 1:
+        raise ProtocolError(
+            f"torch.distributed runs {d.get_world_size()} ranks but hpc-ckpt sees one (no "
+            "HPC_CKPT_WORLD_SIZE): every rank would commit its files as the whole checkpoint. "
+            f"Run under `hpc-ckpt wrap --ranks {d.get_world_size()}` (or slurm.ntasks / "
+            "distributed.world_size; with torchrun, distributed.launcher: command and "
+            "`hpc-ckpt rank -- CMD` per rank)")

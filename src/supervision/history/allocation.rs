@@ -1,6 +1,6 @@
 //! What the journal says of one allocation ([`Allocation`]): what it resumed from, committed,
 //! was signalled with and decided, and its time account ([`Allocation::account`]). Filled in by
-//! the fold ([`super::fold`]); read, never written, by the policy and `status`.
+//! the fold ([`super::fold`](fn@super::fold)); read, never written, by the policy and `status`.
 
 use std::time::SystemTime;
 
@@ -67,7 +67,8 @@ pub struct Allocation {
     pub time_limit_watch: Option<TimeLimitWatch>,
 }
 
-/// An allocation's time-limit watch ([`super::deadline`]): as armed, and whether it fired.
+/// An allocation's time-limit watch ([`crate::supervision::deadline`]): as armed, and whether
+/// it fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TimeLimitWatch {
     pub seconds_left: u64,
@@ -77,7 +78,7 @@ pub struct TimeLimitWatch {
     pub fired: bool,
 }
 
-/// Where one allocation's wall time went, seconds (see [`Chain::goodput`]).
+/// Where one allocation's wall time went, seconds (see [`super::Chain::goodput`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Account {
     /// From its start to its end (or its last known moment when it never wrote its end).

@@ -1,6 +1,6 @@
 //! The journal fold: the one function from the journal's events to the run's allocations
-//! ([`fold`]), one event at a time ([`apply`], one match arm per event kind), each allocation
-//! settled against the next ([`settle`]). Guarantees: every reader of the run's history (the
+//! ([`fold`](fn@fold)), one event at a time ([`apply`], one match arm per event kind), each
+//! allocation settled against the next ([`settle`]). Guarantees: every reader of the run's history (the
 //! requeue policy, the MTBF of `interval: auto`, `status` and its goodput) reads this one fold,
 //! so they never disagree; an event of a kind it does not know is passed over.
 

@@ -12,8 +12,8 @@ use std::time::SystemTime;
 
 use super::policy::History;
 
-mod allocation;
-mod fold;
+pub mod allocation;
+pub mod fold;
 
 pub use allocation::*;
 pub use fold::fold;

@@ -43,10 +43,10 @@ use super::ranks;
 use crate::storage::manifest::JobInfo;
 use crate::storage::Store;
 
-mod commit;
-mod kept;
-mod layout;
-mod request;
+pub mod commit;
+pub mod kept;
+pub mod layout;
+pub mod request;
 
 pub use kept::keep_aside;
 use kept::*;

@@ -1,11 +1,11 @@
 //! `hpc-ckpt wrap`: one allocation of a run under the supervisor, in three steps — open the run
-//! ([`Allocation::open`]: lock, frozen config, history, `allocation_start`), run the workload
+//! ([`AllocationRun::open`]: lock, frozen config, history, `allocation_start`), run the workload
 //! (the built-in trainer in this process, or a program as a child speaking the child protocol
 //! of [`super::protocol`] and stopped by the [`super::stop`] sequence), then end it
-//! ([`Allocation::end`]: the requeue decision of [`super::policy`], carried out and journaled).
+//! ([`AllocationRun::end`]: the requeue decision of [`super::policy`], carried out and journaled).
 //!
 //! Where each part lives: this file opens and ends the allocation (lock, frozen config,
-//! history, the requeue decision carried out and journaled); [`run`] runs the workload;
+//! history, the requeue decision carried out and journaled); [`running`] runs the workload;
 //! [`stopping`] carries out the stop sequence. Guarantees: the allocation ends with an
 //! `allocation_end` event and a decision, whatever the workload did.
 
@@ -31,8 +31,8 @@ use crate::storage::fsutil::replace_file_durable;
 use crate::storage::run_dir::{holder, hostname};
 use crate::storage::Store;
 
-mod run;
-mod stopping;
+pub mod running;
+pub mod stopping;
 
 /// The run's frozen copy of the job config.
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -60,7 +60,7 @@ pub struct WrapArgs {
 pub fn run(mut args: WrapArgs) -> Result<i32> {
     // Install handlers first: a warning that arrives during start-up must not kill us.
     let signals = signals::install().context("install signal handlers")?;
-    let mut alloc = Allocation::open(&args.config, &args.run_dir, signals, &args.workload)?;
+    let mut alloc = AllocationRun::open(&args.config, &args.run_dir, signals, &args.workload)?;
     let ran = match &mut args.workload {
         Workload::InProcess(trainer) => alloc.run_in_process(trainer.as_mut()),
         Workload::Program(command) => alloc.run_program(command, false),
@@ -132,7 +132,7 @@ impl Ran {
 }
 
 /// This allocation: the store it holds and what it knows of the run.
-struct Allocation<'a> {
+struct AllocationRun<'a> {
     cfg: &'a JobConfig,
     run_dir: PathBuf,
     job: Option<JobEnv>,
@@ -144,14 +144,14 @@ struct Allocation<'a> {
     restart_count: u32,
 }
 
-impl<'a> Allocation<'a> {
+impl<'a> AllocationRun<'a> {
     /// Take the run dir (lock), freeze the config, read the history, journal the start.
     fn open(
         cfg: &'a JobConfig,
         run_dir: &Path,
         signals: Receiver<Sig>,
         workload: &Workload,
-    ) -> Result<Allocation<'a>> {
+    ) -> Result<AllocationRun<'a>> {
         let command = workload.command();
         if command.is_empty() || command[0].is_empty() {
             bail!("no command to run: give one after `--`, or `command:` in the config");
@@ -197,7 +197,7 @@ impl<'a> Allocation<'a> {
             }
             None => EndWatch::off(),
         };
-        Ok(Allocation {
+        Ok(AllocationRun {
             cfg,
             run_dir,
             job,

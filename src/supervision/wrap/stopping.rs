@@ -26,7 +26,7 @@ pub(super) const KILL_AFTER: Duration = Duration::from_secs(10);
 /// Bare TERM (preemption, time limit, scancel) leaves only Slurm's KillWait: cap the grace.
 pub(super) const TERM_GRACE_CAP: Duration = Duration::from_secs(20);
 
-impl<'a> Allocation<'a> {
+impl<'a> AllocationRun<'a> {
     pub(super) fn timing(&self) -> StopTiming {
         StopTiming {
             warn: self.cfg.signals.warn,

@@ -22,7 +22,7 @@ use crate::supervision::ranks::{self, Launch};
 use crate::supervision::stop::{Cause, Input, StopSequence};
 use crate::supervision::workload::{Failure, FailureKind, InProcess, InProcessEnd};
 
-impl<'a> Allocation<'a> {
+impl<'a> AllocationRun<'a> {
     /// The built-in trainer in this process: signals become its `stop` callback.
     pub(super) fn run_in_process(&mut self, trainer: &mut dyn InProcess) -> Result<Ran> {
         self.store
