@@ -51,7 +51,10 @@ pub(super) enum Phase1 {
     /// The helper thread is still copying (see the module doc).
     Copying(Copying, Staged),
     /// Copied (or failed): to hand over at the next step boundary.
-    Copied(Result<(Snapshot<'static>, CommitMeta), StorageError>, Staged),
+    Copied(
+        Box<Result<(Snapshot<'static>, CommitMeta), StorageError>>,
+        Staged,
+    ),
 }
 
 /// What the helper thread copies, and how long it took.
@@ -154,10 +157,11 @@ impl Trainer {
             return;
         };
         let fenced = Instant::now();
-        let copied = copying
-            .0
-            .join()
-            .unwrap_or_else(|_| Err(StorageError::Invalid("the save's copy thread panicked".into())));
+        let copied = copying.0.join().unwrap_or_else(|_| {
+            Err(StorageError::Invalid(
+                "the save's copy thread panicked".into(),
+            ))
+        });
         let mut staged = staged;
         staged.copy_seconds += fenced.elapsed().as_secs_f64();
         let snapshot = copied.map(|c| {
@@ -169,7 +173,7 @@ impl Trainer {
             );
             assemble(&mut staged, c)
         });
-        self.phase1 = Some(Phase1::Copied(snapshot, staged));
+        self.phase1 = Some(Phase1::Copied(Box::new(snapshot), staged));
     }
 
     /// Hand the snapshot of phase 1 over to the persister, if there is one (fencing its copy
@@ -187,7 +191,7 @@ impl Trainer {
                 t.st.best = b;
             }
         };
-        let (snapshot, meta) = match snapshot {
+        let (snapshot, meta) = match *snapshot {
             Ok(s) => s,
             Err(source) => {
                 restore_best(self);
@@ -304,10 +308,11 @@ impl Trainer {
         buffers: Buffers,
     ) -> Result<(Snapshot<'static>, CommitMeta, Option<Option<BestMetric>>), StorageError> {
         let (copying, mut staged) = self.start_snapshot(buffers)?;
-        let copied = copying
-            .0
-            .join()
-            .unwrap_or_else(|_| Err(StorageError::Invalid("the save's copy thread panicked".into())));
+        let copied = copying.0.join().unwrap_or_else(|_| {
+            Err(StorageError::Invalid(
+                "the save's copy thread panicked".into(),
+            ))
+        });
         match copied {
             Ok(c) => {
                 let (snap, mut meta) = assemble(&mut staged, c);
@@ -344,8 +349,8 @@ impl Trainer {
         let state = self
             .state_json(&mut buffers)
             .map_err(|e| restore_best(self, e))?;
-        let (model_buffers, params) = split_model(named_state(&self.vs), &mut buffers)
-            .map_err(|e| restore_best(self, e))?;
+        let (model_buffers, params) =
+            split_model(named_state(&self.vs), &mut buffers).map_err(|e| restore_best(self, e))?;
         let copying = start_copy(
             buffers,
             params,
@@ -398,7 +403,13 @@ impl Trainer {
         let b = self.tc.keep_best.as_ref()?;
         let &v = metrics.get(&b.monitor)?;
         let before = self.st.best.clone();
-        note_best(&mut self.st.best, &b.monitor, b.mode, v, self.st.global_step);
+        note_best(
+            &mut self.st.best,
+            &b.monitor,
+            b.mode,
+            v,
+            self.st.global_step,
+        );
         (self.st.best != before).then_some(before)
     }
 
@@ -441,7 +452,13 @@ impl Trainer {
 fn split_model(
     vars: Vec<(String, Tensor)>,
     buffers: &mut Buffers,
-) -> Result<(Vec<(usize, TensorData<'static>)>, Vec<(usize, String, Tensor)>), StorageError> {
+) -> Result<
+    (
+        Vec<(usize, TensorData<'static>)>,
+        Vec<(usize, String, Tensor)>,
+    ),
+    StorageError,
+> {
     let mut copied = Vec::new();
     let mut params = Vec::new();
     for (i, (n, t)) in vars.into_iter().enumerate() {
