@@ -579,7 +579,15 @@ impl Trainer {
             })
             .map_err(TrainError::Journal)?;
         self.last_save = Instant::now();
-        persister::scope(store, |p| self.train_with(p, stop))
+        persister::scope(store, |p| {
+            let r = self.train_with(p, stop);
+            if r.is_err() {
+                // The last save's copy (the parameters are not updated before it is joined):
+                // still persisted, as it would have been before training failed.
+                let _ = self.hand_over(p, false);
+            }
+            r
+        })
     }
 
     fn train_with(

@@ -425,3 +425,62 @@ fn interval_auto_saves_at_the_recommended_interval_and_journals_why() {
         last["cadence"]["recommended_seconds"]
     );
 }
+
+/// Phase 1 of an async save overlaps the next step: the save starts the copy and returns, the
+/// copy is joined before the next optimizer update (`fence_copy`) and the snapshot handed over
+/// after it; a sync save does all of it before returning. (That the bytes are those of the
+/// saved step is `async_and_sync_saves_of_a_step_write_identical_files`.)
+#[test]
+fn an_async_saves_copy_overlaps_the_next_step_and_is_handed_over_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_with = |mode: bool| {
+        let cfg = tmp.path().join(format!("job-{mode}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "name: overlap\nseed: 2\nthreads: 1\n\
+                 model: {{kind: cnn, channels: [4], dropout: 0.0}}\n\
+                 data: {{kind: synthetic-images, samples: 64, size: 8, classes: 3}}\n\
+                 batch_size: 8\nmax_steps: 7\noptimizer: {{kind: adam, lr: 0.001}}\n\
+                 checkpoint: {{every_steps: 3, keep_last: 5, async: {mode}}}\n"
+            ),
+        )
+        .unwrap();
+        let run = tmp.path().join(format!("run-{mode}"));
+        let o = train(&cfg, &run)
+            .env("HPC_CKPT_LOG", "debug")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        (String::from_utf8_lossy(&o.stderr).into_owned(), run)
+    };
+    let (log, run) = run_with(true);
+    let at = |needle: &str, step: u64| {
+        log.lines()
+            .position(|l| {
+                l.contains(needle) && l.split(' ').any(|field| field == format!("step={step}"))
+            })
+            .unwrap_or_else(|| panic!("no {needle:?} for step {step} in:\n{log}"))
+    };
+    for step in [3, 6] {
+        let started = at("state copy overlapping the next step", step);
+        let fenced = at("state copied beside the training thread", step);
+        let handed = at(HANDED_OVER, step);
+        assert!(started < fenced && fenced < handed, "step {step}:\n{log}");
+    }
+    // The cnn's batchnorm statistics (updated by a train-mode forward) are copied at the save:
+    // every checkpoint resumes (verify + reference loss) like the sync run's.
+    let (sync_log, sync_run) = run_with(false);
+    assert!(!sync_log.contains("state copy overlapping the next step"));
+    let files = |run: &Path| -> Vec<Vec<(String, String)>> {
+        RunDir::new(run)
+            .list()
+            .iter()
+            .map(|l| {
+                let m = read_manifest(&l.path).unwrap();
+                m.files.into_iter().map(|f| (f.name, f.checksum)).collect()
+            })
+            .collect()
+    };
+    assert_eq!(files(&run), files(&sync_run));
+}

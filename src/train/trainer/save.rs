@@ -101,6 +101,16 @@ impl Trainer {
         background: bool,
         must: bool,
     ) -> Result<(), SaveFailed> {
+        // The interval that made this save due (before the hand-over below feeds the previous
+        // save's stall to it).
+        let cadence = self.auto.as_ref().map(|a| {
+            let r = a.recommend();
+            Cadence {
+                recommended_seconds: r.seconds,
+                actual_seconds: self.last_save.elapsed().as_secs_f64(),
+                reason: r.reason(),
+            }
+        });
         self.hand_over(p, false)?;
         let step = self.st.global_step;
         let waited = p.wait();
@@ -118,14 +128,6 @@ impl Trainer {
                 return Err(SaveFailed::Fatal(e));
             }
         }
-        let cadence = self.auto.as_ref().map(|a| {
-            let r = a.recommend();
-            Cadence {
-                recommended_seconds: r.seconds,
-                actual_seconds: self.last_save.elapsed().as_secs_f64(),
-                reason: r.reason(),
-            }
-        });
         self.last_save = Instant::now();
         let copy_started = Instant::now();
         let buffers = p.buffers();
@@ -156,8 +158,12 @@ impl Trainer {
     /// running), and assemble the snapshot. Called just before an optimizer update mutates the
     /// parameters and the optimizer state the thread reads, and before any hand-over.
     pub(super) fn fence_copy(&mut self) {
-        let Some(Phase1::Copying(copying, staged)) = self.phase1.take() else {
-            return;
+        let (copying, staged) = match self.phase1.take() {
+            Some(Phase1::Copying(copying, staged)) => (copying, staged),
+            copied_or_none => {
+                self.phase1 = copied_or_none;
+                return;
+            }
         };
         let fenced = Instant::now();
         let copied = copying.0.join().unwrap_or_else(|_| {
@@ -184,8 +190,18 @@ impl Trainer {
     /// Returns the training time phase 1 took (0 when there was none).
     pub(super) fn hand_over(&mut self, p: &mut Persister, must: bool) -> Result<f64, SaveFailed> {
         self.fence_copy();
-        let Some(Phase1::Copied(snapshot, staged)) = self.phase1.take() else {
-            return Ok(0.0);
+        self.hand_over_copied(p, must)
+    }
+
+    /// [`Trainer::hand_over`] of a copy that is done (fenced by the optimizer update of the step
+    /// after the save); a copy still running is left running.
+    fn hand_over_copied(&mut self, p: &mut Persister, must: bool) -> Result<f64, SaveFailed> {
+        let (snapshot, staged) = match self.phase1.take() {
+            Some(Phase1::Copied(snapshot, staged)) => (snapshot, staged),
+            copying => {
+                self.phase1 = copying;
+                return Ok(0.0);
+            }
         };
         let (step, background) = (staged.step, staged.background);
         let best_before = staged.best_before;
@@ -237,9 +253,10 @@ impl Trainer {
         }
     }
 
-    /// Take in the outcome of a persist that ended, if one has, without blocking.
+    /// Take in the outcome of a persist that ended, if one has, and hand over a phase 1 whose
+    /// copy is done, without blocking.
     pub(super) fn poll_saves(&mut self, p: &mut Persister) -> Result<(), SaveFailed> {
-        self.hand_over(p, false)?;
+        self.hand_over_copied(p, false)?;
         match p.poll() {
             Some(done) => self.settle(done, false),
             None => Ok(()),
