@@ -103,13 +103,16 @@ PYEOF
 it_bin=$(awk '$1 == "it" { print $2 }' "$TMP/tests")
 [[ -x $it_bin ]] || { echo "ci: no test binary it among: $(cat "$TMP/tests")" >&2; exit 1; }
 
+step "Python side: the safetensors checker, and the example job's exact resume (child protocol); the cluster's self-test goes on"
+# (With a warm build the self-test would otherwise be the only thing running.)
+.venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
+.venv/bin/python tests/python/child_protocol_harness.py | tee -a "$LOG"
+
 step "local Slurm cluster: self-test (started during clippy)"
 wait_bg cluster
 
-step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, side by side on the two nodes); meanwhile the Python harnesses"
+step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, side by side on the two nodes)"
 bg slurm "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3
-.venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
-.venv/bin/python tests/python/child_protocol_harness.py | tee -a "$LOG"
 
 step "cargo test (default features: every test binary, the trainer included; the Slurm suites are in the background)"
 while read -r name exe <&3; do
