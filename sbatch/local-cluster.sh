@@ -48,7 +48,9 @@
 # partitions `wide` (like `low`) and `widehigh` (like `high`) over both nodes,
 # for multi-node jobs (`sbatch -N2`): the batch step runs on the first node,
 # `srun` tasks on both, and `srun` forwards signals to every task. `low` and
-# `high` keep only the first node, so a `high` job still preempts a `low` one.
+# `high` keep only the first node, so a `high` job still preempts a `low` one;
+# `low2` and `high2` are the same on the second node alone (two one-node
+# tests, each with its preemptor, run side by side on the two nodes).
 set -euo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
@@ -217,6 +219,8 @@ healthy() {
     if ((NODES == 2)); then pid_alive "$SLURMD2_PID" slurmd || return 1; fi
     # a config written for another node count is not this cluster
     [[ $(grep -c '^NodeName=' "$CONF") == "$NODES" ]] || return 1
+    # nor one written before the second node had partitions of its own
+    if ((NODES == 2)); then grep -q '^PartitionName=high2 ' "$CONF" || return 1; fi
     if [[ $(conf_auth) == munge ]]; then munge_ok || return 1; fi
     ctld_up || return 1
     node_usable
@@ -365,6 +369,10 @@ EOF
 NodeName=$NODE2 NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$SLURMD_PORT2 $topo RealMemory=$mem_mb State=UNKNOWN
 PartitionName=wide Nodes=$NODE,$NODE2 Default=NO MaxTime=UNLIMITED State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME
 PartitionName=widehigh Nodes=$NODE,$NODE2 Default=NO MaxTime=UNLIMITED State=UP PriorityTier=10 PreemptMode=OFF
+# The second node alone, like low/high on the first: two one-node jobs (and their preemptors)
+# side by side without meeting.
+PartitionName=low2 Nodes=$NODE2 Default=NO MaxTime=UNLIMITED State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME
+PartitionName=high2 Nodes=$NODE2 Default=NO MaxTime=UNLIMITED State=UP PriorityTier=10 PreemptMode=OFF
 EOF
     fi
     mv -f "$tmp" "$CONF"

@@ -2,44 +2,137 @@
 # The whole test suite, set-up included (the README's test command; .ci/run calls it):
 # formatting, clippy (default and --no-default-features), the local Slurm cluster's self-test,
 # then every unit and integration test (the storage suites run the real binary).
+#
+# On a 2-core machine most of the time is the Slurm suites (tests/it's slurm_e2e:: and
+# sbatch_template::), and they mostly wait on the cluster. So they run in the background, on the
+# cluster's two nodes side by side (tests/it/common.rs, take_lanes), from the moment the test
+# binary is built, while the CPU-bound suites run in the foreground; the cluster starts and runs
+# its self-test while clippy compiles. The same tests run as when each runner ran alone: the
+# closing line counts them all. With CI=true (or HPC_CKPT_CACHE=DIR), target/ and .venv of a clone
+# that has none are links into a cache outside it (default ~/.cache/hpc-ckpt; tests/setup.sh
+# --cache) that the next clone on this machine reuses: no cold build, no torch download.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
-step() { printf '\n==> %s\n' "$*"; }
-LOG=$(mktemp)
-trap 'rm -f "$LOG"' EXIT
+T0=$SECONDS
+TIMES=()
+LAST=""
+LAST_T=$SECONDS
+step() {
+    [[ -n $LAST ]] && TIMES+=("$(printf '%5d s  %s' $((SECONDS - LAST_T)) "$LAST")")
+    LAST=$1 LAST_T=$SECONDS
+    printf '\n==> %s\n' "$*"
+}
+TMP=$(mktemp -d)
+LOG=$TMP/log
+BG_PIDS=()
+cleanup() {
+    local p
+    # The background runners (own process groups: setsid), then the cluster and its jobs.
+    for p in "${BG_PIDS[@]}"; do kill -- -"$p" 2>/dev/null || true; done
+    sbatch/local-cluster.sh stop >/dev/null 2>&1 || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+# bg NAME CMD...: run CMD in the background in its own process group; its output in
+# $TMP/NAME.out, its exit status in $TMP/NAME.rc, its seconds in $TMP/NAME.s.
+bg() {
+    local name=$1
+    shift
+    # (8>&-: the daemons the cluster start leaves running must not hold the cache lock)
+    setsid bash -c 's=$SECONDS; "$@" </dev/null >"$0.out" 2>&1; rc=$?; echo $((SECONDS - s)) >"$0.s"; echo $rc >"$0.rc"' \
+        "$TMP/$name" "$@" 8>&- &
+    BG_PIDS+=($!)
+}
+# wait_bg NAME [LOG]: wait for it, print its output (into $LOG too with LOG), fail when it failed.
+wait_bg() {
+    local name=$1 rc
+    while [[ ! -f $TMP/$name.rc ]]; do sleep 1; done
+    rc=$(cat "$TMP/$name.rc")
+    if [[ ${2:-} == LOG ]]; then tee -a "$LOG" <"$TMP/$name.out"; else cat "$TMP/$name.out"; fi
+    printf '(%s: %s s in the background)\n' "$name" "$(cat "$TMP/$name.s")"
+    TIMES+=("$(printf '%5d s  %s (background)' "$(cat "$TMP/$name.s")" "$name")")
+    if [[ $rc != 0 ]]; then
+        echo "ci: $name failed (exit $rc)" >&2
+        exit "$rc"
+    fi
+}
 
+cache=()
+if [[ -n ${HPC_CKPT_CACHE:-} ]]; then
+    cache=(--cache "$HPC_CKPT_CACHE")
+elif [[ ${CI:-} == true ]]; then
+    cache=(--cache "$HOME/.cache/hpc-ckpt")
+fi
+if ((${#cache[@]})) && command -v flock >/dev/null 2>&1; then
+    # One run at a time per cache: the clones sharing it share the venv's editable hpc_ckpt (and
+    # the machine's one local Slurm cluster).
+    mkdir -p "${cache[1]}"
+    exec 8>"${cache[1]}/.lock"
+    flock -w 7200 8 || { echo "ci: ${cache[1]}/.lock is held by another run" >&2; exit 1; }
+fi
 step "set-up"
-tests/setup.sh --slurm --torch
+tests/setup.sh --slurm --torch "${cache[@]}"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy (default features, then --no-default-features)"
+step "cargo clippy (default features, then --no-default-features); the local Slurm cluster starts and self-tests meanwhile"
+bg cluster bash -c 'sbatch/local-cluster.sh start && sbatch/selftest-cluster.sh'
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --no-default-features -- -D warnings
-
-step "local Slurm cluster: start, self-test, stop"
-cleanup() { sbatch/local-cluster.sh stop >/dev/null 2>&1 || true; rm -f "$LOG"; }
-trap cleanup EXIT
-sbatch/local-cluster.sh start
-sbatch/selftest-cluster.sh
-sbatch/local-cluster.sh stop
-
-step "Python side: the safetensors checker, and the example job's exact resume (child protocol)"
-.venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
-.venv/bin/python tests/python/child_protocol_harness.py | tee -a "$LOG"
 
 step "cargo test --no-default-features (the login-node build: no libtorch): unit tests and the store's fast suites"
 cargo test --no-default-features --lib 2>&1 | tee -a "$LOG"
 cargo test --no-default-features --test it -- fault_injection:: python_interop:: wrap_in_process:: 2>&1 | tee -a "$LOG"
 
-step "cargo test (default features: everything, the trainer included)"
-cargo test --all-targets 2>&1 | tee -a "$LOG"
+step "cargo test --all-targets --no-run (default features: the test binaries, target/debug/hpc-ckpt with libtorch)"
+# After the --no-default-features runs: they build target/debug/hpc-ckpt without libtorch. From
+# here on the test binaries run directly, not through `cargo test`, which holds the build lock
+# while its tests run and re-links target/debug/hpc-ckpt (a moment without it) each time.
+# One line per test binary: its target name, then its path (cargo's JSON messages).
+cargo test --all-targets --no-run --message-format=json >"$TMP/build.json"
+.venv/bin/python - "$TMP/build.json" >"$TMP/tests" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable"):
+        print(m["target"]["name"], m["executable"])
+PYEOF
+it_bin=$(awk '$1 == "it" { print $2 }' "$TMP/tests")
+[[ -x $it_bin ]] || { echo "ci: no test binary it among: $(cat "$TMP/tests")" >&2; exit 1; }
+
+step "Python side: the safetensors checker, and the example job's exact resume (child protocol); the cluster's self-test goes on"
+# (With a warm build the self-test would otherwise be the only thing running.)
+.venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
+.venv/bin/python tests/python/child_protocol_harness.py | tee -a "$LOG"
+
+step "local Slurm cluster: self-test (started during clippy)"
+wait_bg cluster
+
+step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, side by side on the two nodes)"
+bg slurm "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3
+
+step "cargo test (default features: every test binary, the trainer included; the Slurm suites are in the background)"
+while read -r name exe <&3; do
+    printf '     Running %s (%s)\n' "$name" "${exe#"$REPO"/}"
+    "$exe" --skip slurm_e2e:: --skip sbatch_template:: </dev/null 2>&1 | tee -a "$LOG"
+done 3<"$TMP/tests"
 
 step "Python package hpc_ckpt (pytest, the real target/debug/hpc-ckpt): state, protocol, the example and the HF Trainer / Lightning callbacks under wrap"
-.venv/bin/python -m pytest tests/python -q -p no:cacheprovider 2>&1 | tee -a "$LOG"
+.venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=10 2>&1 | tee -a "$LOG"
+
+step "Slurm suites (the rest of their time)"
+wait_bg slurm LOG
+
+step "stop the local Slurm cluster"
+sbatch/local-cluster.sh stop
+
+step "done"
+printf '\nci: times\n'
+printf '%s\n' "${TIMES[@]}"
+printf '%5d s  total\n' $((SECONDS - T0))
 
 step "The prepared GPU check, its CPU dry run (tests/gpu/check.sh: no GPU here; the script must not rot)"
 tests/gpu/check.sh --dry-run --out "$(mktemp --suffix=.json)" 2>&1 | tee -a "$LOG"

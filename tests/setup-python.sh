@@ -47,6 +47,10 @@ done
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
+# .venv may be a link (tests/setup.sh --cache): the venv is made where it points (python -m venv
+# refuses a link).
+VENV_DIR=$VENV
+[[ -L $VENV ]] && VENV_DIR="$(readlink -f "$VENV")"
 PY="$VENV/bin/python"
 LOG="$VENV/setup-python.log"
 
@@ -58,12 +62,12 @@ if [[ ! -x "$PY" ]] || ! "$PY" -c '' 2>/dev/null; then
     command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH"
     python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
         || die "python3 >= 3.11 required, found $(python3 --version 2>&1)"
-    if [[ -e "$VENV" ]]; then
-        say "removing broken venv at $VENV"
-        rm -rf "$VENV"
+    if [[ -e "$VENV_DIR" ]]; then
+        say "removing broken venv at $VENV_DIR"
+        rm -rf "$VENV_DIR"
     fi
-    python3 -m venv "$VENV" || die "python3 -m venv $VENV failed (on Debian: apt-get install python3-venv)"
-    say "created venv $VENV ($("$PY" --version 2>&1))"
+    python3 -m venv "$VENV_DIR" || die "python3 -m venv $VENV_DIR failed (on Debian: apt-get install python3-venv)"
+    say "created venv $VENV_DIR ($("$PY" --version 2>&1))"
 fi
 
 # --- what is missing? ---------------------------------------------------------

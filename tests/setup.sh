@@ -8,19 +8,34 @@
 #     changes (a changed LIBTORCH makes torch-sys rebuild, ~2 min); and Debian's libgloo-dev
 #     (Gloo's headers, which the torch wheel lacks: build.rs compiles src/train/collective.cpp,
 #     libtorch's c10d ProcessGroupGloo, against them), via apt when /usr/include/gloo is missing;
-#   - with --slurm, the Debian packages of a local Slurm cluster (sbatch/local-cluster.sh install).
+#   - with --slurm, the Debian packages of a local Slurm cluster (sbatch/local-cluster.sh install);
+#   - with --cache DIR, a build cache outside the clone that the next clone on this machine
+#     reuses (tests/ci.sh passes ~/.cache/hpc-ckpt under CI=true): a clone without target/ or
+#     .venv gets them as links to DIR/target and DIR/venv (cargo then rebuilds only this crate,
+#     and the venv with torch is installed once; target/debug/hpc-ckpt stays where it was). An
+#     existing target/ or .venv is left alone. The venv's editable hpc_ckpt follows the clone
+#     that ran set-up last, so clones sharing a cache run their tests one at a time (tests/ci.sh
+#     holds DIR/.lock; the local Slurm cluster is one per machine anyway).
 #
-# Usage: tests/setup.sh [--torch] [--slurm]
+# Usage: tests/setup.sh [--torch] [--slurm] [--cache DIR]
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 torch=0
 slurm=0
-for a in "$@"; do
+cache=""
+while (($#)); do
+    a=$1
+    shift
     case "$a" in
         --torch) torch=1 ;;
         --slurm) slurm=1 ;;
+        --cache)
+            (($#)) || { echo "setup: --cache needs a directory" >&2; exit 2; }
+            cache=$1
+            shift
+            ;;
         -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "setup: unknown argument $a (see --help)" >&2; exit 2 ;;
     esac
@@ -30,6 +45,21 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo not found. Install Rust with rustup (https://rustup.rs), then re-run." >&2
     exit 1
 fi
+if [[ -n $cache ]]; then
+    mkdir -p "$cache"
+    cache="$(cd "$cache" && pwd -P)"
+    case "$cache/" in "$REPO"/*) echo "setup: the cache $cache must be outside the clone" >&2; exit 2 ;; esac
+    for pair in target:target .venv:venv; do
+        here=$REPO/${pair%%:*} there=$cache/${pair#*:}
+        if [[ ! -e $here && ! -L $here ]]; then
+            # (cargo needs the directory; tests/setup-python.sh creates the venv itself)
+            [[ $pair == target:* ]] && mkdir -p "$there"
+            ln -s "$there" "$here"
+            echo "setup: ${pair%%:*} -> $there (the build cache)" >&2
+        fi
+    done
+fi
+
 for comp in rustfmt clippy; do
     if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
         echo "setup: adding the $comp component" >&2

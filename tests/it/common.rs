@@ -136,6 +136,76 @@ pub fn cluster() -> String {
         .to_string()
 }
 
+/// The local cluster's two nodes as lanes for the tests that submit jobs. A test holds the lanes
+/// its jobs run on (`take_lanes`) until the guard drops, so one test's exclusive job or its
+/// preemptor (a job in the lane's high-priority partition) never meets another test's jobs, and
+/// tests on different lanes run side by side. Lane 0 is the first node (partitions `low`/`high`),
+/// lane 1 the second (`low2`/`high2`); both lanes are `wide`/`widehigh`
+/// (`sbatch/local-cluster.sh`).
+pub struct Lanes {
+    held: Vec<usize>,
+}
+
+/// Which lanes are taken, and how many two-lane requests wait (one-lane requests let them go
+/// first, so a two-node test does not wait for every one-node test to end).
+struct LaneState {
+    busy: [bool; 2],
+    wide_waiting: usize,
+}
+
+static LANES: std::sync::Mutex<LaneState> = std::sync::Mutex::new(LaneState {
+    busy: [false; 2],
+    wide_waiting: 0,
+});
+static LANE_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Wait until `n` (1 or 2) lanes are free and take them.
+pub fn take_lanes(n: usize) -> Lanes {
+    assert!(
+        n == 1 || n == 2,
+        "the local cluster has 2 lanes, asked for {n}"
+    );
+    let mut st = LANES.lock().unwrap_or_else(|e| e.into_inner());
+    if n == 2 {
+        st.wide_waiting += 1;
+    }
+    loop {
+        let free: Vec<usize> = (0..2).filter(|&i| !st.busy[i]).collect();
+        if free.len() >= n && (n == 2 || st.wide_waiting == 0) {
+            let held = free[..n].to_vec();
+            for &i in &held {
+                st.busy[i] = true;
+            }
+            if n == 2 {
+                st.wide_waiting -= 1;
+            }
+            return Lanes { held };
+        }
+        st = LANE_FREED.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+impl Lanes {
+    /// The partition a job on these lanes runs in, and the one whose jobs preempt it.
+    pub fn partitions(&self) -> (&'static str, &'static str) {
+        match self.held[..] {
+            [0] => ("low", "high"),
+            [1] => ("low2", "high2"),
+            _ => ("wide", "widehigh"),
+        }
+    }
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        let mut st = LANES.lock().unwrap_or_else(|e| e.into_inner());
+        for &i in &self.held {
+            st.busy[i] = false;
+        }
+        LANE_FREED.notify_all();
+    }
+}
+
 /// Run a Slurm client command against the local cluster.
 pub fn slurm(conf: &str, program: &str, args: &[&str]) -> Output {
     Command::new(program)

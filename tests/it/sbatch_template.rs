@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::{cluster, slurm, text};
+use crate::common::{cluster, slurm, take_lanes, text};
 use hpc_ckpt::config::JobConfig;
 use hpc_ckpt::slurm::template::render;
 
@@ -98,10 +98,17 @@ fn rendered_script_runs_from_a_work_dir_that_needs_quoting() {
     let script_path = tmp.path().join("job.sbatch");
     std::fs::write(&script_path, &script).unwrap();
 
+    // A node of its own (slurm_e2e's exclusive jobs and preemptors hold theirs).
+    let lanes = take_lanes(1);
     let o = slurm(
         &conf,
         "sbatch",
-        &["--parsable", script_path.to_str().unwrap()],
+        &[
+            "--parsable",
+            "-p",
+            lanes.partitions().0,
+            script_path.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "sbatch failed:\n{}\n{script}", text(&o));
     let id = String::from_utf8_lossy(&o.stdout)

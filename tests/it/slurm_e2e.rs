@@ -1,6 +1,7 @@
 //! End to end on a real local Slurm cluster (slurmctld + slurmd + munge, started by
 //! `sbatch/local-cluster.sh`): `hpc-ckpt sbatch` → `sbatch`, with a real PyTorch child under
-//! `wrap`. The tests share one node and run one at a time.
+//! `wrap`. Each test holds the lanes (nodes) its jobs run on (`common::take_lanes`): tests on
+//! different nodes run side by side, and no test's preemptor or exclusive job meets another's.
 //!
 //! - three interruptions by three mechanisms (`scancel --signal=USR1 --batch`, preemption by a
 //!   job in the `high` partition, `scontrol requeue`) at seeded moments, and for some chains a
@@ -12,12 +13,9 @@
 //! - `scancel` by the user: checkpoint, no requeue.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-
-static NODE: Mutex<()> = Mutex::new(());
 
 fn job_state(conf: &str, job: &str) -> String {
     let o = slurm(conf, "scontrol", &["show", "job", "-o", job]);
@@ -45,38 +43,59 @@ fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Where a job runs on the local cluster, and what preempts it there.
+/// Where a job runs on the local cluster.
 struct Layout {
-    /// Lines of the job config's `slurm:` section (besides `signal_lead` and `extra`).
+    /// Lines of the job config's `slurm:` section (besides `partition`, which the lanes give,
+    /// `signal_lead` and `extra`).
     slurm: &'static str,
-    /// `sbatch` options of a job that preempts it.
-    preemptor: &'static [&'static str],
-    /// The nodes the job's allocation spans.
+    /// The nodes the job's allocation spans (the lanes it holds).
     nodes: u32,
 }
 
-/// One node (partition `low`); `high` preempts.
+/// One node (either lane: `low` or `low2`; `high` or `high2` preempts).
 const ONE_NODE: Layout = Layout {
-    slurm: "  partition: low\n",
-    preemptor: &["-p", "high", "--exclusive"],
+    slurm: "",
     nodes: 1,
 };
 
-/// Two nodes × one task (partition `wide`, the local cluster's second slurmd); `widehigh`
-/// preempts.
+/// Two nodes × one task (both lanes: partition `wide`, the local cluster's two slurmd);
+/// `widehigh` preempts.
 const TWO_NODES: Layout = Layout {
-    slurm: "  partition: wide\n  nodes: 2\n  ntasks_per_node: 1\n",
-    preemptor: &["-p", "widehigh", "-N2", "--exclusive"],
+    slurm: "  nodes: 2\n  ntasks_per_node: 1\n",
     nodes: 2,
 };
 
-/// Write a job config for `command` (slurm lead 30 s, exclusive nodes, on `layout`) plus
-/// `extra_yaml`.
+/// A layout on the lanes it holds until it drops: the `slurm:` lines of its jobs and the `sbatch`
+/// options of a job that preempts them there.
+struct Placed {
+    slurm: String,
+    preemptor: Vec<String>,
+    _lanes: Lanes,
+}
+
+/// Wait for the lanes `layout` needs and take them.
+fn place(layout: &Layout) -> Placed {
+    let lanes = take_lanes(layout.nodes as usize);
+    let (low, high) = lanes.partitions();
+    Placed {
+        slurm: format!("  partition: {low}\n{}", layout.slurm),
+        preemptor: vec![
+            "-p".into(),
+            high.into(),
+            format!("-N{}", layout.nodes),
+            "--exclusive".into(),
+        ],
+        _lanes: lanes,
+    }
+}
+
+/// Write a job config for `command` (slurm lead 30 s, exclusive nodes, the `slurm:` lines
+/// `slurm`) plus `extra_yaml`.
 fn write_config(
     dir: &Path,
     name: &str,
     command: &[String],
-    layout: &Layout,
+    slurm: &str,
     extra_yaml: &str,
 ) -> (PathBuf, PathBuf) {
     let run = dir.join("run");
@@ -89,7 +108,7 @@ fn write_config(
              extra: ['--exclusive']\n{extra_yaml}",
             run.display(),
             cmd_yaml.join(", "),
-            layout.slurm,
+            slurm,
         ),
     )
     .unwrap();
@@ -132,10 +151,10 @@ fn submit(
     dir: &Path,
     name: &str,
     command: &[String],
-    layout: &Layout,
+    slurm: &str,
     extra_yaml: &str,
 ) -> (String, PathBuf) {
-    let (cfg, run) = write_config(dir, name, command, layout, extra_yaml);
+    let (cfg, run) = write_config(dir, name, command, slurm, extra_yaml);
     (submit_config(conf, &cfg), run)
 }
 
@@ -414,7 +433,7 @@ fn straight_run(
 ) -> PathBuf {
     let dir = dir.join("straight");
     std::fs::create_dir_all(&dir).unwrap();
-    let (cfg, run) = write_config(&dir, name, command, layout, extra_yaml);
+    let (cfg, run) = write_config(&dir, name, command, layout.slurm, extra_yaml);
     let o = crate::common::cmd(&["wrap", "--config", cfg.to_str().unwrap()])
         .env_remove("SLURM_JOB_ID")
         .output()
@@ -482,11 +501,12 @@ fn interruptions(chain: &Chain) {
         files,
         ..
     } = *chain;
-    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
     let tmp = tempfile::tempdir().unwrap();
+    // The straight run needs no cluster: it runs before this test waits for its lanes.
     let straight = straight_run(tmp.path(), name, straight_command, layout, extra_yaml);
 
+    let placed = place(layout);
     let dir = tmp.path().join("chain");
     std::fs::create_dir_all(&dir).unwrap();
     let (job, run) = submit(
@@ -494,7 +514,7 @@ fn interruptions(chain: &Chain) {
         &dir,
         name,
         command,
-        layout,
+        &placed.slurm,
         &format!("signals:\n  grace_seconds: 20\n{extra_yaml}"),
     );
     let mut rng = Rng(std::env::var("HPC_CKPT_TEST_SEED")
@@ -526,7 +546,7 @@ fn interruptions(chain: &Chain) {
     });
     std::thread::sleep(jitter());
     let mut preemptor = vec!["--parsable"];
-    preemptor.extend(layout.preemptor);
+    preemptor.extend(placed.preemptor.iter().map(String::as_str));
     preemptor.extend(["-o", "/dev/null", "--wrap", "sleep 2"]);
     let o = slurm(&conf, "sbatch", &preemptor);
     assert!(o.status.success(), "{}", text(&o));
@@ -618,8 +638,8 @@ fn interruptions(chain: &Chain) {
 
 #[test]
 fn a_program_that_always_crashes_stops_after_max_no_progress() {
-    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
+    let placed = place(&ONE_NODE);
     let tmp = tempfile::tempdir().unwrap();
     let cmd = vec![
         "sh".to_string(),
@@ -631,7 +651,7 @@ fn a_program_that_always_crashes_stops_after_max_no_progress() {
         tmp.path(),
         "e2e-crash",
         &cmd,
-        &ONE_NODE,
+        &placed.slurm,
         "requeue:\n  max_no_progress: 2\n",
     );
     wait_for("the chain to stop", Duration::from_secs(90), || {
@@ -664,15 +684,15 @@ fn a_program_that_always_crashes_stops_after_max_no_progress() {
 
 #[test]
 fn scancel_by_the_user_is_not_requeued() {
-    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
+    let placed = place(&ONE_NODE);
     let tmp = tempfile::tempdir().unwrap();
     let (job, run) = submit(
         &conf,
         tmp.path(),
         "e2e-cancel",
         &train_args(400),
-        &ONE_NODE,
+        &placed.slurm,
         "",
     );
     wait_for("commit 1", Duration::from_secs(120), || {
@@ -683,7 +703,14 @@ fn scancel_by_the_user_is_not_requeued() {
     wait_for("the allocation to end", Duration::from_secs(30), || {
         count(&run, "allocation_end") >= 1
     });
-    std::thread::sleep(Duration::from_secs(8));
+    // Slurm's word that the job ended: a requeued job would be pending or running again instead
+    // (and its second allocation_start follows from that), a cancelled one never comes back.
+    wait_for("the job to end", Duration::from_secs(30), || {
+        !matches!(
+            job_state(&conf, &job).as_str(),
+            "RUNNING" | "PENDING" | "COMPLETING" | "CONFIGURING" | "REQUEUED"
+        )
+    });
     assert_eq!(
         count(&run, "allocation_start"),
         1,
@@ -706,10 +733,16 @@ fn scancel_by_the_user_is_not_requeued() {
 /// every 30 s); the program checkpoints, the job is requeued, and the chain finishes.
 #[test]
 fn time_limit_warning_checkpoints_and_resumes() {
-    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
+    let placed = place(&ONE_NODE);
     let tmp = tempfile::tempdir().unwrap();
-    let (cfg, run) = write_config(tmp.path(), "e2e-timelimit", &train_args(800), &ONE_NODE, "");
+    let (cfg, run) = write_config(
+        tmp.path(),
+        "e2e-timelimit",
+        &train_args(800),
+        &placed.slurm,
+        "",
+    );
     let text_cfg = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("signal_lead: 30", "signal_lead: 60\n  time: '2'");
@@ -740,7 +773,6 @@ fn time_limit_warning_checkpoints_and_resumes() {
 /// commits, requeues; the next allocation finishes, byte-identical to a straight run.
 #[test]
 fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
-    let _node = NODE.lock().unwrap_or_else(|e| e.into_inner());
     let conf = cluster();
     let tmp = tempfile::tempdir().unwrap();
     let steps = 360;
@@ -750,7 +782,14 @@ fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
         .collect();
     let straight = straight_run(tmp.path(), "e2e-nowarn", &fast, &ONE_NODE, "");
 
-    let (cfg, run) = write_config(tmp.path(), "e2e-nowarn", &train_args(steps), &ONE_NODE, "");
+    let placed = place(&ONE_NODE);
+    let (cfg, run) = write_config(
+        tmp.path(),
+        "e2e-nowarn",
+        &train_args(steps),
+        &placed.slurm,
+        "",
+    );
     let text_cfg = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("signal_lead: 30", "signal_lead: 30\n  time: '1'");
@@ -766,6 +805,21 @@ fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
         .collect();
     std::fs::write(&script, body).unwrap();
     let job = submit_script(&conf, &script);
+    // The first allocation's watch fires (a minute's limit, 30 s lead). The requeued job then
+    // gets 5 minutes, so the next allocation finishes before its own watch however loaded the
+    // machine is (other chains run beside this one): Slurm restarts a requeued job only after
+    // its credential expired (5 s), time enough for the update.
+    wait_for(
+        "the first allocation to end",
+        Duration::from_secs(240),
+        || count(&run, "allocation_end") >= 1,
+    );
+    let o = slurm(
+        &conf,
+        "scontrol",
+        &["update", &format!("JobId={job}"), "TimeLimit=5"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
 
     wait_for("the run to finish", Duration::from_secs(240), || {
         count(&run, "run_done") >= 1
