@@ -123,6 +123,9 @@ done 3<"$TMP/tests"
 step "Python package hpc_ckpt (pytest, the real target/debug/hpc-ckpt): state, protocol, the example and the HF Trainer / Lightning callbacks under wrap"
 .venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=10 2>&1 | tee -a "$LOG"
 
+step "The prepared GPU check, its CPU dry run (tests/gpu/check.sh: no GPU here; the script must not rot)"
+tests/gpu/check.sh --dry-run --out "$TMP/gpu-check.json" 2>&1 | tee -a "$LOG"
+
 step "Slurm suites (the rest of their time)"
 wait_bg slurm LOG
 
@@ -133,9 +136,6 @@ step "done"
 printf '\nci: times\n'
 printf '%s\n' "${TIMES[@]}"
 printf '%5d s  total\n' $((SECONDS - T0))
-
-step "The prepared GPU check, its CPU dry run (tests/gpu/check.sh: no GPU here; the script must not rot)"
-tests/gpu/check.sh --dry-run --out "$(mktemp --suffix=.json)" 2>&1 | tee -a "$LOG"
 
 # One closing line over every runner above (cargo's per-binary lines end on empty harnesses;
 # pytest's summary is "[N failed, ]N passed[, N errors] in Ts").
