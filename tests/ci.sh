@@ -108,11 +108,14 @@ step "Python side: the safetensors checker, and the example job's exact resume (
 .venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
 .venv/bin/python tests/python/child_protocol_harness.py | tee -a "$LOG"
 
-step "local Slurm cluster: self-test (started during clippy)"
-wait_bg cluster
+step "The prepared GPU check, its CPU dry run (tests/gpu/check.sh: no GPU here; the script must not rot)"
+tests/gpu/check.sh --dry-run --out "$TMP/gpu-check.json" 2>&1 | tee -a "$LOG"
 
-step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, side by side on the two nodes)"
-bg slurm "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3
+step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, side by side on the two nodes), from the moment the cluster's self-test passes"
+# The runner waits for the self-test itself, so the foreground never idles on it.
+bg slurm bash -c 'while [[ ! -f $1.rc ]]; do sleep 1; done
+    [[ $(cat "$1.rc") == 0 ]] || { echo "ci: the cluster self-test failed: no Slurm suites"; exit 1; }
+    shift; exec "$@"' _ "$TMP/cluster" "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3
 
 step "cargo test (default features: every test binary, the trainer included; the Slurm suites are in the background)"
 while read -r name exe <&3; do
@@ -123,8 +126,8 @@ done 3<"$TMP/tests"
 step "Python package hpc_ckpt (pytest, the real target/debug/hpc-ckpt): state, protocol, the example and the HF Trainer / Lightning callbacks under wrap"
 .venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=10 2>&1 | tee -a "$LOG"
 
-step "The prepared GPU check, its CPU dry run (tests/gpu/check.sh: no GPU here; the script must not rot)"
-tests/gpu/check.sh --dry-run --out "$TMP/gpu-check.json" 2>&1 | tee -a "$LOG"
+step "local Slurm cluster: its self-test (started during clippy)"
+wait_bg cluster
 
 step "Slurm suites (the rest of their time)"
 wait_bg slurm LOG
