@@ -9,6 +9,30 @@ use hpc_ckpt::storage::pointer::{self, Pointer};
 use hpc_ckpt::storage::run_dir::RunDir;
 use hpc_ckpt::storage::verify::verify_checkpoint;
 
+/// `hpc-ckpt train --config CFG --run-dir RUN` outside Slurm (no `SLURM_JOB_ID`), stdout
+/// discarded; stderr is the caller's to keep or drop.
+pub fn train_cmd(cfg: &Path, run: &Path) -> Command {
+    let mut c = cmd(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    c.env_remove("SLURM_JOB_ID")
+        .stdout(std::process::Stdio::null());
+    c
+}
+
+/// The journal's `checkpoint_committed` events of `run`, in order.
+pub fn commit_events(run: &Path) -> Vec<serde_json::Value> {
+    hpc_ckpt::storage::journal::read_all(run)
+        .0
+        .into_iter()
+        .filter(|e| e["event"] == "checkpoint_committed")
+        .collect()
+}
+
 /// The `hpc-ckpt` binary cargo built for these tests.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hpc-ckpt"))

@@ -13,35 +13,14 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use hpc_ckpt::storage::journal::read_all;
 use hpc_ckpt::storage::run_dir::RunDir;
 use hpc_ckpt::storage::verify::read_manifest;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-
-fn train(cfg: &Path, run: &Path) -> std::process::Command {
-    let mut c = cmd(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--run-dir",
-        run.to_str().unwrap(),
-    ]);
-    c.env_remove("SLURM_JOB_ID").stdout(Stdio::null());
-    c
-}
-
-fn commits(run: &Path) -> Vec<serde_json::Value> {
-    read_all(run)
-        .0
-        .into_iter()
-        .filter(|e| e["event"] == "checkpoint_committed")
-        .collect()
-}
 
 #[test]
 fn async_and_sync_saves_of_a_step_write_identical_files() {
@@ -79,7 +58,7 @@ fn async_and_sync_saves_agree(extra: &str, must_hold: &[&str]) {
     let mut runs = Vec::new();
     for mode in [true, false] {
         let run = tmp.path().join(format!("run-{mode}"));
-        let o = train(&job(mode), &run).output().unwrap();
+        let o = train_cmd(&job(mode), &run).output().unwrap();
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
         runs.push(run);
     }
@@ -120,7 +99,7 @@ fn async_and_sync_saves_agree(extra: &str, must_hold: &[&str]) {
     }
     // The journal: every save's stall; async periodic saves persisted in the background, the
     // final one (the end) and every sync save in the foreground.
-    let (ca, cs) = (commits(&runs[0]), commits(&runs[1]));
+    let (ca, cs) = (commit_events(&runs[0]), commit_events(&runs[1]));
     assert_eq!(ca.len(), a.len());
     for c in ca.iter().chain(&cs) {
         assert!(c["stall_seconds"].as_f64().is_some(), "no stall in {c}");
@@ -158,7 +137,7 @@ fn job_with_steps(dir: &Path, steps: u64) -> std::path::PathBuf {
 
 /// Spawn a training process logging at debug level into `log`.
 fn spawn_logged(cfg: &Path, run: &Path, log: &Path) -> Child {
-    train(cfg, run)
+    train_cmd(cfg, run)
         .env("HPC_CKPT_LOG", "debug")
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
@@ -214,7 +193,7 @@ fn landed(log: &Path) -> String {
 
 /// Seconds of the background persists the journal recorded, median (None before any).
 fn median_persist(run: &Path) -> Option<Duration> {
-    let mut s: Vec<f64> = commits(run)
+    let mut s: Vec<f64> = commit_events(run)
         .iter()
         .filter(|c| c["background"] == true)
         .filter_map(|c| c["seconds"].as_f64())
@@ -328,14 +307,14 @@ fn sigkills_during_background_persists_keep_a_verified_pointer_and_resume_exactl
     let end = steps.iter().max().unwrap() + 5;
     let finish = job_with_steps(tmp.path(), end);
     let straight = tmp.path().join("straight");
-    let o = train(&finish, &straight).output().unwrap();
+    let o = train_cmd(&finish, &straight).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let ls = losses(&straight);
     assert_eq!(ls.len() as u64, end);
     let last = ckpt(end);
     for lane in 0..LANES {
         let run = tmp.path().join(format!("killed-{lane}"));
-        let o = train(&finish, &run).output().unwrap();
+        let o = train_cmd(&finish, &run).output().unwrap();
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
         for f in ["model.safetensors", "optimizer.safetensors"] {
             let a = std::fs::read(straight.join("checkpoints").join(&last).join(f)).unwrap();
@@ -375,14 +354,14 @@ fn interval_auto_saves_at_the_recommended_interval_and_journals_why() {
     )
     .unwrap();
     let run = tmp.path().join("run");
-    let o = train(&cfg, &run)
+    let o = train_cmd(&cfg, &run)
         .env("HPC_CKPT_LOG", "info")
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let log = text(&o);
     assert!(log.contains("checkpoint interval: auto"), "{log}");
-    let cs = commits(&run);
+    let cs = commit_events(&run);
     assert!(cs.len() >= 3, "a 1 s MTBF asks for frequent saves: {cs:?}");
     let first = &cs[0]["cadence"];
     assert!(
@@ -447,7 +426,7 @@ fn an_async_saves_copy_overlaps_the_next_step_and_is_handed_over_after_it() {
         )
         .unwrap();
         let run = tmp.path().join(format!("run-{mode}"));
-        let o = train(&cfg, &run)
+        let o = train_cmd(&cfg, &run)
             .env("HPC_CKPT_LOG", "debug")
             .output()
             .unwrap();

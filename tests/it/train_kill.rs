@@ -19,25 +19,13 @@ const CONFIG: &str = "name: kill\nseed: 11\nthreads: 1\n\
     checkpoint: {every_steps: 40, keep_last: 2}\n";
 
 fn train(cfg: &Path, run: &Path) -> std::process::Command {
-    let mut c = cmd(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--run-dir",
-        run.to_str().unwrap(),
-    ]);
-    c.env_remove("SLURM_JOB_ID")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    let mut c = train_cmd(cfg, run);
+    c.stderr(std::process::Stdio::null());
     c
 }
 
 fn commits(run: &Path) -> usize {
-    hpc_ckpt::storage::journal::read_all(run)
-        .0
-        .iter()
-        .filter(|e| e["event"] == "checkpoint_committed")
-        .count()
+    commit_events(run).len()
 }
 
 #[test]

@@ -49,25 +49,13 @@ const FP16: &str = "precision: fp16\nloss_scale: {init_scale: 1.0e9, growth_inte
 const BF16: &str = "precision: bf16\n";
 
 fn train(cfg: &Path, run: &Path) -> Command {
-    let mut c = cmd(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--run-dir",
-        run.to_str().unwrap(),
-    ]);
-    c.env_remove("SLURM_JOB_ID")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+    let mut c = train_cmd(cfg, run);
+    c.stderr(std::process::Stdio::null());
     c
 }
 
 fn commits(run: &Path) -> usize {
-    hpc_ckpt::storage::journal::read_all(run)
-        .0
-        .iter()
-        .filter(|e| e["event"] == "checkpoint_committed")
-        .count()
+    commit_events(run).len()
 }
 
 /// Wait until `run` holds `n` commits while the training still runs.
