@@ -174,10 +174,40 @@ pub fn local_dist_env(
 
 /// A TCP port that was free a moment ago, for `MASTER_PORT` (torch.distributed's store). Rank
 /// start-up is the program's; this only saves it from picking a port itself.
+///
+/// Rank 0 binds it a second or more later, so the port is drawn at random *below* the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`): a port that `bind(0)` hands out is handed
+/// out again to any outgoing connection in the meantime (seen as EADDRINUSE when chains ran side
+/// by side), while one below the range is only ever taken by a program that asks for it by
+/// number. Falls back to `bind(0)` when no such port is free after 64 draws.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    let (ephemeral_low, _) = ephemeral_range();
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(1));
+    if high > low {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        for i in 0..64u64 {
+            h.write_u64(i);
+            let port = low + (h.finish() % u64::from(high - low + 1)) as u16;
+            if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// The kernel's ephemeral port range (Linux's default when it cannot be read).
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
 }
 
 /// The shim's work: from the launcher's variables (`RANK`/`WORLD_SIZE` of a torchrun-style
@@ -283,6 +313,19 @@ mod tests {
 
     fn get<'a>(out: &'a [(String, String)], k: &str) -> Option<&'a str> {
         out.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_master_port_is_free_and_below_the_ephemeral_range() {
+        let (low, _) = ephemeral_range();
+        for _ in 0..20 {
+            let p = free_port().unwrap();
+            assert!(
+                p >= 10_000 && p < low,
+                "port {p}, ephemeral range from {low}"
+            );
+            std::net::TcpListener::bind(("0.0.0.0", p)).unwrap();
+        }
     }
 
     #[test]
