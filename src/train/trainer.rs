@@ -55,6 +55,7 @@
 //! (a lock serialises concurrent calls).
 
 mod data_parallel;
+mod reference;
 mod restore;
 mod save;
 
@@ -109,8 +110,8 @@ pub const TCH_VERSION: &str = "0.26";
 pub const LIBTORCH_VERSION: &str = "2.13";
 
 /// Samples in the reference batch: at most this many, and at most one micro-batch
-/// (`batch_size`), so that its loss — computed in every save's phase 1, while training waits —
-/// costs no more than one micro-batch's forward pass.
+/// (`batch_size`), so that its loss — computed at every save, on the copy thread beside the next
+/// step — costs no more than one micro-batch's forward pass.
 const REFERENCE_SAMPLES: i64 = 16;
 
 /// What a call of [`run`] achieved.
@@ -440,6 +441,9 @@ struct Trainer {
     sched: Scheduler,
     st: TrainerState,
     reference: (Tensor, Tensor),
+    /// The second model instance that computes a save's reference loss on its copy thread
+    /// (built before the first step of [`Trainer::train`], or at the first save).
+    reference_model: Option<reference::SharedReference>,
     /// The fp16 loss scaler (`None` unless `precision: fp16`).
     scaler: Option<GradScaler>,
     total: u64,
@@ -512,6 +516,7 @@ impl Trainer {
             sched,
             st,
             reference,
+            reference_model: None,
             scaler,
             total,
             dp: None,
@@ -541,14 +546,9 @@ impl Trainer {
     }
 
     /// The model's loss on the reference batch (eval mode, no grad, the run's precision), as
-    /// f32.
+    /// f32 (what a save records; see [`reference`]).
     fn reference_loss(&self) -> Result<f32, TrainError> {
-        let (x, y) = (
-            self.reference.0.to_device(self.device),
-            self.reference.1.to_device(self.device),
-        );
-        let _g = tch::no_grad_guard();
-        Ok(self.forward_loss(&x, &y, false)?.double_value(&[]) as f32)
+        reference::loss_of(&self.model, &self.reference, self.tc.precision, self.device)
     }
 
     /// Train from the current state until the end (committing the final step) or until `stop`
@@ -578,6 +578,7 @@ impl Trainer {
                     .map(|t| humantime::format_rfc3339_millis(t).to_string()),
             })
             .map_err(TrainError::Journal)?;
+        self.prepare_reference_model()?;
         self.last_save = Instant::now();
         persister::scope(store, |p| {
             let r = self.train_with(p, stop);

@@ -5,8 +5,9 @@
 //! logged and journaled with the commit), then copy the complete state — model, optimizer,
 //! reference batch, `trainer_state.json` — into the persister's host buffers, which the previous
 //! save's bytes are reused for. On the training thread: the small parts (RNG, trainer state, the
-//! model's buffers, which a forward pass in train mode may update) and the reference loss; on a
-//! helper thread: the parameters, the optimizer state and the reference batch. With
+//! model's buffers, which a forward pass in train mode may update); on a helper thread: the
+//! parameters, the optimizer state and the reference batch, then the reference loss (a forward
+//! pass of a second model instance over the same weights: `reference.rs`). With
 //! `checkpoint.async: true` that thread overlaps the next step's forward and backward, which only
 //! read what it copies, and [`Trainer::fence_copy`] joins it just before that step's optimizer
 //! update mutates them; the snapshot is then handed over at the next step boundary
@@ -26,6 +27,7 @@
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::reference::ReferenceJob;
 use super::*;
 use crate::storage::journal::Cadence;
 use crate::storage::persister::{Buffers, Persisted, Persister};
@@ -66,6 +68,8 @@ pub(super) struct Copied {
     model: Vec<(usize, TensorData<'static>)>,
     optim: Vec<TensorData<'static>>,
     reference: Vec<TensorData<'static>>,
+    /// The loss of the reference batch under the copied weights (f32, as restore compares it).
+    reference_loss: f32,
     seconds: f64,
 }
 
@@ -350,9 +354,10 @@ impl Trainer {
 
     /// Start phase 1 as named steps: take this checkpoint's `best`, write down the small state
     /// (RNG, scheduler, optimizer meta, `trainer_state.json`), copy the model's buffers here,
-    /// start the helper thread that copies the parameters, the optimizer state and the reference
-    /// batch into `buffers`, and compute the reference loss meanwhile. On an error `best` is put
-    /// back; an error of the thread comes with its join (the caller puts `best` back).
+    /// sync the reference model, and start the helper thread that copies the parameters, the
+    /// optimizer state and the reference batch into `buffers`, then computes the reference loss.
+    /// On an error `best` is put back; an error of the thread comes with its join (the caller
+    /// puts `best` back).
     pub(super) fn start_snapshot(
         &mut self,
         mut buffers: Buffers,
@@ -375,6 +380,10 @@ impl Trainer {
         let scaler = self
             .scaler_tensors(&mut buffers)
             .map_err(|e| restore_best(self, e))?;
+        let job = self.reference_job().map_err(|e| {
+            let e = StorageError::Invalid(format!("the reference loss: {e}"));
+            restore_best(self, e)
+        })?;
         let copying = start_copy(
             buffers,
             params,
@@ -383,25 +392,11 @@ impl Trainer {
                 ("x".to_string(), self.reference.0.shallow_clone()),
                 ("y".to_string(), self.reference.1.shallow_clone()),
             ],
+            job,
         )
         .map_err(|e| restore_best(self, e))?;
-        // The reference batch's loss (a forward pass in eval mode, which only reads the
-        // parameters) while the thread copies.
-        let ref_loss = match self.reference_loss() {
-            Ok(l) => l,
-            Err(e) => {
-                // The thread reads the live tensors: let it finish before training goes on.
-                let _ = copying.0.join();
-                let e = StorageError::Invalid(format!("the reference loss: {e}"));
-                return Err(restore_best(self, e));
-            }
-        };
+        // The reference loss's keys join these in `assemble`, once the thread computed it.
         let mut extra = serde_json::Map::new();
-        extra.insert("reference_loss".into(), json!(ref_loss as f64));
-        extra.insert(
-            "reference_loss_bits".into(),
-            json!(format!("{:#010x}", ref_loss.to_bits())),
-        );
         extra.insert("reference_device".into(), json!(device_name(self.device)));
         let meta = CommitMeta {
             step,
@@ -527,13 +522,15 @@ fn split_model(
 }
 
 /// Start the helper thread that copies `params` (with their positions in the model file), the
-/// optimizer state and the reference batch into `buffers` (shallow clones: the thread reads
-/// the live tensors, so they must not change until it is joined).
+/// optimizer state and the reference batch into `buffers`, then computes the reference loss
+/// (`job`, whose model aliases the live parameters). Shallow clones: the thread reads the live
+/// tensors, so they must not change until it is joined.
 fn start_copy(
     mut buffers: Buffers,
     params: Vec<(usize, String, Tensor)>,
     optim: Vec<(String, Tensor)>,
     reference: Vec<(String, Tensor)>,
+    job: ReferenceJob,
 ) -> Result<Copying, StorageError> {
     let thread = std::thread::Builder::new()
         .name("save-copy".into())
@@ -555,12 +552,16 @@ fn start_copy(
                 .iter()
                 .map(|(n, t)| copy(REFERENCE_FILE, n, t))
                 .collect::<Result<Vec<_>, _>>()?;
+            let reference_loss = job
+                .run()
+                .map_err(|e| StorageError::Invalid(format!("the reference loss: {e}")))?;
             // Params in file order, each with its position, for `assemble`.
             let model = params.iter().map(|(i, ..)| *i).zip(model).collect();
             Ok(Copied {
                 model,
                 optim,
                 reference,
+                reference_loss,
                 seconds: started.elapsed().as_secs_f64(),
             })
         })
@@ -617,6 +618,13 @@ fn assemble(staged: &mut Staged, c: Copied) -> (Snapshot<'static>, CommitMeta) {
         FileSource::Bytes(std::mem::take(&mut staged.state).into()),
     );
     let mut meta = staged.meta.clone();
+    let loss = c.reference_loss;
+    meta.extra
+        .insert("reference_loss".into(), json!(loss as f64));
+    meta.extra.insert(
+        "reference_loss_bits".into(),
+        json!(format!("{:#010x}", loss.to_bits())),
+    );
     meta.save = Some(SaveTiming {
         background: staged.background,
         wait_seconds: staged.wait_seconds,
