@@ -10,10 +10,18 @@
 //!
 //! `train`: the built-in trainer (`hpc_ckpt::train::trainer::run`, in this process, one run at a
 //! time) trains a char-level gpt with AdamW (defaults: 49.7M parameters, 597 MB of model +
-//! optimizer state) in three modes, interleaved, the order rotated every round:
+//! optimizer state) in these modes (`--modes`, default all four), interleaved, the order rotated
+//! every round:
 //! - `none`: no save before the end (the reference);
 //! - `sync`: a save every `--every` steps, training waits for each commit;
-//! - `async`: the same saves, two-phase.
+//! - `async`: the same saves, two-phase;
+//! - `control`: no save, but at the same steps (`--every`) the bench starts
+//!   `nice -n 10 dd if=/dev/zero of=DIR/control.bin bs=4M conv=fsync` writing `--control-mb` MB
+//!   (the checkpoint's size) in the background, the previous file deleted first, at most one in
+//!   flight (a new one waits for the previous, as a save waits for the previous persist): what
+//!   the kernel's page-cache copy and writeback of that many bytes cost training on this
+//!   machine, with none of our code (copy, hashing, commit) involved. Its "commit" column is
+//!   `dd`'s time.
 //!
 //! Per run: steps/s over steps `warm+1..=steps` from `metrics.jsonl` (wall clock between step ends:
 //! everything the loop does between steps, saves included; the final save comes after the last
@@ -90,9 +98,16 @@ struct Args {
     /// Save every raw sample here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Comma list of the train modes to run: none, sync, async, control (without `none`, the
+    /// reference, only each mode's steps/s is printed: for profiling one mode).
+    #[arg(long, value_delimiter = ',', default_value = "none,sync,async,control")]
+    modes: Vec<String>,
+    /// MB the `control` mode's `dd` writes at each save step (597: the default model's state).
+    #[arg(long, default_value_t = 597)]
+    control_mb: u64,
 }
 
-const MODES: [&str; 3] = ["none", "sync", "async"];
+const MODES: [&str; 4] = ["none", "sync", "async", "control"];
 const CHILD_METHODS: [&str; 5] = [
     "copy-synced",
     "adopt-synced",
@@ -133,11 +148,28 @@ struct TrainRun {
     saves: usize,
     /// Bytes of one checkpoint.
     bytes: u64,
+    /// CPU seconds per step of the training thread, and of the whole process (every thread:
+    /// training, copy, persister, checksum), between the step boundaries `warm` and `steps - 1`
+    /// (both saves inside): what the run cost in CPU, which other processes' load on the machine
+    /// inflates much less than the wall clock.
+    cpu_thread: f64,
+    cpu_process: f64,
+}
+
+/// CPU seconds of `clock` (`CLOCK_THREAD_CPUTIME_ID` or `CLOCK_PROCESS_CPUTIME_ID`).
+fn cpu_seconds(clock: nix::libc::clockid_t) -> f64 {
+    let mut ts = nix::libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { nix::libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 fn job(args: &Args, mode: &str) -> Result<JobConfig> {
     let checkpoint = match mode {
-        "none" => format!("{{every_steps: {}, keep_last: 1}}", args.steps + 1),
+        "none" | "control" => format!("{{every_steps: {}, keep_last: 1}}", args.steps + 1),
         "sync" => format!(
             "{{every_steps: {}, keep_last: 1, async: false}}",
             args.every
@@ -161,15 +193,26 @@ fn train_once(args: &Args, dir: &Path, mode: &str) -> Result<TrainRun> {
     }
     nix::unistd::sync();
     let mut store = Store::open(dir, &holder(None), cfg.checkpoint.retention())?;
-    let never = || false;
-    run(&cfg, &mut store, &Resume::Never, &never).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let control = (mode == "control").then(|| Control::new(args, dir));
+    // (thread, process) CPU seconds at each step boundary (the i-th call: global step i).
+    let cpu = std::cell::RefCell::new(Vec::new());
+    let stop = || {
+        cpu.borrow_mut().push((
+            cpu_seconds(nix::libc::CLOCK_THREAD_CPUTIME_ID),
+            cpu_seconds(nix::libc::CLOCK_PROCESS_CPUTIME_ID),
+        ));
+        if let Some(c) = &control {
+            c.at_boundary();
+        }
+        false
+    };
+    run(&cfg, &mut store, &Resume::Never, &stop).map_err(|e| anyhow::anyhow!("{e}"))?;
     drop(store);
-    let mut ts = BTreeMap::new();
-    for line in fs::read_to_string(dir.join("metrics.jsonl"))?.lines() {
-        let v: Value = serde_json::from_str(line)?;
-        let t = humantime::parse_rfc3339(v["ts"].as_str().unwrap_or_default())?;
-        ts.insert(v["step"].as_u64().unwrap_or(0), t);
-    }
+    let control_writes = match control {
+        Some(c) => c.finish()?,
+        None => Vec::new(),
+    };
+    let ts = step_times(dir)?;
     let span = ts[&args.steps]
         .duration_since(ts[&args.warm])?
         .as_secs_f64();
@@ -197,23 +240,138 @@ fn train_once(args: &Args, dir: &Path, mode: &str) -> Result<TrainRun> {
             .iter()
             .filter_map(|e| e["stall_seconds"].as_f64())
             .collect(),
-        commits: periodic
-            .iter()
-            .filter_map(|e| e["seconds"].as_f64())
-            .collect(),
-        saves: saves_in_span,
+        commits: if mode == "control" {
+            control_writes
+        } else {
+            periodic
+                .iter()
+                .filter_map(|e| e["seconds"].as_f64())
+                .collect()
+        },
+        cpu_thread: cpu_per_step(&cpu.borrow(), args, |c| c.0),
+        cpu_process: cpu_per_step(&cpu.borrow(), args, |c| c.1),
+        saves: if mode == "control" {
+            (args.warm + 1..args.steps)
+                .filter(|s| s % args.every == 0)
+                .count()
+        } else {
+            saves_in_span
+        },
         bytes,
     };
     fs::remove_dir_all(dir)?;
     Ok(r)
 }
 
+/// When each step ended, from the run's `metrics.jsonl`.
+fn step_times(dir: &Path) -> Result<BTreeMap<u64, std::time::SystemTime>> {
+    let mut ts = BTreeMap::new();
+    for line in fs::read_to_string(dir.join("metrics.jsonl"))?.lines() {
+        let v: Value = serde_json::from_str(line)?;
+        let t = humantime::parse_rfc3339(v["ts"].as_str().unwrap_or_default())?;
+        ts.insert(v["step"].as_u64().unwrap_or(0), t);
+    }
+    Ok(ts)
+}
+
+/// CPU seconds per step between the boundaries `warm` and `steps - 1` (see [`TrainRun`]).
+fn cpu_per_step(cpu: &[(f64, f64)], args: &Args, f: impl Fn(&(f64, f64)) -> f64) -> f64 {
+    let (a, b) = (args.warm as usize, args.steps as usize - 1);
+    match (cpu.get(a), cpu.get(b)) {
+        (Some(x), Some(y)) if b > a => (f(y) - f(x)) / (b - a) as f64,
+        _ => f64::NAN,
+    }
+}
+
+/// The `control` mode's background writer (see the module doc): called at every step boundary
+/// (the trainer's `stop` callback: the i-th call is at global step i), it starts a `dd` at the
+/// save steps, one at a time, and records how long each took.
+struct Control {
+    file: PathBuf,
+    mb: u64,
+    every: u64,
+    steps: u64,
+    calls: std::cell::Cell<u64>,
+    in_flight: std::cell::RefCell<Option<std::thread::JoinHandle<Result<f64>>>>,
+    seconds: std::cell::RefCell<Vec<f64>>,
+}
+
+impl Control {
+    fn new(args: &Args, run_dir: &Path) -> Control {
+        Control {
+            file: run_dir.with_extension("control.bin"),
+            mb: args.control_mb,
+            every: args.every,
+            steps: args.steps,
+            calls: 0.into(),
+            in_flight: None.into(),
+            seconds: Vec::new().into(),
+        }
+    }
+
+    fn at_boundary(&self) {
+        let step = self.calls.get();
+        self.calls.set(step + 1);
+        if step == 0 || !step.is_multiple_of(self.every) || step >= self.steps {
+            return;
+        }
+        if let Err(e) = self.wait() {
+            eprintln!("control write failed: {e:#}");
+        }
+        let _ = fs::remove_file(&self.file);
+        let (file, count) = (self.file.clone(), self.mb * 1_000_000 / (4 << 20));
+        *self.in_flight.borrow_mut() = Some(std::thread::spawn(move || {
+            let started = Instant::now();
+            let status = std::process::Command::new("nice")
+                .args([
+                    "-n",
+                    "10",
+                    "dd",
+                    "if=/dev/zero",
+                    "bs=4M",
+                    "conv=fsync",
+                    "status=none",
+                ])
+                .arg(format!("of={}", file.display()))
+                .arg(format!("count={count}"))
+                .status()
+                .context("run dd")?;
+            if !status.success() {
+                bail!("dd: {status}");
+            }
+            Ok(started.elapsed().as_secs_f64())
+        }));
+    }
+
+    /// Wait for the write in flight, if any, and record its time.
+    fn wait(&self) -> Result<()> {
+        if let Some(h) = self.in_flight.borrow_mut().take() {
+            let s = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("dd thread panicked"))??;
+            self.seconds.borrow_mut().push(s);
+        }
+        Ok(())
+    }
+
+    /// The time of each write (the last one waited for), its file removed.
+    fn finish(self) -> Result<Vec<f64>> {
+        self.wait()?;
+        let _ = fs::remove_file(&self.file);
+        Ok(self.seconds.into_inner())
+    }
+}
+
 fn bench_train(args: &Args, dir: &Path) -> Result<Value> {
     let mut runs: BTreeMap<&str, Vec<TrainRun>> = BTreeMap::new();
     let started = Instant::now();
+    let modes: Vec<&str> = MODES
+        .into_iter()
+        .filter(|m| args.modes.iter().any(|a| a == m))
+        .collect();
     for r in 0..args.rounds {
-        let order: Vec<&str> = (0..MODES.len())
-            .map(|i| MODES[(i + r) % MODES.len()])
+        let order: Vec<&str> = (0..modes.len())
+            .map(|i| modes[(i + r) % modes.len()])
             .collect();
         eprintln!("train round {}/{}: {order:?}", r + 1, args.rounds);
         for mode in order {
@@ -227,18 +385,30 @@ fn bench_train(args: &Args, dir: &Path) -> Result<Value> {
             runs.entry(mode).or_default().push(t);
         }
     }
-    let med = |m: &str, f: &dyn Fn(&TrainRun) -> Vec<f64>| {
-        let mut v: Vec<f64> = runs[m].iter().flat_map(f).collect();
-        median(&mut v)
-    };
-    let sps = |m: &str| med(m, &|t| vec![t.steps_per_s]);
-    let (none, sync, asy) = (sps("none"), sps("sync"), sps("async"));
-    let step_s = 1.0 / none;
-    let bytes = runs["sync"][0].bytes;
-    let mtbf = args.mtbf_hours * 3600.0;
+    report(args, &runs, started.elapsed().as_secs_f64())
+}
+
+/// The table of the train modes (medians), the targets, and the raw samples as JSON.
+fn report(args: &Args, runs: &BTreeMap<&str, Vec<TrainRun>>, seconds: f64) -> Result<Value> {
+    let med = Medians(runs);
+    if !runs.contains_key("none") {
+        for m in runs.keys() {
+            println!(
+                "{m}: {:.4} steps/s (no reference run: no overhead)",
+                med.sps(m)
+            );
+        }
+        return Ok(json!({}));
+    }
+    let bytes = runs
+        .values()
+        .flatten()
+        .map(|t| t.bytes)
+        .find(|&b| b > 0)
+        .unwrap_or(args.control_mb * 1_000_000);
     println!(
         "\n### Saves of the built-in trainer: gpt {}x{} (context {}, batch {}, {} thread(s)), {:.0} MB \
-         of model + AdamW state, a save every {} steps; medians of {} interleaved rounds ({:.0} s)\n",
+         of model + AdamW state, a save every {} steps; medians of {} interleaved rounds ({seconds:.0} s)\n",
         args.layers,
         args.d_model,
         args.context,
@@ -247,47 +417,112 @@ fn bench_train(args: &Args, dir: &Path) -> Result<Value> {
         bytes as f64 / 1e6,
         args.every,
         args.rounds,
-        started.elapsed().as_secs_f64()
     );
-    println!("| mode | steps/s | overhead at every {} steps | stall per save (s) | commit per save (s) | cost per save (s) | Daly interval (s) at MTBF {} h | overhead there |", args.every, args.mtbf_hours);
-    println!("|---|---|---|---|---|---|---|---|");
-    println!("| none (reference) | {none:.4} | – | – | – | – | – | – |");
-    let mut out = json!({"step_seconds": step_s, "bytes": bytes});
-    for (m, v) in [("sync", sync), ("async", asy)] {
-        let stall = med(m, &|t| t.stalls.clone());
-        let commit = med(m, &|t| t.commits.clone());
-        // Extra wall time per save over the reference, over the same number of steps.
-        let cost = med(m, &|t| {
-            vec![(t.span - (args.steps - args.warm) as f64 * step_s) / t.saves.max(1) as f64]
-        });
-        let tau = daly(stall.max(1e-9), mtbf);
-        println!(
-            "| {m} | {v:.4} | {:+.1} % | {stall:.3} | {commit:.3} | {cost:.3} | {tau:.0} | {:.2} % |",
-            (none / v - 1.0) * 100.0,
-            cost.max(0.0) / tau * 100.0
-        );
-        out[m] = json!({"steps_per_s": v, "stall": stall, "commit": commit, "cost": cost,
-            "daly_interval": tau});
-    }
-    let (ss, sa) = (
-        med("sync", &|t| t.stalls.clone()),
-        med("async", &|t| t.stalls.clone()),
-    );
+    let (none_thread, none_process) = med.cpu("none");
+    println!("| mode | steps/s | overhead at every {} steps | stall per save (s) | commit per save (s) | cost per save (s) | Daly interval (s) at MTBF {} h | overhead there | training thread CPU s/step | process CPU s/step |", args.every, args.mtbf_hours);
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "\nasync stall / sync commit: {:.1} % (target ≤ 10 %)",
-        sa / med("sync", &|t| t.commits.clone()) * 100.0
+        "| none (reference) | {:.4} | – | – | – | – | – | – | {none_thread:.3} | {none_process:.3} |",
+        med.sps("none")
     );
-    println!("sync stall {ss:.3} s, async stall {sa:.3} s, reference step {step_s:.3} s");
+    let mut out = json!({"step_seconds": 1.0 / med.sps("none"), "bytes": bytes});
+    for m in ["sync", "async", "control"]
+        .into_iter()
+        .filter(|m| runs.contains_key(m))
+    {
+        out[m] = row(args, &med, m);
+    }
+    if runs.contains_key("async") {
+        targets(args, &med);
+    }
     out["raw"] = json!(runs
         .iter()
-        .map(|(m, v)| (
-            m.to_string(),
-            v.iter()
-                .map(|t| json!({"steps_per_s": t.steps_per_s, "stalls": t.stalls, "commits": t.commits}))
-                .collect::<Vec<_>>()
-        ))
+        .map(|(m, v)| (m.to_string(), v.iter().map(raw).collect::<Vec<_>>()))
         .collect::<BTreeMap<_, _>>());
     Ok(out)
+}
+
+/// Medians over the rounds of each mode's runs.
+struct Medians<'a>(&'a BTreeMap<&'a str, Vec<TrainRun>>);
+
+impl Medians<'_> {
+    fn of(&self, m: &str, f: &dyn Fn(&TrainRun) -> Vec<f64>) -> f64 {
+        match self.0.get(m) {
+            Some(r) => median(&mut r.iter().flat_map(f).collect::<Vec<f64>>()),
+            None => f64::NAN,
+        }
+    }
+
+    fn sps(&self, m: &str) -> f64 {
+        self.of(m, &|t| vec![t.steps_per_s])
+    }
+
+    /// CPU seconds per step: (training thread, process).
+    fn cpu(&self, m: &str) -> (f64, f64) {
+        (
+            self.of(m, &|t| vec![t.cpu_thread]),
+            self.of(m, &|t| vec![t.cpu_process]),
+        )
+    }
+}
+
+/// Print the table row of mode `m` against the reference; its figures as JSON.
+fn row(args: &Args, med: &Medians, m: &str) -> Value {
+    let (none, v) = (med.sps("none"), med.sps(m));
+    let stall = med.of(m, &|t| t.stalls.clone());
+    let commit = med.of(m, &|t| t.commits.clone());
+    // Extra wall time per save over the reference, over the same number of steps.
+    let cost = med.of(m, &|t| {
+        vec![(t.span - (args.steps - args.warm) as f64 / none) / t.saves.max(1) as f64]
+    });
+    let overhead = (none / v - 1.0) * 100.0;
+    let ((ct, cp), (nt, np)) = (med.cpu(m), med.cpu("none"));
+    let cpu_cols = format!(
+        "{ct:.3} ({:+.1} %) | {cp:.3} ({:+.1} %)",
+        (ct / nt - 1.0) * 100.0,
+        (cp / np - 1.0) * 100.0
+    );
+    if m == "control" {
+        println!("| control (no save; `dd` of {} MB + fsync at nice 10 at the save steps) | {v:.4} | {overhead:+.1} % | – | {commit:.3} (dd) | {cost:.3} | – | – | {cpu_cols} |", args.control_mb);
+    } else {
+        let tau = daly(stall.max(1e-9), args.mtbf_hours * 3600.0);
+        println!(
+            "| {m} | {v:.4} | {overhead:+.1} % | {stall:.3} | {commit:.3} | {cost:.3} | {tau:.0} | {:.2} % | {cpu_cols} |",
+            cost.max(0.0) / tau * 100.0
+        );
+    }
+    json!({"steps_per_s": v, "overhead_percent": overhead, "stall": stall, "commit": commit,
+        "cost": cost, "cpu_thread": ct, "cpu_process": cp})
+}
+
+/// Print the async save against the targets (stall ≤ 5 % of the sync commit; overhead ≤ stall
+/// share + 3 points), and against the control's overhead when it ran.
+fn targets(args: &Args, med: &Medians) {
+    let none = med.sps("none");
+    let stall = med.of("async", &|t| t.stalls.clone());
+    let sync = med.of("sync", &|t| t.commits.clone());
+    let share = stall / (args.every as f64 / none) * 100.0;
+    println!(
+        "\nasync stall / sync commit: {:.1} % (target ≤ 5 %)",
+        stall / sync * 100.0
+    );
+    println!(
+        "async overhead {:+.1} % against the target stall share {share:.1} % + 3 points = {:.1} %",
+        (none / med.sps("async") - 1.0) * 100.0,
+        share + 3.0
+    );
+    if med.0.contains_key("control") {
+        println!(
+            "async overhead beyond the control's (what our code adds to the kernel's writeback): {:+.1} points",
+            (none / med.sps("async") - none / med.sps("control")) * 100.0
+        );
+    }
+    println!("reference step {:.3} s", 1.0 / none);
+}
+
+fn raw(t: &TrainRun) -> Value {
+    json!({"steps_per_s": t.steps_per_s, "stalls": t.stalls, "commits": t.commits,
+        "cpu_thread": t.cpu_thread, "cpu_process": t.cpu_process})
 }
 
 // ---- child ----------------------------------------------------------------------------------
