@@ -11,6 +11,7 @@
 //! - [`trainer`]: the loop — resume (falling back past checkpoints that do not restore), train,
 //!   evaluate, commit.
 //! - [`tensors`]: tch tensors to and from the store's safetensors ([`crate::storage::TensorData`]).
+//! - [`pinned`]: a save's copies of CUDA tensors staged in pinned host memory (never run on a GPU).
 //! - [`ffi`]: the small C++ shim (`shim.cpp`, compiled by `build.rs`) for the libtorch calls tch
 //!   does not expose: scalar-exact `add_`/`addcmul_`/`addcdiv_`, the default generators' state
 //!   (`get_rng_state`/`set_rng_state`), deterministic algorithms, `.grad` assignment.
@@ -26,6 +27,7 @@ pub mod data;
 pub mod ffi;
 pub mod models;
 pub mod optim;
+pub mod pinned;
 pub mod sched;
 pub mod seeds;
 pub mod tensors;

@@ -64,7 +64,7 @@ pub use data_parallel::{run_rank, world_fits, RANK_STATE_FILE};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -77,6 +77,7 @@ use super::data::{Dataset, Loader, Position, Split};
 use super::ffi::{self, Generator, ShimError};
 use super::models::{named_parameters, named_state, parameter_count, Model, ModelError};
 use super::optim::{OptimError, Optimizer, OptimizerMeta};
+use super::pinned::PinnedStaging;
 use super::sched::{Scheduler, SchedulerState};
 use super::seeds;
 use super::tensors::{copy_tensor, read_safetensors, to_tensor_data, torch_message, TensorError};
@@ -444,6 +445,9 @@ struct Trainer {
     /// The second model instance that computes a save's reference loss on its copy thread
     /// (built before the first step of [`Trainer::train`], or at the first save).
     reference_model: Option<reference::SharedReference>,
+    /// On CUDA, the pinned host tensors a save's copy stages the state in (created at the first
+    /// save; see [`super::pinned`]).
+    pinned: Option<Arc<Mutex<PinnedStaging>>>,
     /// The fp16 loss scaler (`None` unless `precision: fp16`).
     scaler: Option<GradScaler>,
     total: u64,
@@ -517,6 +521,7 @@ impl Trainer {
             st,
             reference,
             reference_model: None,
+            pinned: None,
             scaler,
             total,
             dp: None,

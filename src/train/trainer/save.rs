@@ -24,6 +24,7 @@
 //!   ([`Trainer::commit_unless_committed`]) first waits for the persist in flight, then commits in
 //!   the foreground, and its failure is always an error.
 
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -384,10 +385,13 @@ impl Trainer {
             let e = StorageError::Invalid(format!("the reference loss: {e}"));
             restore_best(self, e)
         })?;
+        let pinned = self
+            .device
+            .is_cuda()
+            .then(|| self.pinned.get_or_insert_with(Default::default).clone());
         let copying = start_copy(
             buffers,
-            params,
-            self.opt.state_tensors(),
+            (params, self.opt.state_tensors(), pinned),
             vec![
                 ("x".to_string(), self.reference.0.shallow_clone()),
                 ("y".to_string(), self.reference.1.shallow_clone()),
@@ -521,14 +525,21 @@ fn split_model(
     Ok((copied, params))
 }
 
-/// Start the helper thread that copies `params` (with their positions in the model file), the
-/// optimizer state and the reference batch into `buffers`, then computes the reference loss
-/// (`job`, whose model aliases the live parameters). Shallow clones: the thread reads the live
-/// tensors, so they must not change until it is joined.
+/// What the copy thread copies: the parameters (with their positions in the model file), the
+/// optimizer state, and on CUDA the pinned staging to copy them through.
+type State = (
+    Vec<(usize, String, Tensor)>,
+    Vec<(String, Tensor)>,
+    Option<Arc<Mutex<PinnedStaging>>>,
+);
+
+/// Start the helper thread that copies the parameters and the optimizer state (`state`) and the
+/// reference batch into `buffers`, then computes the reference loss (`job`, whose model aliases
+/// the live parameters). Shallow clones: the thread reads the live tensors, so they must not
+/// change until it is joined.
 fn start_copy(
     mut buffers: Buffers,
-    params: Vec<(usize, String, Tensor)>,
-    optim: Vec<(String, Tensor)>,
+    state: State,
     reference: Vec<(String, Tensor)>,
     job: ReferenceJob,
 ) -> Result<Copying, StorageError> {
@@ -536,6 +547,7 @@ fn start_copy(
         .name("save-copy".into())
         .spawn(move || {
             let started = Instant::now();
+            let (params, optim) = stage_on_host(state)?;
             let mut copy = |file: &str, n: &str, t: &Tensor| {
                 copy_tensor(n, t, |len| buffers.tensor(file, n, len))
                     .map_err(|e| StorageError::Invalid(e.to_string()))
@@ -567,6 +579,36 @@ fn start_copy(
         })
         .map_err(|e| StorageError::Invalid(format!("cannot start the copy thread: {e}")))?;
     Ok(Copying(thread))
+}
+
+/// On CUDA, the parameters and the optimizer state staged in pinned host memory (complete when
+/// this returns; see [`crate::train::pinned`]); on the CPU (no staging), as they are.
+#[allow(clippy::type_complexity)]
+fn stage_on_host(
+    (params, optim, pinned): State,
+) -> Result<(Vec<(usize, String, Tensor)>, Vec<(String, Tensor)>), StorageError> {
+    let Some(pinned) = pinned else {
+        return Ok((params, optim));
+    };
+    let keyed: Vec<(String, &Tensor)> = params
+        .iter()
+        .map(|(_, n, t)| (format!("{MODEL_FILE}/{n}"), t))
+        .chain(
+            optim
+                .iter()
+                .map(|(n, t)| (format!("{OPTIMIZER_FILE}/{n}"), t)),
+        )
+        .collect();
+    let staged = pinned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .stage(&keyed)
+        .map_err(|e| StorageError::Invalid(e.to_string()))?;
+    let mut host = staged.into_iter();
+    let mut next = || host.next().expect("stage returns one tensor per input");
+    let params = params.into_iter().map(|(i, n, _)| (i, n, next())).collect();
+    let optim = optim.into_iter().map(|(n, _)| (n, next())).collect();
+    Ok((params, optim))
 }
 
 /// The snapshot of phase 1 once the copy is done: the model file (buffers and parameters back
