@@ -153,3 +153,56 @@ impl Trainer {
         Ok(m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cnn (batchnorm buffers, dropout) trainer in `dir`.
+    fn cnn_trainer(dir: &Path) -> Trainer {
+        let yaml = "name: reference-test\nseed: 3\nthreads: 1\n\
+            model: {kind: cnn, channels: [4, 8], dropout: 0.1}\n\
+            data: {kind: synthetic-images, samples: 64, size: 8, classes: 3}\n\
+            batch_size: 8\nmax_steps: 4\noptimizer: {kind: sgd, lr: 0.05, momentum: 0.9}\n\
+            checkpoint: {every_steps: 2}\n";
+        let cfg = JobConfig::parse(yaml).expect("job config");
+        let tc = TrainConfig::from_job(&cfg).expect("trainer config");
+        Trainer::new(tc, dir).expect("trainer")
+    }
+
+    #[test]
+    fn the_copy_threads_loss_has_the_training_threads_bits_and_the_generator_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = cnn_trainer(dir.path());
+        t.step().unwrap();
+        let rng = hex(
+            &to_tensor_data("rng", &ffi::rng_state(Generator::Cpu).unwrap())
+                .unwrap()
+                .bytes,
+        );
+        let job = t.reference_job().unwrap();
+        let after = hex(
+            &to_tensor_data("rng", &ffi::rng_state(Generator::Cpu).unwrap())
+                .unwrap()
+                .bytes,
+        );
+        assert_eq!(
+            rng, after,
+            "building the reference model drew from the generator"
+        );
+        let expected = t.reference_loss().unwrap();
+        // A forward pass in train mode, as the next step's runs beside a save's copy thread:
+        // batchnorm's running statistics change (the optimizer update comes after the join).
+        let (x, y) = (t.reference.0.shallow_clone(), t.reference.1.shallow_clone());
+        drop(t.forward_loss(&x, &y, true).unwrap());
+        assert_ne!(
+            t.reference_loss().unwrap().to_bits(),
+            expected.to_bits(),
+            "the forward pass changed no buffer: the test would not see a stale one"
+        );
+        let found = std::thread::spawn(move || job.run().unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(found.to_bits(), expected.to_bits());
+    }
+}
