@@ -542,6 +542,8 @@ impl Trainer {
             epoch: Some(self.st.epoch),
             done: false,
             metrics_logged: true,
+            // A stop of the ranks (a signal that may have reached them, not the supervisor).
+            stopping: self.team().stop_agreed,
             ..Default::default()
         };
         let mut snap = Snapshot::new();
