@@ -55,6 +55,7 @@
 //! (a lock serialises concurrent calls).
 
 mod data_parallel;
+mod rank_save;
 mod restore;
 mod save;
 
