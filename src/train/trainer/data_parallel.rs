@@ -29,7 +29,9 @@
 //!   `trainer_state.json`; the reference loss goes to the manifest's `extra`); every rank stages
 //!   its [`RANK_STATE_FILE`] (its generator state, its share, the data position). The ranks
 //!   first agree that every one staged; only then does each ask for the commit, and the
-//!   supervisor commits every rank's files or none.
+//!   supervisor commits every rank's files or none. With `checkpoint.async` the staging and the
+//!   commit request run in the background and the agreement rides in the steps' all-reduce
+//!   (`rank_save.rs`).
 //! - **Restore agreed.** Each rank restores the resume point; when any rank cannot, all fall
 //!   back to the next older checkpoint together (rank 0 journals `checkpoint_refused`).
 //! - **Once.** Metrics, progress and evaluation are rank 0's (the eval value is broadcast: the
