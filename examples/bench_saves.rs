@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release && cargo run --release --example bench_saves -- --dir DIR \
-//!     [--rounds 3] [--only train,child] [--json FILE]
+//!     [--rounds 3] [--only train,ranks,child] [--json FILE] [--bin target/release/hpc-ckpt]
 //!     [--layers 7 --d-model 768 --heads 12 --context 32 --batch 2 --threads 1]
 //!     [--steps 40 --warm 4 --every 10] [--mtbf-hours 24] [--child-mib 1024]
 //! ```
@@ -31,6 +31,14 @@
 //! `--every` (steps/s of `none` ÷ the mode's − 1), the cost of one save (extra wall time over
 //! `none` ÷ saves), and the overhead at the interval Daly's formula recommends for that stall and
 //! an MTBF of `--mtbf-hours` (cost ÷ interval).
+//!
+//! `ranks`: the same job across 2 data-parallel ranks (`hpc-ckpt wrap --ranks 2 -- train`, the
+//! release binary beside this example unless `--bin`; each rank computes half of every batch,
+//! one Gloo all-reduce of the gradients a step) in the same three modes, interleaved. The ranks
+//! journal no stall of their own, so it is read off `metrics.jsonl`: the gap between the line of
+//! step S and of S+1 after each periodic save at S, less the median gap of the steps after no
+//! save (what the save cost the training thread at that boundary and in the step that overlaps
+//! its copy); overhead and steps/s as for `train`.
 //!
 //! `child`: a 1 GiB staged dir (`--child-mib`, 4 files) committed with `Store::commit` from
 //! `Snapshot::from_dir` (`copy`, what `wrap` did before adoption) and `Snapshot::adopt_dir`
@@ -66,9 +74,12 @@ struct Args {
     dir: PathBuf,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Comma list: train, child.
-    #[arg(long, value_delimiter = ',', default_value = "train,child")]
+    /// Comma list: train, ranks, child.
+    #[arg(long, value_delimiter = ',', default_value = "train,ranks,child")]
     only: Vec<String>,
+    /// The `hpc-ckpt` binary for `ranks` (default: `../hpc-ckpt` from this example's dir).
+    #[arg(long)]
+    bin: Option<PathBuf>,
     #[arg(long, default_value_t = 7)]
     layers: u64,
     #[arg(long, default_value_t = 768)]
@@ -127,6 +138,9 @@ fn main() -> Result<()> {
     if args.only.iter().any(|o| o == "train") {
         raw["train"] = bench_train(&args, &dir)?;
     }
+    if args.only.iter().any(|o| o == "ranks") {
+        raw["ranks"] = bench_ranks(&args, &dir)?;
+    }
     if args.only.iter().any(|o| o == "child") {
         raw["child"] = bench_child(&args, &dir)?;
     }
@@ -168,6 +182,11 @@ fn cpu_seconds(clock: nix::libc::clockid_t) -> f64 {
 }
 
 fn job(args: &Args, mode: &str) -> Result<JobConfig> {
+    JobConfig::parse(&job_yaml(args, mode)).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The job of `mode` (none, sync, async) as YAML.
+fn job_yaml(args: &Args, mode: &str) -> String {
     let checkpoint = match mode {
         "none" | "control" => format!("{{every_steps: {}, keep_last: 1}}", args.steps + 1),
         "sync" => format!(
@@ -176,14 +195,13 @@ fn job(args: &Args, mode: &str) -> Result<JobConfig> {
         ),
         _ => format!("{{every_steps: {}, keep_last: 1, async: true}}", args.every),
     };
-    let yaml = format!(
+    format!(
         "name: bench-saves\nseed: 1\nthreads: {}\n\
          model: {{kind: gpt, layers: {}, heads: {}, d_model: {}, context: {}}}\n\
          data: {{kind: text}}\nbatch_size: {}\nmax_steps: {}\n\
          optimizer: {{kind: adamw, lr: 0.0003}}\ncheckpoint: {checkpoint}\n",
         args.threads, args.layers, args.heads, args.d_model, args.context, args.batch, args.steps
-    );
-    JobConfig::parse(&yaml).map_err(|e| anyhow::anyhow!("{e}"))
+    )
 }
 
 fn train_once(args: &Args, dir: &Path, mode: &str) -> Result<TrainRun> {
@@ -213,9 +231,7 @@ fn train_once(args: &Args, dir: &Path, mode: &str) -> Result<TrainRun> {
         None => Vec::new(),
     };
     let ts = step_times(dir)?;
-    let span = ts[&args.steps]
-        .duration_since(ts[&args.warm])?
-        .as_secs_f64();
+    let span = ts[&args.steps] - ts[&args.warm];
     let periodic: Vec<Value> = read_all(dir)
         .0
         .into_iter()
@@ -261,17 +277,6 @@ fn train_once(args: &Args, dir: &Path, mode: &str) -> Result<TrainRun> {
     };
     fs::remove_dir_all(dir)?;
     Ok(r)
-}
-
-/// When each step ended, from the run's `metrics.jsonl`.
-fn step_times(dir: &Path) -> Result<BTreeMap<u64, std::time::SystemTime>> {
-    let mut ts = BTreeMap::new();
-    for line in fs::read_to_string(dir.join("metrics.jsonl"))?.lines() {
-        let v: Value = serde_json::from_str(line)?;
-        let t = humantime::parse_rfc3339(v["ts"].as_str().unwrap_or_default())?;
-        ts.insert(v["step"].as_u64().unwrap_or(0), t);
-    }
-    Ok(ts)
 }
 
 /// CPU seconds per step between the boundaries `warm` and `steps - 1` (see [`TrainRun`]).
@@ -523,6 +528,141 @@ fn targets(args: &Args, med: &Medians) {
 fn raw(t: &TrainRun) -> Value {
     json!({"steps_per_s": t.steps_per_s, "stalls": t.stalls, "commits": t.commits,
         "cpu_thread": t.cpu_thread, "cpu_process": t.cpu_process})
+}
+
+// ---- ranks ---------------------------------------------------------------------------------
+
+struct RankRun {
+    steps_per_s: f64,
+    /// Per periodic save in the timed span: the gap after it less the median gap after none.
+    stalls: Vec<f64>,
+}
+
+/// The timestamps of `metrics.jsonl`'s lines, by step, in seconds from the first.
+fn step_times(dir: &Path) -> Result<BTreeMap<u64, f64>> {
+    let mut ts = BTreeMap::new();
+    let mut first = None;
+    for line in fs::read_to_string(dir.join("metrics.jsonl"))?.lines() {
+        let v: Value = serde_json::from_str(line)?;
+        let t = humantime::parse_rfc3339(v["ts"].as_str().unwrap_or_default())?;
+        let t0 = *first.get_or_insert(t);
+        ts.insert(
+            v["step"].as_u64().unwrap_or(0),
+            t.duration_since(t0)?.as_secs_f64(),
+        );
+    }
+    Ok(ts)
+}
+
+/// One 2-rank run of `mode` through `wrap --ranks 2 -- train`.
+fn ranks_once(args: &Args, bin: &Path, dir: &Path, mode: &str) -> Result<RankRun> {
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::create_dir_all(dir)?;
+    let cfg = dir.with_extension("yaml");
+    fs::write(&cfg, job_yaml(args, mode))?;
+    nix::unistd::sync();
+    let o = std::process::Command::new(bin)
+        .args(["wrap", "--ranks", "2", "--config"])
+        .arg(&cfg)
+        .arg("--run-dir")
+        .arg(dir)
+        .args(["--", "train"])
+        .env_remove("SLURM_JOB_ID")
+        .env("HPC_CKPT_LOG", "warn")
+        .output()
+        .with_context(|| format!("run {}", bin.display()))?;
+    if !o.status.success() {
+        bail!("2 ranks, {mode}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let ts = step_times(dir)?;
+    let gap = |s: u64| ts[&s] - ts[&(s - 1)];
+    let saved = |s: u64| mode != "none" && (s - 1).is_multiple_of(args.every);
+    let mut quiet: Vec<f64> = (args.warm + 1..=args.steps)
+        .filter(|&s| !saved(s))
+        .map(gap)
+        .collect();
+    let quiet = median(&mut quiet);
+    let stalls = (args.warm + 1..=args.steps)
+        .filter(|&s| saved(s))
+        .map(|s| gap(s) - quiet)
+        .collect();
+    let r = RankRun {
+        steps_per_s: (args.steps - args.warm) as f64 / (ts[&args.steps] - ts[&args.warm]),
+        stalls,
+    };
+    fs::remove_dir_all(dir)?;
+    fs::remove_file(&cfg)?;
+    Ok(r)
+}
+
+/// The `train` job across 2 ranks in the three modes, interleaved; one table row per mode.
+fn bench_ranks(args: &Args, dir: &Path) -> Result<Value> {
+    let bin = match &args.bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("no target dir above this example")?
+            .join("hpc-ckpt"),
+    };
+    let mut runs: BTreeMap<&str, Vec<RankRun>> = BTreeMap::new();
+    for r in 0..args.rounds {
+        // The control mode is the one-process bench's only.
+        const RANK_MODES: [&str; 3] = ["none", "sync", "async"];
+        let order: Vec<&str> = (0..RANK_MODES.len())
+            .map(|i| RANK_MODES[(i + r) % RANK_MODES.len()])
+            .collect();
+        eprintln!("2-rank round {}/{}: {order:?}", r + 1, args.rounds);
+        for mode in order {
+            let t = ranks_once(args, &bin, &dir.join(format!("ranks-{mode}")), mode)?;
+            eprintln!(
+                "    {mode:<6} {:.4} steps/s  stalls {:?}",
+                t.steps_per_s,
+                rounded(&t.stalls)
+            );
+            runs.entry(mode).or_default().push(t);
+        }
+    }
+    let med = |m: &str, f: &dyn Fn(&RankRun) -> Vec<f64>| {
+        let mut v: Vec<f64> = runs[m].iter().flat_map(f).collect();
+        median(&mut v)
+    };
+    let none = med("none", &|t| vec![t.steps_per_s]);
+    println!(
+        "\n### 2 ranks (`wrap --ranks 2 -- train`), the same job; medians of {} rounds\n",
+        args.rounds
+    );
+    println!(
+        "| 2 ranks | steps/s | overhead at every {} steps | stall per save (s, from step gaps) |",
+        args.every
+    );
+    println!("|---|---|---|---|");
+    println!("| none (reference) | {none:.4} | – | – |");
+    let mut out = json!({});
+    for m in ["sync", "async"] {
+        let (v, stall) = (
+            med(m, &|t| vec![t.steps_per_s]),
+            med(m, &|t| t.stalls.clone()),
+        );
+        println!(
+            "| {m} | {v:.4} | {:+.1} % | {stall:.3} |",
+            (none / v - 1.0) * 100.0
+        );
+        out[m] = json!({"steps_per_s": v, "stall": stall});
+    }
+    out["none"] = json!({"steps_per_s": none});
+    out["raw"] = json!(runs
+        .iter()
+        .map(|(m, v)| (
+            m.to_string(),
+            v.iter()
+                .map(|t| json!({"steps_per_s": t.steps_per_s, "stalls": t.stalls}))
+                .collect::<Vec<_>>()
+        ))
+        .collect::<BTreeMap<_, _>>());
+    Ok(out)
 }
 
 // ---- child ----------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ pub const PERSIST_NICE: i32 = 10;
 
 /// Lower the calling thread's CPU priority by [`PERSIST_NICE`] (Linux: a nice value is per
 /// thread, and threads it starts inherit it). Best effort: a failure is logged and ignored.
-fn lower_priority() {
+/// Also for the trainer's other background writers (a rank's staging thread).
+pub fn lower_priority() {
     use nix::libc;
     // SAFETY: plain syscalls about this very thread (its kernel thread id).
     let rc = unsafe {

@@ -42,7 +42,8 @@
 //! Saving (`trainer/save.rs`): two-phase by default (`checkpoint.async`) — the state is copied
 //! into host buffers the store's persister owns and training goes on while a background thread
 //! commits it; at most one persist is in flight, a stop or the end waits for it and then commits
-//! the final state in the foreground. The bytes do not depend on the mode.
+//! the final state in the foreground. The bytes do not depend on the mode. A data-parallel
+//! rank's saves are two-phase as well (`trainer/rank_save.rs`).
 //!
 //! Metrics and the best checkpoint: a checkpoint's manifest metrics are `loss` (of its step),
 //! `lr`, and the eval metric only when it was measured at the checkpoint's own step. With
@@ -55,6 +56,7 @@
 //! (a lock serialises concurrent calls).
 
 mod data_parallel;
+mod rank_save;
 mod reference;
 mod restore;
 mod save;

@@ -34,6 +34,8 @@ mod train_precision;
 #[cfg(feature = "torch")]
 mod train_ranks;
 #[cfg(feature = "torch")]
+mod train_ranks_async;
+#[cfg(feature = "torch")]
 mod train_resume;
 mod wrap_in_process;
 mod wrap_lifetime;

@@ -1,7 +1,8 @@
 //! The built-in trainer across ranks, on this machine (`wrap --ranks 2 -- train`: two local
 //! `hpc-ckpt train-rank` processes, c10d Gloo over TCP, one coordinated commit per checkpoint).
-//! A 2-rank run stopped by the warning signal and then by a SIGKILL of one rank ends
-//! byte-identical to a straight 2-rank run (gpt; cnn, whose batchnorm statistics rank 0 shares);
+//! A 2-rank run stopped by the warning signal, by the warning to one rank alone (the supervisor
+//! still sees work left) and then by a SIGKILL of one rank ends byte-identical to a straight
+//! 2-rank run (gpt; cnn, whose batchnorm statistics rank 0 shares);
 //! a 2-rank checkpoint resumes with 1 rank; configs that do not fit N ranks are refused before
 //! anything starts. The Slurm versions (srun, 2 nodes) are in `slurm_e2e`.
 
@@ -153,7 +154,21 @@ fn straight_vs_interrupted(body: &str, total: u64) {
     let stopped = events(&run, "checkpoint_committed").last().unwrap()["step"]
         .as_u64()
         .unwrap();
-    // 2. SIGKILL of rank 1: its peer is taken down, nothing half-committed, the next
+    // 2. The warning signal to rank 1 alone (Slurm's `--signal` without `B:`): the ranks agree
+    //    to stop, and the supervisor, which got no signal, still sees work left.
+    let before = events(&run, "checkpoint_committed").len();
+    let child = start_and_wait(&cfg, &run, before + 1);
+    let pids = events(&run, "child_started").last().unwrap()["pids"].clone();
+    let rank1 = pids[1].as_i64().expect("the ranks' pids are journaled") as i32;
+    kill(Pid::from_raw(rank1), Signal::SIGUSR1).unwrap();
+    let (code, log) = exit_of(child);
+    assert_eq!(code, 11, "stopped by a rank's signal, work left: {log}");
+    assert_eq!(
+        events(&run, "allocation_end").last().unwrap()["ending"],
+        "warning_signal",
+        "{log}"
+    );
+    // 3. SIGKILL of rank 1: its peer is taken down, nothing half-committed, the next
     //    allocation resumes from the newest checkpoint and redoes the lost steps.
     let before = events(&run, "checkpoint_committed").len();
     let child = start_and_wait(&cfg, &run, before + 1);
@@ -162,7 +177,7 @@ fn straight_vs_interrupted(body: &str, total: u64) {
     kill(Pid::from_raw(rank1), Signal::SIGKILL).unwrap();
     let (code, log) = exit_of(child);
     assert_ne!(code, 0, "a killed rank is not a success: {log}");
-    // 3. To the end.
+    // 4. To the end.
     let (code, log) = exit_of(train(&cfg, &run, 2).spawn().unwrap());
     assert_eq!(code, 0, "{log}");
     let resumed: Vec<u64> = events(&run, "child_started")

@@ -27,7 +27,8 @@ STEP_RE = re.compile(r"^step=(\d+) loss=(\S+)$")
 # wrap's exit codes (README, "Exit codes"): done; work left, run again (no Slurm here); stopped
 # by policy (a bare TERM outside Slurm is a user's stop: not requeued, running again resumes).
 DONE, RUN_AGAIN, STOPPED = 0, 11, 12
-EXIT_AFTER = {"USR1": RUN_AGAIN, "TERM": STOPPED, "KILL_CHILD": RUN_AGAIN}
+# ("USR1_CHILD": the program alone got the signal; its commit says it stopped: work is left.)
+EXIT_AFTER = {"USR1": RUN_AGAIN, "TERM": STOPPED, "KILL_CHILD": RUN_AGAIN, "USR1_CHILD": RUN_AGAIN}
 
 
 def binary_path() -> str:
@@ -112,7 +113,8 @@ class WrapRun:
                timeout: float = 300.0) -> Incarnation:
         """Run one allocation. ``stop_at``: once the program printed step >= stop_at, send
         ``how``: "USR1"/"TERM" to the supervisor (it forwards), "KILL_CHILD" SIGKILL to the
-        program itself, "USR1_RANK1" USR1 to rank 1 of a local multi-rank job alone."""
+        program itself, "USR1_CHILD" USR1 to the program alone (as Slurm's `--signal` without
+        `B:` does), "USR1_RANK1" USR1 to rank 1 of a local multi-rank job alone."""
         args = [self.bin, "wrap", "--run-dir", self.run_dir]
         if self.config:
             args += ["--config", self.config]
@@ -161,10 +163,10 @@ class WrapRun:
 
     @staticmethod
     def _stop(sup: int, how: str) -> None:
-        if how == "KILL_CHILD":
+        if how in ("KILL_CHILD", "USR1_CHILD"):
             kids = child_pids(sup)
             assert len(kids) == 1, f"supervisor {sup} has children {kids}"
-            os.kill(kids[0], signal.SIGKILL)
+            os.kill(kids[0], signal.SIGKILL if how == "KILL_CHILD" else signal.SIGUSR1)
         elif how == "USR1_RANK1":  # one rank sees the signal, its peers do not
             os.kill(rank_pid(sup, 1), signal.SIGUSR1)
         else:

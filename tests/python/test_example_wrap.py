@@ -1,6 +1,7 @@
 """examples/python/train.py (the hpc_ckpt package) under the real `hpc-ckpt wrap`.
 
-A straight run against runs stopped by USR1 (twice, mid-epoch), by TERM, and by a SIGKILL of the
+A straight run against runs stopped by USR1 (twice, mid-epoch), by TERM, by USR1 sent to the
+program alone (the supervisor must still see work left: exit 11, not 0), and by a SIGKILL of the
 program (resumed from the last periodic checkpoint, lost steps redone): every file of the final
 checkpoint is byte-identical and every step's loss is the same.
 """
@@ -25,7 +26,8 @@ def cmd(delay: float) -> list:
             "--checkpoint-every", str(EVERY), "--seed", str(SEED), "--step-delay", str(delay)]
 
 
-PLANS = {"USR1": [(30, "USR1"), (93, "USR1")], "TERM": [(45, "TERM")], "KILL": [(60, "KILL_CHILD")]}
+PLANS = {"USR1": [(30, "USR1"), (93, "USR1")], "TERM": [(45, "TERM")], "KILL": [(60, "KILL_CHILD")],
+         "USR1_CHILD": [(70, "USR1_CHILD")]}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def stop_points(run: WrapRun) -> list:
     return [max(inc.losses) for inc in run.history[:-1]]
 
 
-@pytest.mark.parametrize("how", ["USR1", "TERM"])
+@pytest.mark.parametrize("how", ["USR1", "TERM", "USR1_CHILD"])
 def test_stop_signal_resumes_byte_identical(runs, straight, how):
     run = get(runs, how)
     committed, stops = run.commits(), stop_points(run)
@@ -95,6 +97,9 @@ def test_stop_signal_resumes_byte_identical(runs, straight, how):
         assert any(s % EVERY and s % 64 for s in stops), f"no mid-epoch stop: {stops}"
     assert [inc.resumed_at for inc in run.history[1:]] == stop_points(run)
     check_identical(straight, run)
+    if how == "USR1_CHILD":  # the supervisor never got the signal; the commit said "stopping"
+        ends = run.journal("allocation_end")
+        assert [e["ending"] for e in ends] == ["warning_signal", "completed"], ends
 
 
 def test_sigkill_of_the_program_resumes_from_periodic(runs, straight):

@@ -137,7 +137,8 @@ def test_lightning_ddp_usr1_to_one_rank_stops_both_at_the_same_step(hpc_bin, tmp
     require("lightning")
     run = run_of(hpc_bin, tmp_path / "one", 0.1, args=TWO)
     inc = run.launch(6, "USR1_RANK1", timeout=60)
-    assert inc.sent and inc.rc in (DONE, RUN_AGAIN), inc.describe()
+    # the supervisor never got the signal; rank 1's commit said it stopped: work is left
+    assert inc.sent and inc.rc == RUN_AGAIN, inc.describe()
     stop = max(inc.losses)
     assert stop < STEPS and run.commits()[-1] == stop, (stop, run.commits(), inc.describe())
     # both ranks asked for that step (the supervisor commits nothing else): both stopped there

@@ -401,6 +401,8 @@ def test_wrap_protocol_request_ack_and_stop_signal(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) is prev, "the previous handler was not restored"
     reqs = [r for r, _, _ in sup.seen]
     assert [r["step"] for r in reqs] == [2, 4, 5] and [r["done"] for r in reqs] == [False] * 3
+    # only the save made on the signal says so (work is left, whatever the exit status)
+    assert [r.get("stopping", False) for r in reqs] == [False, False, True]
     assert reqs[-1]["metrics"] == {"loss": 0.2} and reqs[-1]["epoch"] == 0
     for _, files, tmp_left in sup.seen:
         assert not tmp_left and "trainer_state.json" in files

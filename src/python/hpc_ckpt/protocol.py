@@ -6,7 +6,7 @@ Under ``hpc-ckpt wrap -- CMD`` the program gets (README, "Child protocol"):
   HPC_CKPT_RESUME_FROM      the committed checkpoint dir to resume from (unset: fresh start)
   HPC_CKPT_STAGING          an empty dir to write a checkpoint's files into (plain names)
   HPC_CKPT_COMMIT_REQUEST   where to ask for a commit: ``{"step", "epoch", "metrics", "done",
-                            "sharded"}``
+                            "sharded", "stopping"}`` (``stopping``: saved on a stop signal)
                             written to ``<path>.tmp`` and renamed; the supervisor commits, writes
                             ``<path>.result``, empties staging and removes the request (the ack)
   HPC_CKPT_SIGNAL           the signal that means "checkpoint and exit 0"
@@ -200,7 +200,7 @@ class Transport:
         raise NotImplementedError
 
     def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
-               sharded: bool = False, reshardable: bool = False) -> None:
+               sharded: bool = False, reshardable: bool = False, stopping: bool = False) -> None:
         raise NotImplementedError
 
     def wait(self) -> Optional[CommitResult]:
@@ -268,7 +268,7 @@ class WrapTransport(Transport):
         return self.dir
 
     def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
-               sharded: bool = False, reshardable: bool = False) -> None:
+               sharded: bool = False, reshardable: bool = False, stopping: bool = False) -> None:
         check_staged(self.dir)
         req: Dict[str, Any] = {"step": int(step), "metrics": metrics, "done": bool(done)}
         if epoch is not None:
@@ -277,6 +277,8 @@ class WrapTransport(Transport):
             req["sharded"] = True
         if reshardable:  # ...unless their reader reshards them (DCP)
             req["reshardable"] = True
+        if stopping:  # saved on a stop signal: work is left, whatever our exit status
+            req["stopping"] = True
         tmp = self.request + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(req, f, allow_nan=False)
@@ -371,7 +373,7 @@ class LocalTransport(Transport):
         return self.dir
 
     def submit(self, step: int, epoch: Optional[int], metrics: Dict[str, float], done: bool,
-               sharded: bool = False, reshardable: bool = False) -> None:
+               sharded: bool = False, reshardable: bool = False, stopping: bool = False) -> None:
         check_staged(self.dir)
         args = ["commit", "--run-dir", self.run_dir, "--step", str(int(step)), "--json"]
         if epoch is not None:

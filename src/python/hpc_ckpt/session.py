@@ -167,9 +167,12 @@ class Session:
         m = jsonable_metrics(metrics, log if self.verbose else None)
         what = f"checkpoint step={step}{'' if epoch is None else f' epoch={epoch}'}"
         tail = f"{f' ({reason})' if reason else ''}{', final' if done else ''}"
+        # Saved after a stop signal reached this process: the request says work is left, so a
+        # signal the supervisor never got (sent to the job's steps only) still continues the job.
+        stopping = not done and self._signals is not None and self._signals.received is not None
 
         def submit() -> None:
-            self.transport.submit(step, epoch, m, done, sharded, reshardable)
+            self.transport.submit(step, epoch, m, done, sharded, reshardable, stopping)
 
         if pending is not None:
             self._inflight = _Inflight.start(step, pending, submit)

@@ -37,7 +37,9 @@ impl ChildProtocol {
             });
         }
         let reqs: Vec<&Request> = requests.iter().flatten().collect();
-        let lead = reqs[0].clone();
+        let mut lead = reqs[0].clone();
+        // One rank's stop signal is the job's: the ranks agreed to stop with it.
+        lead.stopping = reqs.iter().any(|r| r.stopping);
         if reqs.iter().any(|r| r.step != lead.step) {
             let steps: Vec<String> = reqs
                 .iter()
@@ -91,6 +93,7 @@ impl ChildProtocol {
                 Ok(Answer::Committed {
                     name,
                     done: req.done,
+                    stopping: req.stopping,
                 })
             }
             Err(e) => {

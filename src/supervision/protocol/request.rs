@@ -46,6 +46,12 @@ pub struct Request {
     /// ranks do): the supervisor adds no line for this commit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metrics_logged: bool,
+    /// The program saves because a stop signal reached it (or a peer rank that agreed to stop
+    /// with it), not because its work is done: work is left even when it then exits 0. This is
+    /// how the supervisor learns of a signal that reached the program but not itself (Slurm's
+    /// `--signal=USR1@T` without `B:`, a `scancel --signal` of the job's steps).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
 }
 
 /// How a request was answered.
@@ -54,15 +60,13 @@ pub enum Answer {
     Committed {
         name: String,
         done: bool,
+        /// Some rank said it saved on a stop signal ([`Request::stopping`]).
+        stopping: bool,
     },
     /// Not committed, by rule (an older step); the files were kept aside.
-    Refused {
-        reason: String,
-    },
+    Refused { reason: String },
     /// The commit failed (bad request, bad files, disk full); the files were kept aside.
-    Failed {
-        error: String,
-    },
+    Failed { error: String },
 }
 
 /// One rank's staging dir and request file (the only one of a 1-rank job).
@@ -86,7 +90,7 @@ impl Slot {
             format!(
                 "{}: not a valid commit request ({e}); expected {{\"step\": N, \"epoch\"?: E, \
                  \"metrics\"?: {{..}}, \"done\"?: bool, \"sharded\"?: bool, \"reshardable\"?: bool, \
-                 \"extra\"?: {{..}}, \"metrics_logged\"?: bool}}",
+                 \"extra\"?: {{..}}, \"metrics_logged\"?: bool, \"stopping\"?: bool}}",
                 self.request.display()
             )
         })

@@ -92,6 +92,8 @@ impl Stopped {
 struct SaveOutcome {
     /// The program said its last commit was the final one.
     done: bool,
+    /// The program said its last commit was made on a stop signal: work is left.
+    stopping: bool,
     /// The first failed commit's error.
     failed: Option<String>,
     /// A multi-rank commit some ranks never asked for: the last state is not committed.
@@ -103,7 +105,12 @@ struct Ran {
     stop: Option<Stopped>,
     failure: Option<Failure>,
     completed: bool,
+    /// The program's last commit was made on a stop signal that did not reach the supervisor.
+    program_stopped: bool,
 }
+
+/// The stop signal named in the decision when it reached the program but not the supervisor.
+const PROGRAM_STOP: &str = "none (a stop signal reached the program, not the supervisor)";
 
 impl Ran {
     /// The policy's view. A failure no retry can fix outranks a stop signal; a stop signal
@@ -121,6 +128,11 @@ impl Ran {
             (_, Some(s)) => Ending::Stopped {
                 signal: s.label().to_string(),
                 warned: s.warned,
+            },
+            // Its work is not done: like Slurm's warning, checkpointed and to be continued.
+            (_, None) if self.program_stopped => Ending::Stopped {
+                signal: PROGRAM_STOP.into(),
+                warned: true,
             },
             (Some(f), None) => failed(f, FailureKind::Crash),
             (None, None) => Ending::Failed {

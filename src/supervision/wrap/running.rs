@@ -85,6 +85,7 @@ impl<'a> AllocationRun<'a> {
             stop: stopped.map(|(s, _)| s),
             completed: result.as_ref().is_ok_and(|e| *e == InProcessEnd::Completed),
             failure: result.err(),
+            program_stopped: false,
         })
     }
 
@@ -101,6 +102,7 @@ impl<'a> AllocationRun<'a> {
                     stop: None,
                     failure: Some(failure),
                     completed: false,
+                    program_stopped: false,
                 });
             }
         };
@@ -149,6 +151,13 @@ impl<'a> AllocationRun<'a> {
                 .clone()
                 .map(|r| Failure::new(FailureKind::Crash, r)),
         };
+        let program_stopped = stopping.is_none() && save.stopping && !save.done;
+        if program_stopped {
+            tracing::warn!(
+                "the program saved on a stop signal that did not reach the supervisor (sent to \
+                 the job's steps only? e.g. `--signal=USR1@T` without `B:`): work is left"
+            );
+        }
         Ok(Ran {
             stop: stopping.and_then(|s| match s.cause {
                 Cause::Signal(_) | Cause::TimeLimit => Some(Stopped {
@@ -158,7 +167,8 @@ impl<'a> AllocationRun<'a> {
                 Cause::SaveFailed => None,
             }),
             completed: save.incomplete.is_none()
-                && (save.done || (stopping.is_none() && exit.success())),
+                && (save.done || (stopping.is_none() && !save.stopping && exit.success())),
+            program_stopped,
             failure,
         })
     }
@@ -397,8 +407,9 @@ impl<'a> AllocationRun<'a> {
         save: &mut SaveOutcome,
     ) -> Result<bool> {
         Ok(match proto.answer(&mut self.store)? {
-            Answer::Committed { done, .. } => {
+            Answer::Committed { done, stopping, .. } => {
                 save.done |= done;
+                save.stopping = stopping;
                 false
             }
             Answer::Refused { .. } => false,

@@ -29,7 +29,9 @@
 //!   `trainer_state.json`; the reference loss goes to the manifest's `extra`); every rank stages
 //!   its [`RANK_STATE_FILE`] (its generator state, its share, the data position). The ranks
 //!   first agree that every one staged; only then does each ask for the commit, and the
-//!   supervisor commits every rank's files or none.
+//!   supervisor commits every rank's files or none. With `checkpoint.async` the staging and the
+//!   commit request run in the background and the agreement rides in the steps' all-reduce
+//!   (`rank_save.rs`).
 //! - **Restore agreed.** Each rank restores the resume point; when any rank cannot, all fall
 //!   back to the next older checkpoint together (rank 0 journals `checkpoint_refused`).
 //! - **Once.** Metrics, progress and evaluation are rank 0's (the eval value is broadcast: the
@@ -50,6 +52,8 @@ use crate::storage::writer::write_files;
 use crate::supervision::client::Client;
 use crate::supervision::protocol::Request;
 use crate::train::collective::{ConnectOptions, ProcessGroup, Rendezvous};
+
+use super::rank_save::InFlight;
 
 /// Every rank's own file in a data-parallel checkpoint (committed as `rank<NNNNN>.rank_state.json`).
 pub const RANK_STATE_FILE: &str = "rank_state.json";
@@ -104,11 +108,19 @@ pub(super) struct Team {
     time_due: bool,
     /// `[start, end)` of every micro-batch.
     share: (usize, usize),
+    /// The background save in flight (`checkpoint.async`; see `rank_save.rs`).
+    pub(super) save: Option<InFlight>,
+    /// The ranks' votes on it at the last step: (staged, failed).
+    pub(super) votes: (u32, u32),
 }
 
 impl Team {
     pub(super) fn rank(&self) -> u32 {
         self.rank
+    }
+
+    pub(super) fn world(&self) -> u32 {
+        self.world
     }
 
     /// This rank's share of the micro-batch `idx`.
@@ -117,8 +129,8 @@ impl Team {
     }
 
     /// Average the gradients (one all-reduce of all of them, flattened) and the loss over the
-    /// ranks; agree on the stop flag and on `due` (the clock's save cadence). Returns the mean
-    /// loss.
+    /// ranks; agree on the stop flag, on `due` (the clock's save cadence) and count the votes on
+    /// the background save in flight. Returns the mean loss.
     pub(super) fn reduce_step(
         &mut self,
         params: &[Tensor],
@@ -132,11 +144,19 @@ impl Team {
             .collect();
         self.average(&grads)?;
         let stop = self.signalled.load(Ordering::SeqCst);
-        let mut scalars = Tensor::from_slice(&[loss, f64::from(stop), f64::from(due)]);
+        let (staged, failed) = self.save.as_mut().map_or((false, false), InFlight::vote);
+        let mut scalars = Tensor::from_slice(&[
+            loss,
+            f64::from(stop),
+            f64::from(due),
+            f64::from(staged),
+            f64::from(failed),
+        ]);
         self.collective(|pg| pg.all_reduce_sum(&mut scalars))?;
-        let s: Vec<f64> = Vec::<f64>::try_from(&scalars).expect("three f64");
+        let s: Vec<f64> = Vec::<f64>::try_from(&scalars).expect("five f64");
         self.stop_agreed = s[1] > 0.0;
         self.time_due = s[2] > 0.0;
+        self.votes = (s[3].round() as u32, s[4].round() as u32);
         Ok(s[0] / self.world as f64)
     }
 
@@ -170,7 +190,7 @@ impl Team {
     }
 
     /// The sum over the ranks of each of `flags` (0 or 1 each).
-    fn count(&mut self, flags: &[bool]) -> Result<Vec<u32>, TrainError> {
+    pub(super) fn count(&mut self, flags: &[bool]) -> Result<Vec<u32>, TrainError> {
         let v: Vec<f64> = flags.iter().map(|&f| f64::from(f)).collect();
         let mut t = Tensor::from_slice(&v);
         self.collective(|pg| pg.all_reduce_sum(&mut t))?;
@@ -209,6 +229,8 @@ pub fn run_rank(cfg: &JobConfig) -> Result<Outcome, TrainError> {
         stop_agreed: false,
         time_due: false,
         share: (r * per, (r + 1) * per),
+        save: None,
+        votes: (0, 0),
     };
     let mut t = restore_agreed(&tc, &client, &mut team)?;
     t.dp = Some(team);
@@ -377,11 +399,11 @@ pub(super) fn restore_rank_rng(src: &Source, rank: u32, device: Device) -> Resul
 }
 
 impl Trainer {
-    fn team(&mut self) -> &mut Team {
+    pub(super) fn team(&mut self) -> &mut Team {
         self.dp.as_mut().expect("a data-parallel trainer")
     }
 
-    fn is_lead(&self) -> bool {
+    pub(super) fn is_lead(&self) -> bool {
         self.dp.as_ref().is_none_or(|t| t.rank == 0)
     }
 
@@ -414,6 +436,7 @@ impl Trainer {
             }
             let started = Instant::now();
             let (loss, lr) = self.step()?;
+            self.advance_rank_save(client)?;
             let gs = self.st.global_step;
             let samples = (self.tc.batch_size * self.tc.grad_accum) as f64;
             let samples_per_s = samples / started.elapsed().as_secs_f64().max(1e-9);
@@ -423,7 +446,9 @@ impl Trainer {
                 p.show(gs, loss, lr, samples_per_s);
             }
             let due = self.step_due(gs, eval.is_some()) || self.team().time_due;
-            if due && gs < self.total {
+            if due && gs < self.total && self.tc.checkpoint_async {
+                self.start_rank_save(client)?;
+            } else if due && gs < self.total {
                 self.commit_as_rank(client, false)?;
             }
         }
@@ -478,13 +503,15 @@ impl Trainer {
         Ok(Some(v))
     }
 
-    /// Stage this rank's files, agree that every rank staged, and ask for the commit of the
-    /// current step (`done`: the end of training). Unless this step is committed already. A
+    /// Finish the background save in flight, if any; then stage this rank's files, agree that
+    /// every rank staged, and ask for the commit of the current step (`done`: the end of
+    /// training). Unless this step is committed already. A
     /// failure stops training when it is the save of a stop or the end (`must`), or under
     /// `on_save_error: stop`; otherwise it is logged and training goes on.
     fn commit_as_rank(&mut self, client: &Client, done: bool) -> Result<(), TrainError> {
         let step = self.st.global_step;
         let must = done || self.team().stop_agreed;
+        self.finish_rank_save(client)?;
         if self.committed == Some(step) {
             return Ok(());
         }
@@ -537,13 +564,8 @@ impl Trainer {
     ) -> Result<(Request, Option<Option<BestMetric>>), TrainError> {
         let step = self.st.global_step;
         let storage = |source| TrainError::Save { step, source };
-        let mut req = Request {
-            step,
-            epoch: Some(self.st.epoch),
-            done: false,
-            metrics_logged: true,
-            ..Default::default()
-        };
+        let mut req = self.rank_request();
+        let own = self.rank_state_json()?;
         let mut snap = Snapshot::new();
         let mut best_before = None;
         if self.is_lead() {
@@ -553,22 +575,7 @@ impl Trainer {
             req.metrics = meta.metrics;
             req.extra = meta.extra;
         }
-        let rng = ffi::rng_state(Generator::Cpu)?;
-        let rng = to_tensor_data("rng", &rng)?;
-        let team = self.dp.as_ref().expect("a data-parallel trainer");
-        let own = RankState {
-            rank: team.rank,
-            world_size: team.world,
-            global_step: step,
-            epoch: self.pos.epoch,
-            batch_in_epoch: self.pos.batch_in_epoch,
-            share: team.share,
-            cpu_rng_state: hex(&rng.bytes),
-            cuda_rng_states: cuda_rng_states(self.device)?,
-        };
-        let json = serde_json::to_vec_pretty(&own).expect("a rank state serializes");
-        snap.add(RANK_STATE_FILE, FileSource::Bytes(json.into()));
-        req.done = self.st.global_step >= self.total;
+        snap.add(RANK_STATE_FILE, FileSource::Bytes(own.into()));
         if let Err(e) = write_files(client.staging(), &snap) {
             if let Some(b) = best_before {
                 self.st.best = b;
@@ -579,8 +586,42 @@ impl Trainer {
     }
 }
 
+impl Trainer {
+    /// The commit request of the current step (rank 0 adds the metrics and the reference loss
+    /// of its snapshot).
+    pub(super) fn rank_request(&self) -> Request {
+        Request {
+            step: self.st.global_step,
+            epoch: Some(self.st.epoch),
+            done: self.st.global_step >= self.total,
+            metrics_logged: true,
+            // A stop of the ranks (a signal that may have reached them, not the supervisor).
+            stopping: self.dp.as_ref().is_some_and(|t| t.stop_agreed),
+            ..Default::default()
+        }
+    }
+
+    /// This rank's [`RANK_STATE_FILE`] as of now: its generators, its share, the data position.
+    pub(super) fn rank_state_json(&self) -> Result<Vec<u8>, TrainError> {
+        let rng = ffi::rng_state(Generator::Cpu)?;
+        let rng = to_tensor_data("rng", &rng)?;
+        let team = self.dp.as_ref().expect("a data-parallel trainer");
+        let own = RankState {
+            rank: team.rank,
+            world_size: team.world,
+            global_step: self.st.global_step,
+            epoch: self.pos.epoch,
+            batch_in_epoch: self.pos.batch_in_epoch,
+            share: team.share,
+            cpu_rng_state: hex(&rng.bytes),
+            cuda_rng_states: cuda_rng_states(self.device)?,
+        };
+        Ok(serde_json::to_vec_pretty(&own).expect("a rank state serializes"))
+    }
+}
+
 /// Remove what this rank staged for a save that no rank will ask to commit.
-fn clear_dir(dir: &Path) {
+pub(super) fn clear_dir(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let _ = std::fs::remove_file(e.path());

@@ -353,6 +353,40 @@ impl Trainer {
         }
     }
 
+    /// Phase 1 of a rank's background save (no persister: the rank stages its own files, see
+    /// `rank_save.rs`): start the copy as [`Trainer::save`] does; the next step's optimizer
+    /// update fences it ([`Trainer::fence_copy`]) and [`Trainer::take_copied`] takes it.
+    pub(super) fn start_background_copy(&mut self) -> Result<(), StorageError> {
+        let (copying, mut staged) = self.start_snapshot(Buffers::default())?;
+        staged.background = true;
+        self.phase1 = Some(Phase1::Copying(copying, staged));
+        Ok(())
+    }
+
+    /// The snapshot of a fenced phase 1 (`None` while none is fenced), without its timing, and
+    /// `best` before that save changed it (the caller puts it back when the save fails).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn take_copied(
+        &mut self,
+    ) -> Option<(
+        Result<(Snapshot<'static>, CommitMeta), StorageError>,
+        Option<Option<BestMetric>>,
+    )> {
+        match self.phase1.take() {
+            Some(Phase1::Copied(snapshot, staged)) => {
+                let snapshot = (*snapshot).map(|(snap, mut meta)| {
+                    meta.save = None;
+                    (snap, meta)
+                });
+                Some((snapshot, staged.best_before))
+            }
+            other => {
+                self.phase1 = other;
+                None
+            }
+        }
+    }
+
     /// Start phase 1 as named steps: take this checkpoint's `best`, write down the small state
     /// (RNG, scheduler, optimizer meta, `trainer_state.json`), copy the model's buffers here,
     /// sync the reference model, and start the helper thread that copies the parameters, the
