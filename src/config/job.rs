@@ -205,7 +205,9 @@ impl JobConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Every check of the file's values ([`JobConfig::parse`] runs it; so does the sbatch
+    /// renderer, since a `JobConfig` can also be built or changed in code).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         check_word("name", &self.name)?;
         if let Some(c) = &self.command {
             if c.is_empty() || c[0].is_empty() {
