@@ -189,6 +189,7 @@ impl JobConfig {
                 ConfigError::at(path, inner)
             }
         })?;
+        cfg.checkpoint.take_retention()?;
         let others = std::mem::take(&mut cfg.other_keys);
         cfg.trainer = TrainerKeys::parse(&others, &JOB_KEYS)?;
         cfg.validate()?;
@@ -298,6 +299,7 @@ impl JobConfig {
 mod tests {
     use super::*;
     use crate::config::Interval;
+    use crate::storage::RetentionPolicy;
 
     /// The error `yaml` is refused with, as displayed.
     fn refused(yaml: &str) -> String {
@@ -308,7 +310,7 @@ mod tests {
     fn minimal_and_defaults() {
         let c = JobConfig::parse("name: demo\n").unwrap();
         assert_eq!(c.run_dir(), PathBuf::from("runs/demo"));
-        assert_eq!(c.checkpoint.keep_last, Some(3));
+        assert_eq!(c.checkpoint.retention.keep_last, Some(3));
         assert_eq!(c.requeue.max_no_progress, 3);
         assert_eq!(c.signals.warn, Sig::Usr1);
         assert_eq!(c.slurm.signal_lead, 120);
@@ -387,6 +389,48 @@ mod tests {
         assert_eq!(c.name, "7");
         assert_eq!(c.command.unwrap()[2], "3");
         assert_eq!(c.slurm.gpus.as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn retention_keys_read_into_storages_policy() {
+        let c = JobConfig::parse("name: x\ncheckpoint: {keep_last: null, milestones: [7]}\n");
+        let c = c.unwrap();
+        assert_eq!(
+            c.checkpoint.retention.keep_last, None,
+            "null keeps everything"
+        );
+        assert_eq!(c.checkpoint.retention.milestones, [7]);
+        let c = JobConfig::parse("name: x\ncheckpoint: {every_steps: 5}\n").unwrap();
+        assert_eq!(c.checkpoint.retention, RetentionPolicy::kept_by_default());
+        let frozen = serde_yaml::to_string(&c).unwrap();
+        assert_eq!(JobConfig::parse(&frozen).unwrap(), c, "{frozen}");
+        let cases = [
+            (
+                "{keep_lst: 3}",
+                "checkpoint.keep_lst: unknown field `keep_lst`, expected one of `keep_last`",
+            ),
+            ("{keep_lst: 3}", "or one of the section's own: every_steps"),
+            (
+                "{keep_best: {monitor: l, mode: up}}",
+                "checkpoint.keep_best.mode: unknown variant `up`, expected `min` or `max`",
+            ),
+            (
+                "{periodic: {every: 0}}",
+                "checkpoint: periodic.every must be at least 1",
+            ),
+            (
+                "{milestones: x}",
+                "checkpoint.milestones: invalid type: string \"x\", expected a sequence",
+            ),
+            (
+                "{every_steps: x}",
+                "checkpoint.every_steps: invalid type: string \"x\"",
+            ),
+        ];
+        for (section, want) in cases {
+            let e = refused(&format!("name: x\ncheckpoint: {section}\n"));
+            assert!(e.contains(want), "{section}: got {e:?}, want {want:?}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ fn job(body: &str) -> JobConfig {
 }
 
 fn open(dir: &Path, cfg: &JobConfig) -> Store {
-    Store::open(dir, &holder(None), cfg.checkpoint.retention()).expect("open store")
+    Store::open(dir, &holder(None), cfg.checkpoint.retention.clone()).expect("open store")
 }
 
 /// One allocation: open, load the latest checkpoint, train until `stop_at` (a global step).

@@ -163,7 +163,7 @@ impl TrainConfig {
         check_length(t.epochs, t.max_steps)?;
         check_eval_data(t.eval.as_ref(), &data)?;
         let scheduler = t.scheduler.clone().unwrap_or_default();
-        let keep_best = job.checkpoint.keep_best.clone();
+        let keep_best = job.checkpoint.retention.keep_best.clone();
         check_needs_eval(&scheduler, keep_best.as_ref(), t.eval.as_ref())?;
         Ok(TrainConfig {
             seed: t.seed.unwrap_or(0),

@@ -94,7 +94,7 @@ pub(super) fn split_kind(
 }
 
 /// Deserialize `v` as `T`, naming `key` + the inner path in errors.
-pub(super) fn de<T: DeserializeOwned>(key: &str, v: Value) -> Result<T, ConfigError> {
+pub(in crate::config) fn de<T: DeserializeOwned>(key: &str, v: Value) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
