@@ -221,17 +221,7 @@ impl Optimizer {
                 OptimizerConfig::Adam(c) => adam_update(c, false, lr, tensor, state, grad),
                 OptimizerConfig::AdamW(c) => adam_update(c, true, lr, tensor, state, grad),
             };
-            done.map_err(|e| match e {
-                StepError::Shim(source) => OptimError::Shim {
-                    param: p.name.clone(),
-                    source,
-                },
-                StepError::Torch(e) => OptimError::Torch {
-                    what: "step",
-                    param: p.name.clone(),
-                    message: torch_message(&e),
-                },
-            })?;
+            done.map_err(|e| e.of_param(&p.name))?;
         }
         Ok(())
     }
@@ -456,21 +446,33 @@ fn check_step(name: &str, t: &Tensor) -> Result<(), OptimError> {
     Ok(())
 }
 
-/// An error inside one parameter's update (the caller adds the parameter's name).
-enum StepError {
-    Shim(ShimError),
-    Torch(tch::TchError),
-}
-
-impl From<ShimError> for StepError {
-    fn from(e: ShimError) -> Self {
-        StepError::Shim(e)
+/// A libtorch error inside one parameter's update; [`OptimError::of_param`] names the parameter.
+impl From<ShimError> for OptimError {
+    fn from(source: ShimError) -> Self {
+        OptimError::Shim {
+            param: String::new(),
+            source,
+        }
     }
 }
 
-impl From<tch::TchError> for StepError {
+impl From<tch::TchError> for OptimError {
     fn from(e: tch::TchError) -> Self {
-        StepError::Torch(e)
+        OptimError::Torch {
+            what: "step",
+            param: String::new(),
+            message: torch_message(&e),
+        }
+    }
+}
+
+impl OptimError {
+    /// The error of one parameter's update, with the parameter's name.
+    fn of_param(mut self, name: &str) -> OptimError {
+        if let OptimError::Shim { param, .. } | OptimError::Torch { param, .. } = &mut self {
+            name.clone_into(param);
+        }
+        self
     }
 }
 
@@ -481,7 +483,7 @@ fn sgd_update(
     param: &mut Tensor,
     state: &mut ParamState,
     grad: Tensor,
-) -> Result<(), StepError> {
+) -> Result<(), OptimError> {
     // grad = grad.add(param, alpha=weight_decay)
     let mut grad = if c.weight_decay != 0.0 {
         ffi::add(&grad, param, c.weight_decay)?
@@ -520,7 +522,7 @@ fn sgd_update(
         };
     }
     // param.add_(grad, alpha=-lr)
-    ffi::add_(param, &grad, -lr).map_err(StepError::from)
+    ffi::add_(param, &grad, -lr).map_err(OptimError::from)
 }
 
 /// `_single_tensor_adam`'s body for one parameter (PyTorch 2.13; `capturable=False`,
@@ -532,10 +534,10 @@ fn adam_update(
     param: &mut Tensor,
     state: &mut ParamState,
     grad: Tensor,
-) -> Result<(), StepError> {
+) -> Result<(), OptimError> {
     if !matches!(*state, ParamState::Adam { .. }) {
         // Lazy state initialization: zeros_like(p, memory_format=torch.preserve_format).
-        let zeros = || param.f_zeros_like().map_err(StepError::from);
+        let zeros = || param.f_zeros_like().map_err(OptimError::from);
         *state = ParamState::Adam {
             step: 0.0,
             exp_avg: zeros()?,
@@ -596,7 +598,7 @@ fn adam_update(
     let mut denom = denom.f_div_scalar(bias_correction2_sqrt)?;
     let _ = denom.f_add_scalar_(c.eps)?;
     // param.addcdiv_(exp_avg, denom, value=-step_size)
-    ffi::addcdiv_(param, exp_avg, &denom, -step_size).map_err(StepError::from)
+    ffi::addcdiv_(param, exp_avg, &denom, -step_size).map_err(OptimError::from)
 }
 
 /// The saved tensors by name; a name given twice is refused.
