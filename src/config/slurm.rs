@@ -91,7 +91,14 @@ impl Default for SlurmConfig {
 }
 
 impl SlurmConfig {
+    /// Every value of the section, each against what Slurm accepts on its `#SBATCH` line.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.check_words()?;
+        self.check_counts_and_lists()
+    }
+
+    /// The text values (partition, time, memory, GPUs, account, QoS, output).
+    fn check_words(&self) -> Result<(), ConfigError> {
         if let Some(v) = &self.job_name {
             check_word("slurm.job_name", v)?;
         }
@@ -136,6 +143,11 @@ impl SlurmConfig {
         if let Some(v) = &self.output {
             check_sbatch_value("slurm.output", v, "/%")?;
         }
+        Ok(())
+    }
+
+    /// The counts (each at least 1), the signal lead, `extra` and `setup`.
+    fn check_counts_and_lists(&self) -> Result<(), ConfigError> {
         for (n, k) in [
             ("slurm.nodes", self.nodes),
             ("slurm.ntasks", self.ntasks),
