@@ -178,7 +178,7 @@ fn train_once(args: &Args, dir: &Path, mode: &str) -> Result<TrainRun> {
         fs::remove_dir_all(dir)?;
     }
     nix::unistd::sync();
-    let mut store = Store::open(dir, &holder(None), cfg.checkpoint.retention())?;
+    let mut store = Store::open(dir, &holder(None), cfg.checkpoint.retention.clone())?;
     let never = || false;
     run(&cfg, &mut store, &Resume::Never, &never).map_err(|e| anyhow::anyhow!("{e}"))?;
     drop(store);
