@@ -210,7 +210,7 @@ fn train_once(args: &Args, dir: &Path, mode: &str) -> Result<TrainRun> {
         fs::remove_dir_all(dir)?;
     }
     nix::unistd::sync();
-    let mut store = Store::open(dir, &holder(None), cfg.checkpoint.retention())?;
+    let mut store = Store::open(dir, &holder(None), cfg.checkpoint.retention.clone())?;
     let control = (mode == "control").then(|| Control::new(args, dir));
     // (thread, process) CPU seconds at each step boundary (the i-th call: global step i).
     let cpu = std::cell::RefCell::new(Vec::new());

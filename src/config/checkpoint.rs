@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::trainer::value::de;
 use super::ConfigError;
-use crate::storage::retention::{Best, Periodic, RetentionPolicy};
+use crate::storage::retention::RetentionPolicy;
 
 /// The default prior MTBF, `checkpoint.mtbf` (24 h): what `checkpoint.interval: auto` assumes
 /// until the run has observed an unannounced interruption.
@@ -22,8 +23,9 @@ pub enum OnSaveError {
     Stop,
 }
 
+/// The `checkpoint:` section. Its retention keys are storage's: serde leaves them (and any
+/// unknown key) to [`CheckpointConfig::take_retention`], which the job's parse runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
     /// Checkpoint every N optimizer steps (trainer) — a child decides its own cadence.
     #[serde(default)]
@@ -31,15 +33,10 @@ pub struct CheckpointConfig {
     /// Or every N seconds of training.
     #[serde(default)]
     pub every_seconds: Option<u64>,
-    /// Keep the newest N checkpoints (≥ 1); omitted keeps everything.
-    #[serde(default = "default_keep_last")]
-    pub keep_last: Option<usize>,
-    #[serde(default)]
-    pub keep_best: Option<Best>,
-    #[serde(default)]
-    pub periodic: Option<Periodic>,
-    #[serde(default)]
-    pub milestones: Vec<u64>,
+    /// What to keep (`keep_last`, `keep_best`, `periodic`, `milestones`): declared once, by
+    /// storage's policy type, which also checks them; written back into the section.
+    #[serde(flatten, skip_deserializing)]
+    pub retention: RetentionPolicy,
     #[serde(default)]
     pub on_save_error: OnSaveError,
     /// `auto`: the trainer chooses its save interval from data — Daly's optimum for the measured
@@ -62,7 +59,23 @@ pub struct CheckpointConfig {
     /// (usually a program that restarted from scratch) is refused.
     #[serde(default)]
     pub allow_step_backwards: bool,
+    /// The section's keys that are not its own fields, until [`Self::take_retention`] reads
+    /// them as the retention policy (or refuses them). Empty once parsed.
+    #[serde(flatten, skip_serializing)]
+    other_keys: serde_yaml::Mapping,
 }
+
+/// The section's own keys (the fields above but the retention policy), for the error that
+/// names an unknown key.
+const OWN_KEYS: [&str; 7] = [
+    "every_steps",
+    "every_seconds",
+    "on_save_error",
+    "interval",
+    "mtbf",
+    "async",
+    "allow_step_backwards",
+];
 
 /// `checkpoint.interval`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,10 +83,6 @@ pub struct CheckpointConfig {
 pub enum Interval {
     /// Chosen from data (see [`CheckpointConfig::interval`]).
     Auto,
-}
-
-fn default_keep_last() -> Option<usize> {
-    Some(3)
 }
 
 fn default_async() -> bool {
@@ -85,15 +94,13 @@ impl Default for CheckpointConfig {
         CheckpointConfig {
             every_steps: None,
             every_seconds: None,
-            keep_last: default_keep_last(),
-            keep_best: None,
-            periodic: None,
-            milestones: Vec::new(),
+            retention: RetentionPolicy::kept_by_default(),
             on_save_error: OnSaveError::Continue,
             interval: None,
             mtbf: None,
             async_saves: default_async(),
             allow_step_backwards: false,
+            other_keys: Default::default(),
         }
     }
 }
@@ -119,15 +126,22 @@ impl CheckpointConfig {
         Ok(d.as_secs_f64())
     }
 
-    /// The retention keys (`keep_last`, `keep_best`, `periodic`, `milestones`) as storage's one
-    /// policy type, which validates them ([`RetentionPolicy::validate`]).
-    pub fn retention(&self) -> RetentionPolicy {
-        RetentionPolicy {
-            keep_last: self.keep_last,
-            keep_best: self.keep_best.clone(),
-            periodic: self.periodic.clone(),
-            milestones: self.milestones.clone(),
-        }
+    /// Read the keys serde left over as storage's retention policy, naming each refused key
+    /// under `checkpoint` (a key neither the policy's nor the section's is refused with both
+    /// lists). The job's parse runs it once, before [`Self::validate`].
+    pub(super) fn take_retention(&mut self) -> Result<(), ConfigError> {
+        let keys = std::mem::take(&mut self.other_keys);
+        self.retention = de("checkpoint", serde_yaml::Value::Mapping(keys)).map_err(|e| {
+            if !e.message.starts_with("unknown field") {
+                return e;
+            }
+            let own = OWN_KEYS.join(", ");
+            ConfigError {
+                message: format!("{}, or one of the section's own: {own}", e.message),
+                ..e
+            }
+        })?;
+        Ok(())
     }
 
     /// The section's own checks (cadence, `interval: auto` against a fixed cadence, the MTBF,
@@ -163,8 +177,26 @@ impl CheckpointConfig {
             }
         }
         self.mtbf_seconds()?;
-        self.retention()
+        self.retention
             .validate()
             .map_err(|e| ConfigError::whole(e).under("checkpoint"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_keys_are_the_sections_fields_but_retention() {
+        let v = serde_yaml::to_value(CheckpointConfig::default()).unwrap();
+        let keys: Vec<&str> = v
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .filter_map(|k| k.as_str())
+            .filter(|k| *k != "keep_last")
+            .collect();
+        assert_eq!(keys, OWN_KEYS);
     }
 }

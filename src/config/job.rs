@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::slurm::check_word;
+use super::trainer::TrainerKeys;
 use super::{CheckpointConfig, ConfigError, SlurmConfig};
 use crate::sig::Sig;
 
+/// The job file, typed. Build it with [`JobConfig::parse`] or [`JobConfig::load`]: serde alone
+/// leaves the trainer's keys untyped (and an unknown key unrefused) until the parse takes them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct JobConfig {
     /// Job name: letters, digits, `.`, `_`, `-` (used for the run dir and the Slurm job name).
     pub name: String,
@@ -36,43 +38,27 @@ pub struct JobConfig {
     #[serde(default, skip_serializing_if = "DistributedConfig::is_default")]
     pub distributed: DistributedConfig,
 
-    // The built-in trainer's keys (validated by the trainer, feature `torch`).
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub threads: Option<u32>,
-    #[serde(default)]
-    pub deterministic: Option<bool>,
-    /// `fp32` (default), `bf16` or `fp16`.
-    #[serde(default)]
-    pub precision: Option<String>,
-    /// The fp16 loss scaler's settings (`init_scale`, `growth_factor`, `backoff_factor`,
-    /// `growth_interval`).
-    #[serde(default)]
-    pub loss_scale: Option<serde_yaml::Value>,
-    #[serde(default)]
-    pub model: Option<serde_yaml::Value>,
-    #[serde(default)]
-    pub data: Option<serde_yaml::Value>,
-    #[serde(default)]
-    pub batch_size: Option<u64>,
-    #[serde(default)]
-    pub epochs: Option<u64>,
-    #[serde(default)]
-    pub max_steps: Option<u64>,
-    #[serde(default)]
-    pub grad_accum: Option<u64>,
-    #[serde(default)]
-    pub grad_clip: Option<f64>,
-    #[serde(default)]
-    pub optimizer: Option<serde_yaml::Value>,
-    #[serde(default)]
-    pub scheduler: Option<serde_yaml::Value>,
-    #[serde(default)]
-    pub eval: Option<serde_yaml::Value>,
+    /// The built-in trainer's keys (`seed`, `model`, `data`, …), typed and checked by
+    /// [`super::trainer`]; written back at the top level, as the file has them.
+    #[serde(flatten, skip_deserializing)]
+    pub trainer: TrainerKeys,
+    /// The top-level keys that are not the job's, as serde leaves them to [`JobConfig::parse`]:
+    /// the trainer's, typed into `trainer`, or unknown, refused. Empty once parsed.
+    #[serde(flatten, skip_serializing)]
+    other_keys: serde_yaml::Mapping,
 }
+
+/// The job's own top-level keys (the fields above), for the error that names an unknown key.
+const JOB_KEYS: [&str; 8] = [
+    "name",
+    "run_dir",
+    "command",
+    "checkpoint",
+    "requeue",
+    "signals",
+    "slurm",
+    "distributed",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,10 +175,12 @@ impl JobConfig {
         Self::parse(&text).map_err(|e| e.in_file(path.display()))
     }
 
-    /// Parse and validate YAML text; the error names the key path.
+    /// Parse and validate YAML text; the error names the key path. The one parse of the file:
+    /// the job's keys are typed by serde, the trainer's by [`TrainerKeys::parse`], then each
+    /// section's checks run.
     pub fn parse(text: &str) -> Result<JobConfig, ConfigError> {
         let de = serde_yaml::Deserializer::from_str(text);
-        let cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut cfg: JobConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
             if path == "." || path.is_empty() {
@@ -201,11 +189,16 @@ impl JobConfig {
                 ConfigError::at(path, inner)
             }
         })?;
+        cfg.checkpoint.take_retention()?;
+        let others = std::mem::take(&mut cfg.other_keys);
+        cfg.trainer = TrainerKeys::parse(&others, &JOB_KEYS)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Every check of the file's values ([`JobConfig::parse`] runs it; so does the sbatch
+    /// renderer, since a `JobConfig` can also be built or changed in code).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         check_word("name", &self.name)?;
         if let Some(c) = &self.command {
             if c.is_empty() || c[0].is_empty() {
@@ -306,6 +299,7 @@ impl JobConfig {
 mod tests {
     use super::*;
     use crate::config::Interval;
+    use crate::storage::RetentionPolicy;
 
     /// The error `yaml` is refused with, as displayed.
     fn refused(yaml: &str) -> String {
@@ -316,7 +310,7 @@ mod tests {
     fn minimal_and_defaults() {
         let c = JobConfig::parse("name: demo\n").unwrap();
         assert_eq!(c.run_dir(), PathBuf::from("runs/demo"));
-        assert_eq!(c.checkpoint.keep_last, Some(3));
+        assert_eq!(c.checkpoint.retention.keep_last, Some(3));
         assert_eq!(c.requeue.max_no_progress, 3);
         assert_eq!(c.signals.warn, Sig::Usr1);
         assert_eq!(c.slurm.signal_lead, 120);
@@ -352,6 +346,91 @@ mod tests {
         );
         let e = refused("name: x\ncheckpoint: {mtbf: soon}\n");
         assert!(e.starts_with("checkpoint.mtbf"), "{e}");
+    }
+
+    #[test]
+    fn trainer_keys_are_typed_with_the_file_and_written_back_as_given() {
+        let yaml = "name: x\nseed: 3\nprecision: bf16\nmodel: {kind: gpt, layers: 1, heads: 2, \
+                    d_model: 8, context: 8}\ndata: {kind: text}\noptimizer: {kind: adamw}\n\
+                    scheduler: {kind: cosine, warmup_steps: 2}\neval: {every_steps: 5}\n\
+                    max_steps: 9\n";
+        let c = JobConfig::parse(yaml).unwrap();
+        assert_eq!(c.trainer.seed, Some(3));
+        assert_eq!(c.trainer.model.as_ref().map(|m| m.kind()), Some("gpt"));
+        // The frozen copy of the run dir reads back as the same config.
+        let frozen = serde_yaml::to_string(&c).unwrap();
+        assert_eq!(JobConfig::parse(&frozen).unwrap(), c, "{frozen}");
+        let bare = JobConfig::parse("name: x\n").unwrap();
+        let frozen = serde_yaml::to_string(&bare).unwrap();
+        assert!(!frozen.contains("model"), "{frozen}");
+        assert_eq!(JobConfig::parse(&frozen).unwrap(), bare);
+        // Checked at the parse, in every build: a login node's `sbatch` refuses it too.
+        let e = refused("name: x\nmodel: {kind: rnn}\n");
+        assert!(e.starts_with("model.kind: unknown kind \"rnn\""), "{e}");
+        let e = refused("name: x\nmodle: {kind: mlp}\n");
+        assert!(e.starts_with("modle: unknown field `modle`"), "{e}");
+        assert!(e.contains("slurm") && e.contains("model"), "{e}");
+        // JOB_KEYS names the job's fields, each once.
+        let c = JobConfig::parse("name: x\ndistributed: {world_size: 2}\n").unwrap();
+        let v = serde_yaml::to_value(&c).unwrap();
+        let keys: Vec<&str> = v
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .filter_map(|k| k.as_str())
+            .collect();
+        assert_eq!(keys, JOB_KEYS);
+    }
+
+    #[test]
+    fn a_plain_scalar_is_text_where_the_job_takes_text() {
+        let c =
+            JobConfig::parse("name: 7\ncommand: [python, t.py, 3]\nslurm: {gpus: 1}\n").unwrap();
+        assert_eq!(c.name, "7");
+        assert_eq!(c.command.unwrap()[2], "3");
+        assert_eq!(c.slurm.gpus.as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn retention_keys_read_into_storages_policy() {
+        let c = JobConfig::parse("name: x\ncheckpoint: {keep_last: null, milestones: [7]}\n");
+        let c = c.unwrap();
+        assert_eq!(
+            c.checkpoint.retention.keep_last, None,
+            "null keeps everything"
+        );
+        assert_eq!(c.checkpoint.retention.milestones, [7]);
+        let c = JobConfig::parse("name: x\ncheckpoint: {every_steps: 5}\n").unwrap();
+        assert_eq!(c.checkpoint.retention, RetentionPolicy::kept_by_default());
+        let frozen = serde_yaml::to_string(&c).unwrap();
+        assert_eq!(JobConfig::parse(&frozen).unwrap(), c, "{frozen}");
+        let cases = [
+            (
+                "{keep_lst: 3}",
+                "checkpoint.keep_lst: unknown field `keep_lst`, expected one of `keep_last`",
+            ),
+            ("{keep_lst: 3}", "or one of the section's own: every_steps"),
+            (
+                "{keep_best: {monitor: l, mode: up}}",
+                "checkpoint.keep_best.mode: unknown variant `up`, expected `min` or `max`",
+            ),
+            (
+                "{periodic: {every: 0}}",
+                "checkpoint: periodic.every must be at least 1",
+            ),
+            (
+                "{milestones: x}",
+                "checkpoint.milestones: invalid type: string \"x\", expected a sequence",
+            ),
+            (
+                "{every_steps: x}",
+                "checkpoint.every_steps: invalid type: string \"x\"",
+            ),
+        ];
+        for (section, want) in cases {
+            let e = refused(&format!("name: x\ncheckpoint: {section}\n"));
+            assert!(e.contains(want), "{section}: got {e:?}, want {want:?}");
+        }
     }
 
     #[test]

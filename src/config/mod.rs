@@ -14,14 +14,16 @@
 //! - [`slurm`]: the `slurm:` section, every `#SBATCH` value checked;
 //! - [`error`]: the one [`ConfigError`].
 //!
-//! The built-in trainer's sections (`model`, `data`, `optimizer`, `scheduler`, `eval`, …) are
-//! parsed with the rest of the file and typed by the trainer (`train::config`, feature `torch`),
-//! whose types they are; it refuses a value with the same [`ConfigError`].
+//! - [`trainer`]: the built-in trainer's keys (`model`, `data`, `optimizer`, `scheduler`,
+//!   `eval`, …), typed with the rest of the file and checked each where it is defined, without
+//!   torch (a login node's `hpc-ckpt sbatch` checks them too); and [`trainer::TrainConfig`], the
+//!   trainer's resolved view of them with the checks across keys it needs.
 
 pub mod checkpoint;
 pub mod error;
 pub mod job;
 pub mod slurm;
+pub mod trainer;
 
 pub use checkpoint::{CheckpointConfig, Interval, OnSaveError, DEFAULT_MTBF_SECONDS};
 pub use error::ConfigError;

@@ -1,6 +1,9 @@
 //! The `slurm:` section: the allocation `hpc-ckpt sbatch` asks for. Every value that goes on an
-//! `#SBATCH` line is checked here to hold only what Slurm accepts there (refused, never quoted:
-//! it ends up in a shell script).
+//! `#SBATCH` line is checked here, and only here, to hold only what Slurm accepts there (refused,
+//! never quoted: it ends up in a shell script): the plain values, the signal lead within Slurm's
+//! limit, and `extra` options that do not set what the rendered script sets itself. The renderer
+//! (`slurm::template`) runs these same checks ([`crate::config::JobConfig::validate`]) and writes
+//! the values as they are.
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +56,30 @@ pub struct SlurmConfig {
     pub setup: Vec<String>,
 }
 
+/// Slurm's limit for the `@LEAD` of `--signal` (seconds).
+pub const MAX_SIGNAL_LEAD: u32 = 65535;
+
+/// Options that the rendered script sets itself; `slurm.extra` may not set them again.
+const RESERVED: [&str; 17] = [
+    "job-name",
+    "partition",
+    "time",
+    "nodes",
+    "ntasks",
+    "ntasks-per-node",
+    "cpus-per-task",
+    "mem",
+    "gpus",
+    "gpus-per-task",
+    "account",
+    "qos",
+    "output",
+    "requeue",
+    "no-requeue",
+    "open-mode",
+    "signal",
+];
+
 fn default_lead() -> u32 {
     120
 }
@@ -64,7 +91,14 @@ impl Default for SlurmConfig {
 }
 
 impl SlurmConfig {
+    /// Every value of the section, each against what Slurm accepts on its `#SBATCH` line.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.check_words()?;
+        self.check_counts_and_lists()
+    }
+
+    /// The text values (partition, time, memory, GPUs, account, QoS, output).
+    fn check_words(&self) -> Result<(), ConfigError> {
         if let Some(v) = &self.job_name {
             check_word("slurm.job_name", v)?;
         }
@@ -109,6 +143,11 @@ impl SlurmConfig {
         if let Some(v) = &self.output {
             check_sbatch_value("slurm.output", v, "/%")?;
         }
+        Ok(())
+    }
+
+    /// The counts (each at least 1), the signal lead, `extra` and `setup`.
+    fn check_counts_and_lists(&self) -> Result<(), ConfigError> {
         for (n, k) in [
             ("slurm.nodes", self.nodes),
             ("slurm.ntasks", self.ntasks),
@@ -119,15 +158,17 @@ impl SlurmConfig {
                 return Err(ConfigError::at(n, "must be at least 1"));
             }
         }
+        if self.signal_lead > MAX_SIGNAL_LEAD {
+            return Err(ConfigError::at(
+                "slurm.signal_lead",
+                format!(
+                    "{} is more than Slurm's limit of {MAX_SIGNAL_LEAD} seconds",
+                    self.signal_lead
+                ),
+            ));
+        }
         for (i, e) in self.extra.iter().enumerate() {
-            let key = format!("slurm.extra[{i}]");
-            if !e.starts_with("--") {
-                return Err(ConfigError::at(
-                    key,
-                    format!("{e:?} must be a long option such as --constraint=a100"),
-                ));
-            }
-            check_sbatch_value(&key, &e[2..], "=:,/%")?;
+            check_extra(&format!("slurm.extra[{i}]"), e)?;
         }
         for (i, s) in self.setup.iter().enumerate() {
             if s.contains('\n') || s.contains('\r') || s.contains('\0') {
@@ -139,6 +180,33 @@ impl SlurmConfig {
         }
         Ok(())
     }
+}
+
+/// `slurm.extra[i]`: a long option of plain characters that does not set what the rendered
+/// script sets from the config.
+fn check_extra(key: &str, e: &str) -> Result<(), ConfigError> {
+    let Some(option) = e.strip_prefix("--") else {
+        return Err(ConfigError::at(
+            key,
+            format!("{e:?} must be a long option such as --constraint=a100"),
+        ));
+    };
+    check_sbatch_value(key, option, "=:,/%")?;
+    let name = option.split('=').next().unwrap_or_default();
+    // sbatch also takes an unambiguous prefix of a long option (`--part=`).
+    if let Some(r) = RESERVED
+        .iter()
+        .find(|r| name.len() >= 2 && r.starts_with(name))
+    {
+        return Err(ConfigError::at(
+            key,
+            format!(
+                "{e:?} would set --{r}, which hpc-ckpt sets from the config (use the slurm \
+                 section's own key; --requeue, --open-mode and --signal are always set)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A plain word: letters, digits, `.`, `_`, `-` (no shell metacharacters, no spaces).

@@ -8,9 +8,11 @@
 //!   through one quoting helper, [`shell_quote`]. The `slurm.setup` lines are the user's own shell
 //!   and are copied verbatim, only into the setup block; placeholders are filled in one pass, so
 //!   text in a value is never taken for a placeholder.
-//! - `#SBATCH` lines carry only the config's validated plain values (checked again here, since a
-//!   [`JobConfig`] can be built without parsing); the output path, which comes from the work dir,
-//!   is double-quoted for sbatch where needed and its `%` escaped as `%%`.
+//! - `#SBATCH` lines carry only the config's plain values: [`render`] runs the config's own
+//!   checks ([`JobConfig::validate`], whose `slurm:` part is the one home of what an `#SBATCH`
+//!   value may hold) before it writes anything, since a [`JobConfig`] can also be built in code;
+//!   the output path, which comes from the work dir, is double-quoted for sbatch where needed and
+//!   its `%` escaped as `%%`.
 //! - `--requeue`, `--open-mode=append` and `--signal=B:<signals.warn>@<slurm.signal_lead>` are
 //!   always there, and `slurm.extra` cannot set them (or any other option rendered from the
 //!   config) a second time.
@@ -24,9 +26,6 @@ use crate::config::{ConfigError, JobConfig};
 
 /// The template, with `{{header}}`, `{{directives}}`, `{{setup}}`, `{{workdir}}` and `{{exec}}`.
 pub const TEMPLATE: &str = include_str!("../../templates/auto_resume.sbatch");
-
-/// Slurm's limit for the `@LEAD` of `--signal` (seconds).
-const MAX_SIGNAL_LEAD: u32 = 65535;
 
 /// A script cannot be rendered: the key (config key path or argument) and what is wrong, as the
 /// config's one error.
@@ -47,6 +46,7 @@ pub fn render(
     hpc_ckpt: &Path,
     workdir: &Path,
 ) -> Result<String, ConfigError> {
+    cfg.validate()?;
     let config_s = path_str("config_path", config_path)?;
     let hpc_ckpt_s = path_str("hpc_ckpt", hpc_ckpt)?;
     let workdir_s = path_str("workdir", workdir)?;
@@ -64,20 +64,10 @@ pub fn render(
     );
     let directives = directives(cfg, workdir)?.join("\n");
 
-    let mut setup = Vec::new();
-    for (i, line) in cfg.slurm.setup.iter().enumerate() {
-        if line.contains(['\n', '\r', '\0']) {
-            return Err(err(
-                format!("slurm.setup[{i}]"),
-                "one shell line per entry (no newlines)",
-            ));
-        }
-        setup.push(line.as_str());
-    }
-    let setup = if setup.is_empty() {
+    let setup = if cfg.slurm.setup.is_empty() {
         "# (none: the config has no slurm.setup lines)".to_string()
     } else {
-        setup.join("\n")
+        cfg.slurm.setup.join("\n")
     };
 
     let mut exec = vec![
@@ -161,21 +151,6 @@ fn path_str<'a>(key: &str, p: &'a Path) -> Result<&'a str, ConfigError> {
     Ok(s)
 }
 
-/// A value for an `#SBATCH` line: the characters the config validation allows (re-checked).
-fn sbatch_word<'a>(key: &str, v: &'a str) -> Result<&'a str, ConfigError> {
-    let ok = !v.is_empty()
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-,:/%=".contains(c));
-    if ok {
-        Ok(v)
-    } else {
-        Err(err(
-            key,
-            format!("{v:?} is not a plain value for an #SBATCH line"),
-        ))
-    }
-}
-
 /// The output path as sbatch's directive parser takes it: `%` of the directory part is escaped
 /// by the caller; here the value is double-quoted when it is not a plain word. sbatch has no
 /// escape for `"` or `\` inside quotes, so those are refused.
@@ -210,31 +185,10 @@ fn absolute(workdir: &Path, p: &Path) -> PathBuf {
     workdir.join(p).components().collect()
 }
 
-/// Options that the rendered script sets itself; `slurm.extra` may not set them again.
-const RESERVED: [&str; 17] = [
-    "job-name",
-    "partition",
-    "time",
-    "nodes",
-    "ntasks",
-    "ntasks-per-node",
-    "cpus-per-task",
-    "mem",
-    "gpus",
-    "gpus-per-task",
-    "account",
-    "qos",
-    "output",
-    "requeue",
-    "no-requeue",
-    "open-mode",
-    "signal",
-];
-
 /// The `#SBATCH` lines, in a fixed order: the allocation, the output file, the requeue and
 /// signal lines hpc-ckpt always sets, then the config's extra options.
 fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, ConfigError> {
-    let mut lines = allocation(cfg)?;
+    let mut lines = allocation(cfg);
     let (output_key, output) = output_file(cfg, workdir)?;
     lines.push(format!(
         "#SBATCH --output={}",
@@ -242,63 +196,45 @@ fn directives(cfg: &JobConfig, workdir: &Path) -> Result<Vec<String>, ConfigErro
     ));
     lines.push("#SBATCH --requeue".into());
     lines.push("#SBATCH --open-mode=append".into());
-    lines.push(signal(cfg)?);
-    for (i, e) in cfg.slurm.extra.iter().enumerate() {
-        lines.push(extra(i, e)?);
-    }
+    lines.push(format!(
+        "#SBATCH --signal=B:{}@{}",
+        cfg.signals.warn.name(),
+        cfg.slurm.signal_lead
+    ));
+    lines.extend(cfg.slurm.extra.iter().map(|e| format!("#SBATCH {e}")));
     Ok(lines)
 }
 
 /// The allocation: job name, partition, time, the counts, memory, GPUs, account, QoS.
-fn allocation(cfg: &JobConfig) -> Result<Vec<String>, ConfigError> {
+fn allocation(cfg: &JobConfig) -> Vec<String> {
     let s = &cfg.slurm;
-    let mut lines = Vec::new();
-    let mut opt = |name: &str, value: String| lines.push(format!("#SBATCH --{name}={value}"));
-
-    let job_name = s.job_name.as_deref().unwrap_or(&cfg.name);
-    let job_name_key = if s.job_name.is_some() {
-        "slurm.job_name"
-    } else {
-        "name"
-    };
-    opt("job-name", sbatch_word(job_name_key, job_name)?.into());
-    let words = [
-        ("partition", "slurm.partition", &s.partition),
-        ("time", "slurm.time", &s.time),
-    ];
-    for (name, key, v) in words {
-        if let Some(v) = v {
-            opt(name, sbatch_word(key, v)?.into());
-        }
-    }
     // A world size given only as `distributed.world_size` still asks Slurm for one task a rank.
     let ntasks = s.ntasks.or_else(|| {
         let w = cfg.distributed.world_size.filter(|w| *w > 1)?;
         s.ntasks_per_node.is_none().then_some(w)
     });
-    for (name, v) in [
-        ("nodes", s.nodes),
-        ("ntasks", ntasks),
-        ("ntasks-per-node", s.ntasks_per_node),
-        ("cpus-per-task", s.cpus_per_task),
-    ] {
-        if let Some(v) = v {
-            opt(name, v.to_string());
-        }
-    }
-    let words = [
-        ("mem", "slurm.mem", &s.mem),
-        ("gpus", "slurm.gpus", &s.gpus),
-        ("gpus-per-task", "slurm.gpus_per_task", &s.gpus_per_task),
-        ("account", "slurm.account", &s.account),
-        ("qos", "slurm.qos", &s.qos),
+    let count = |v: Option<u32>| v.map(|n| n.to_string());
+    let options = [
+        (
+            "job-name",
+            Some(s.job_name.as_ref().unwrap_or(&cfg.name).clone()),
+        ),
+        ("partition", s.partition.clone()),
+        ("time", s.time.clone()),
+        ("nodes", count(s.nodes)),
+        ("ntasks", count(ntasks)),
+        ("ntasks-per-node", count(s.ntasks_per_node)),
+        ("cpus-per-task", count(s.cpus_per_task)),
+        ("mem", s.mem.clone()),
+        ("gpus", s.gpus.clone()),
+        ("gpus-per-task", s.gpus_per_task.clone()),
+        ("account", s.account.clone()),
+        ("qos", s.qos.clone()),
     ];
-    for (name, key, v) in words {
-        if let Some(v) = v {
-            opt(name, sbatch_word(key, v)?.into());
-        }
-    }
-    Ok(lines)
+    options
+        .into_iter()
+        .filter_map(|(name, v)| Some(format!("#SBATCH --{name}={}", v?)))
+        .collect()
 }
 
 /// The job's output file (`slurm.output` under the workdir, else `<run_dir>/slurm-%j.out`), and
@@ -306,7 +242,6 @@ fn allocation(cfg: &JobConfig) -> Result<Vec<String>, ConfigError> {
 fn output_file(cfg: &JobConfig, workdir: &Path) -> Result<(&'static str, String), ConfigError> {
     Ok(match &cfg.slurm.output {
         Some(o) => {
-            let o = sbatch_word("slurm.output", o)?;
             let path = if o.starts_with('/') {
                 o.to_string()
             } else {
@@ -323,48 +258,6 @@ fn output_file(cfg: &JobConfig, workdir: &Path) -> Result<(&'static str, String)
             ("run_dir", path)
         }
     })
-}
-
-/// `--signal=B:<warn>@<lead>`, the lead within Slurm's limit.
-fn signal(cfg: &JobConfig) -> Result<String, ConfigError> {
-    let lead = cfg.slurm.signal_lead;
-    if lead > MAX_SIGNAL_LEAD {
-        return Err(err(
-            "slurm.signal_lead",
-            format!("{lead} is more than Slurm's limit of {MAX_SIGNAL_LEAD} seconds"),
-        ));
-    }
-    Ok(format!(
-        "#SBATCH --signal=B:{}@{lead}",
-        cfg.signals.warn.name()
-    ))
-}
-
-/// `slurm.extra[i]`: a long option that does not set what hpc-ckpt sets itself.
-fn extra(i: usize, e: &str) -> Result<String, ConfigError> {
-    let key = format!("slurm.extra[{i}]");
-    let name = e.strip_prefix("--").ok_or_else(|| {
-        err(
-            &key,
-            format!("{e:?} must be a long option such as --constraint=a100"),
-        )
-    })?;
-    sbatch_word(&key, name)?;
-    let name = name.split('=').next().unwrap_or_default();
-    // sbatch also takes an unambiguous prefix of a long option (`--part=`).
-    if let Some(r) = RESERVED
-        .iter()
-        .find(|r| name.len() >= 2 && r.starts_with(name))
-    {
-        return Err(err(
-            key,
-            format!(
-                "{e:?} would set --{r}, which hpc-ckpt sets from the config (use the slurm \
-                 section's own key; --requeue, --open-mode and --signal are always set)"
-            ),
-        ));
-    }
-    Ok(format!("#SBATCH {e}"))
 }
 
 #[cfg(test)]
@@ -664,7 +557,13 @@ mod tests {
             "--part=high",
             "--output=/x",
         ] {
-            let c = cfg(&format!("name: x\nslurm:\n  extra: ['{bad}']\n"));
+            let yaml = format!("name: x\nslurm:\n  extra: ['{bad}']\n");
+            let e = JobConfig::parse(&yaml).unwrap_err();
+            assert_eq!(e.key, "slurm.extra[0]", "{bad}");
+            assert!(e.message.contains("hpc-ckpt sets from the config"), "{e}");
+            // Set in code, past the parse: the renderer runs the same check.
+            let mut c = cfg("name: x\n");
+            c.slurm.extra.push(bad.into());
             let e = render(&c, Path::new("a"), Path::new("b"), Path::new("/w")).unwrap_err();
             assert_eq!(e.key, "slurm.extra[0]", "{bad}");
         }
@@ -680,9 +579,9 @@ mod tests {
         assert_eq!(out.matches("#SBATCH --signal").count(), 1);
         let c = cfg("name: x\nsignals:\n  warn: TERM\nslurm:\n  signal_lead: 0\n");
         assert!(render_at(&c, "/w").contains("\n#SBATCH --signal=B:TERM@0\n"));
-        let c = cfg("name: x\nslurm:\n  signal_lead: 70000\n");
-        let e = render(&c, Path::new("a"), Path::new("b"), Path::new("/w")).unwrap_err();
+        let e = JobConfig::parse("name: x\nslurm:\n  signal_lead: 70000\n").unwrap_err();
         assert_eq!(e.key, "slurm.signal_lead");
+        assert!(e.message.contains("limit of 65535 seconds"), "{e}");
     }
 
     #[test]

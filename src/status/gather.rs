@@ -381,47 +381,9 @@ pub fn chain_of(chain: &Chain, writer_running: bool) -> RunChain {
 impl AllocationStatus {
     fn of(a: &Allocation, interruption: Option<Interruption>) -> AllocationStatus {
         let x: Account = a.account(interruption);
-        let time = |t: Option<std::time::SystemTime>| {
-            t.map(|t| humantime::format_rfc3339_millis(t).to_string())
-        };
         AllocationStatus {
-            job_id: a.job_id.clone(),
-            restart_count: a.restart_count,
-            host: a.host.clone(),
-            started_at: time(a.started_at),
-            ended_at: time(a.ended_at),
-            ending: a.ending.clone(),
-            decision: a.decision.clone(),
-            reason: a.reason.clone(),
-            action: a.action.clone(),
-            exit_code: a.exit_code,
-            resume_step: a.resume_step,
-            new_checkpoints: a.new_checkpoints,
-            signal: a.signal.clone(),
-            signal_to_checkpoint_seconds: a.signal_to_checkpoint_seconds,
-            steps_redone: a.steps_redone,
-            refused_requests: a.refused_requests.clone(),
-            world_size: a.world_size,
-            incomplete_commits: a
-                .incomplete
-                .iter()
-                .map(|i| IncompleteStatus {
-                    step: i.step,
-                    missing_ranks: i.missing.clone(),
-                    requested_ranks: i.requested.clone(),
-                })
-                .collect(),
-            failed_ranks: a
-                .failed_ranks
-                .iter()
-                .map(|(rank, how)| RankFailure {
-                    rank: *rank,
-                    how: how.clone(),
-                })
-                .collect(),
+            allocation: a.clone(),
             interruption,
-            reached_step: a.reached_step,
-            steps_lost: a.steps_lost,
             seconds: AllocationSeconds {
                 wall: x.wall,
                 startup_restore: x.startup,
@@ -482,6 +444,55 @@ mod tests {
     fn timing(v: Vec<Value>) -> SaveTimingStatus {
         let events: Vec<Stamped> = v.into_iter().map(Stamped::from_value).collect();
         save_timing(&history::fold(&events))
+    }
+
+    #[test]
+    fn an_allocation_serializes_as_the_schema_says() {
+        let a = Allocation {
+            started_at: Some(std::time::UNIX_EPOCH),
+            failed_ranks: vec![(1, "exit 3".into())],
+            incomplete: vec![history::Incomplete {
+                step: Some(4),
+                missing: vec![1],
+                requested: vec![0],
+            }],
+            ..Allocation::default()
+        };
+        let v = serde_json::to_value(AllocationStatus::of(&a, None)).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut schema = [
+            "job_id",
+            "restart_count",
+            "host",
+            "started_at",
+            "ended_at",
+            "ending",
+            "decision",
+            "reason",
+            "action",
+            "exit_code",
+            "resume_step",
+            "new_checkpoints",
+            "signal",
+            "signal_to_checkpoint_seconds",
+            "steps_redone",
+            "refused_requests",
+            "world_size",
+            "incomplete_commits",
+            "failed_ranks",
+            "interruption",
+            "reached_step",
+            "steps_lost",
+            "seconds",
+        ];
+        schema.sort_unstable();
+        assert_eq!(keys, schema);
+        assert_eq!(v["started_at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["failed_ranks"], json!([{"rank": 1, "how": "exit 3"}]));
+        assert_eq!(
+            v["incomplete_commits"],
+            json!([{"step": 4, "missing_ranks": [1], "requested_ranks": [0]}])
+        );
     }
 
     #[test]

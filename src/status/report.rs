@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::storage::lock::Holder;
 use crate::storage::retention::{Mode, Role};
-use crate::supervision::history::{Interruption, TimeLimitWatch};
+use crate::supervision::history::{Allocation, Interruption, TimeLimitWatch};
 
 pub const SCHEMA: &str = "hpc-ckpt-status/1";
 
@@ -135,44 +135,24 @@ pub struct RunChain {
     pub goodput: GoodputStatus,
 }
 
+/// One allocation: the journal's account of it ([`Allocation`], serialized as it is), and what
+/// the report adds: how it was interrupted and where its wall time went.
 #[derive(Debug, Serialize)]
 pub struct AllocationStatus {
-    pub job_id: Option<String>,
-    pub restart_count: u32,
-    pub host: Option<String>,
-    pub started_at: Option<String>,
-    pub ended_at: Option<String>,
-    /// `completed`, `warning_signal`, `terminated`, `failed`, or null when it never said.
-    pub ending: Option<String>,
-    pub decision: Option<String>,
-    pub reason: Option<String>,
-    pub action: Option<String>,
-    pub exit_code: Option<i32>,
-    pub resume_step: Option<u64>,
-    pub new_checkpoints: u32,
-    /// The stop signal received, and seconds from it to the next committed checkpoint.
-    pub signal: Option<String>,
-    pub signal_to_checkpoint_seconds: Option<f64>,
-    /// Steps committed before this allocation but redone by it (it resumed from an older one).
-    pub steps_redone: u64,
-    /// Commit requests it refused (e.g. a step older than the newest checkpoint).
-    pub refused_requests: Vec<String>,
-    /// Ranks of its program (null: one).
-    pub world_size: Option<u32>,
-    /// Multi-rank commits that did not happen because some ranks never asked: which.
-    pub incomplete_commits: Vec<IncompleteStatus>,
-    /// Ranks that failed (named when the supervisor started the ranks itself).
-    pub failed_ranks: Vec<RankFailure>,
+    #[serde(flatten)]
+    pub allocation: Allocation,
     /// `announced` (a stop signal, final commit made), `unannounced` (killed, node lost, crash,
     /// no final commit), or null (completed, or still running).
     pub interruption: Option<Interruption>,
-    /// The newest step it is known to have trained (its commits; after a kill, what the next
-    /// allocation found in metrics.jsonl).
-    pub reached_step: Option<u64>,
-    /// Steps it trained that the next allocation redid (known once the next one started).
-    pub steps_lost: u64,
     /// Where its wall time went, seconds.
     pub seconds: AllocationSeconds,
+}
+
+impl std::ops::Deref for AllocationStatus {
+    type Target = Allocation;
+    fn deref(&self) -> &Allocation {
+        &self.allocation
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -182,20 +162,6 @@ pub struct AllocationSeconds {
     pub save_stall: f64,
     pub lost_work: f64,
     pub productive: f64,
-}
-
-/// A multi-rank commit some ranks asked for and others never did (nothing was committed).
-#[derive(Debug, Serialize)]
-pub struct IncompleteStatus {
-    pub step: Option<u64>,
-    pub missing_ranks: Vec<u32>,
-    pub requested_ranks: Vec<u32>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct RankFailure {
-    pub rank: u32,
-    pub how: String,
 }
 
 /// What the pointer says.

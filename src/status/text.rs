@@ -184,7 +184,12 @@ fn render_allocations(o: &mut String, r: &StatusReport) {
             format!("{}.{}", a.job_id.as_deref().unwrap_or("-"), a.restart_count),
             cut(a.host.as_deref(), 10),
             a.world_size.unwrap_or(1),
-            cut(a.started_at.as_deref(), 19),
+            cut(
+                a.started_at
+                    .map(|t| humantime::format_rfc3339_millis(t).to_string())
+                    .as_deref(),
+                19
+            ),
             a.ending.as_deref().unwrap_or("(no word)"),
             match a.interruption {
                 Some(Interruption::Announced) => "announced",
@@ -200,16 +205,16 @@ fn render_allocations(o: &mut String, r: &StatusReport) {
             a.reason.as_deref().unwrap_or("")
         );
         let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
-        for f in &a.failed_ranks {
-            let _ = writeln!(o, "      rank {} failed: {}", f.rank, f.how);
+        for (rank, how) in &a.failed_ranks {
+            let _ = writeln!(o, "      rank {rank} failed: {how}");
         }
-        for i in &a.incomplete_commits {
+        for i in &a.incomplete {
             let _ = writeln!(
                 o,
                 "      NOT committed{}: rank(s) {} never asked (rank(s) {} did)",
                 i.step.map(|s| format!(" (step {s})")).unwrap_or_default(),
-                list(&i.missing_ranks),
-                list(&i.requested_ranks)
+                list(&i.missing),
+                list(&i.requested)
             );
         }
     }

@@ -84,18 +84,33 @@ impl std::str::FromStr for Periodic {
     }
 }
 
-/// A retention policy. `keep_last: None` keeps everything (nothing is ever deleted).
+/// A retention policy: the one declaration of the retention keys (the job config's
+/// `checkpoint:` section reads them into this type, `hpc-ckpt commit` sets them by flags).
+/// `keep_last: None` keeps everything (nothing is ever deleted); [`Default`] is that policy.
+/// Read with serde, a policy that leaves `keep_last` out keeps the newest
+/// [`DEFAULT_KEEP_LAST`] (`keep_last: null` keeps everything).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionPolicy {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Keep the newest N checkpoints (≥ 1), and those kept by the other rules; delete the rest.
+    #[serde(default = "default_keep_last")]
     pub keep_last: Option<usize>,
+    /// Also keep the best checkpoint(s) by a metric the manifests record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_best: Option<Best>,
+    /// Also keep checkpoints whose step is a multiple of N (the newest K of them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub periodic: Option<Periodic>,
+    /// Keep the checkpoints of these steps forever.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub milestones: Vec<u64>,
+}
+
+/// How many of the newest checkpoints a policy read from a file keeps when it does not say.
+pub const DEFAULT_KEEP_LAST: usize = 3;
+
+fn default_keep_last() -> Option<usize> {
+    Some(DEFAULT_KEEP_LAST)
 }
 
 /// What retention knows of one committed checkpoint.
@@ -119,6 +134,14 @@ pub enum Role {
 }
 
 impl RetentionPolicy {
+    /// The policy of a file that names no retention key: keep the newest [`DEFAULT_KEEP_LAST`].
+    pub fn kept_by_default() -> RetentionPolicy {
+        RetentionPolicy {
+            keep_last: default_keep_last(),
+            ..RetentionPolicy::default()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.keep_last == Some(0) {
             return Err(

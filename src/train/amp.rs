@@ -22,15 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::LossScaleConfig;
 use super::ffi::{self, ShimError};
-
-/// A scaler state that cannot be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ScalerError {
-    #[error("loss scaler: {0}")]
-    Shim(#[from] ShimError),
-    #[error("loss scaler state: {0}")]
-    BadState(String),
-}
+use super::trainer::TrainError;
 
 /// The fp16 dynamic loss scaler (`torch.amp.GradScaler(device, init_scale, growth_factor,
 /// backoff_factor, growth_interval)`).
@@ -68,7 +60,7 @@ impl GradScaler {
     /// `scaler.unscale_(optimizer)`: multiply every defined gradient of `params` by `1/scale`
     /// (per dtype, one foreach call each, as GradScaler groups them); returns `found_inf`, a
     /// float32 0-dim tensor that is 1.0 when any gradient held an inf or NaN.
-    pub fn unscale(&self, params: &[Tensor]) -> Result<Tensor, ScalerError> {
+    pub fn unscale(&self, params: &[Tensor]) -> Result<Tensor, TrainError> {
         let _g = tch::no_grad_guard();
         let device = self.scale.device();
         let inv_scale = self
@@ -80,7 +72,7 @@ impl GradScaler {
         let mut by_kind: Vec<(Kind, Vec<Tensor>)> = Vec::new();
         for g in params.iter().map(Tensor::grad).filter(Tensor::defined) {
             if g.device() != device {
-                return Err(ScalerError::BadState(format!(
+                return Err(TrainError::Scaler(format!(
                     "a gradient is on {:?}, the scale on {device:?}",
                     g.device()
                 )));
@@ -108,7 +100,7 @@ impl GradScaler {
 
     /// `scaler.update()`: `torch._amp_update_scale_(scale, growth_tracker, found_inf,
     /// growth_factor, backoff_factor, growth_interval)`.
-    pub fn update(&mut self, found_inf: &Tensor) -> Result<(), ScalerError> {
+    pub fn update(&mut self, found_inf: &Tensor) -> Result<(), TrainError> {
         let _g = tch::no_grad_guard();
         let interval = i64::try_from(self.cfg.growth_interval.0).unwrap_or(i64::MAX);
         // In place on `scale` and `growth_tracker`; the returned handle aliases `scale`.
@@ -122,7 +114,7 @@ impl GradScaler {
                 interval,
             )
             .map_err(|e| {
-                ScalerError::Shim(ShimError {
+                TrainError::Shim(ShimError {
                     op: "_amp_update_scale_",
                     message: super::tensors::torch_message(&e),
                 })
@@ -159,26 +151,22 @@ impl GradScaler {
 
     /// Take a saved state: the two tensors of [`Self::state_tensors`] (0-dim float32 and int32;
     /// the scale finite and positive, the tracker ≥ 0) and the skipped count.
-    pub fn load(
-        &mut self,
-        tensors: Vec<(String, Tensor)>,
-        skipped: u64,
-    ) -> Result<(), ScalerError> {
+    pub fn load(&mut self, tensors: Vec<(String, Tensor)>, skipped: u64) -> Result<(), TrainError> {
         let (mut scale, mut tracker) = (None, None);
         for (name, t) in tensors {
             match name.as_str() {
                 Self::SCALE => scale = Some(t),
                 Self::GROWTH_TRACKER => tracker = Some(t),
                 other => {
-                    return Err(ScalerError::BadState(format!(
+                    return Err(TrainError::Scaler(format!(
                         "tensor {other} is not part of a loss scaler's state"
                     )))
                 }
             }
         }
         let check = |t: Option<Tensor>, name: &str, kind: Kind| match t {
-            None => Err(ScalerError::BadState(format!("tensor {name} is missing"))),
-            Some(t) if t.kind() != kind || t.dim() != 0 => Err(ScalerError::BadState(format!(
+            None => Err(TrainError::Scaler(format!("tensor {name} is missing"))),
+            Some(t) if t.kind() != kind || t.dim() != 0 => Err(TrainError::Scaler(format!(
                 "{name} is {:?} {:?}, expected a 0-dim {kind:?}",
                 t.kind(),
                 t.size()
@@ -189,12 +177,12 @@ impl GradScaler {
         let tracker = check(tracker, Self::GROWTH_TRACKER, Kind::Int)?;
         let s = scale.double_value(&[]);
         if !(s.is_finite() && s > 0.0) {
-            return Err(ScalerError::BadState(format!(
+            return Err(TrainError::Scaler(format!(
                 "scale is {s}, expected a finite positive value"
             )));
         }
         if tracker.int64_value(&[]) < 0 {
-            return Err(ScalerError::BadState(format!(
+            return Err(TrainError::Scaler(format!(
                 "growth_tracker is {}, expected ≥ 0",
                 tracker.int64_value(&[])
             )));

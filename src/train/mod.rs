@@ -1,8 +1,9 @@
 //! The built-in trainer (cargo feature `torch`): training in-process on libtorch through tch,
 //! checkpointed through [`crate::storage`].
 //!
-//! - [`config`]: the trainer's keys of the job config, typed and validated (errors name the key
-//!   path).
+//! - [`config`]: the trainer's view of the job config, whose types live in
+//!   [`crate::config::trainer`] (parsed once with the file, no torch); here only what needs
+//!   torch.
 //! - [`data`]: in-memory datasets and a loader whose whole state is a position (epoch, batch).
 //! - [`models`]: mlp, cnn and a small gpt over `tch::nn`.
 //! - [`optim`] and [`sched`]: SGD, Adam and AdamW (bit-exact with PyTorch 2.13's `torch.optim`,

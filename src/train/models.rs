@@ -13,6 +13,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{CnnConfig, GptConfig, MlpConfig, ModelConfig};
 use super::data::Task;
+use super::trainer::TrainError;
 
 /// The model: one of the three architectures.
 #[derive(Debug)]
@@ -58,15 +59,10 @@ pub struct Gpt {
     dropout: f64,
 }
 
-/// A model/data mismatch the config could not see (e.g. a CNN on flat features).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ModelError(pub String);
-
 impl Model {
     /// Create the model's variables under `root` (drawing their initial values from libtorch's
     /// default generator, in the order each builder creates them).
-    pub fn build(root: &nn::Path, cfg: &ModelConfig, task: &Task) -> Result<Model, ModelError> {
+    pub fn build(root: &nn::Path, cfg: &ModelConfig, task: &Task) -> Result<Model, TrainError> {
         match (cfg, task) {
             (ModelConfig::Mlp(c), Task::Classify { classes, input }) => {
                 Ok(Self::mlp(root, c, input, *classes))
@@ -77,7 +73,7 @@ impl Model {
             (ModelConfig::Gpt(c), Task::Lm { vocab, context }) => {
                 Ok(Self::gpt(root, c, *vocab, *context))
             }
-            (m, _) => Err(ModelError(format!(
+            (m, _) => Err(TrainError::Model(format!(
                 "model.kind: {} does not fit this data",
                 m.kind()
             ))),
@@ -107,9 +103,9 @@ impl Model {
         c: &CnnConfig,
         input: &[i64],
         classes: i64,
-    ) -> Result<Model, ModelError> {
+    ) -> Result<Model, TrainError> {
         if input.len() != 3 {
-            return Err(ModelError(format!(
+            return Err(TrainError::Model(format!(
                 "model.kind: cnn needs image data (channels × height × width), found samples of shape {input:?}"
             )));
         }

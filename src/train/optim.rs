@@ -31,133 +31,7 @@ use super::ffi::{self, ShimError};
 use super::tensors::torch_message;
 
 /// `torch.optim.SGD`'s hyperparameters (PyTorch's defaults).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SgdConfig {
-    /// Base learning rate (the value a scheduler starts from; each step is given its own lr).
-    pub lr: f64,
-    pub momentum: f64,
-    pub dampening: f64,
-    pub nesterov: bool,
-    pub weight_decay: f64,
-}
-
-impl Default for SgdConfig {
-    fn default() -> Self {
-        SgdConfig {
-            lr: 1e-3,
-            momentum: 0.0,
-            dampening: 0.0,
-            nesterov: false,
-            weight_decay: 0.0,
-        }
-    }
-}
-
-/// `torch.optim.Adam`'s / `AdamW`'s hyperparameters. Defaults are Adam's; AdamW's default
-/// weight decay is 1e-2 ([`AdamConfig::adamw`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdamConfig {
-    /// Base learning rate (the value a scheduler starts from; each step is given its own lr).
-    pub lr: f64,
-    pub betas: (f64, f64),
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub amsgrad: bool,
-}
-
-impl Default for AdamConfig {
-    fn default() -> Self {
-        AdamConfig {
-            lr: 1e-3,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            weight_decay: 0.0,
-            amsgrad: false,
-        }
-    }
-}
-
-impl AdamConfig {
-    /// `torch.optim.AdamW`'s defaults (weight decay 1e-2).
-    pub fn adamw() -> Self {
-        AdamConfig {
-            weight_decay: 1e-2,
-            ..AdamConfig::default()
-        }
-    }
-}
-
-/// Which optimizer, with its hyperparameters; as written in a job config
-/// (`{kind: adamw, lr: 3e-4, weight_decay: 0.1}`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum OptimizerConfig {
-    Sgd(SgdConfig),
-    Adam(AdamConfig),
-    /// Adam with decoupled weight decay (`param *= 1 - lr * weight_decay` before the update).
-    #[serde(rename = "adamw")]
-    AdamW(AdamConfig),
-}
-
-impl OptimizerConfig {
-    /// `sgd`, `adam` or `adamw`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            OptimizerConfig::Sgd(_) => "sgd",
-            OptimizerConfig::Adam(_) => "adam",
-            OptimizerConfig::AdamW(_) => "adamw",
-        }
-    }
-
-    /// The base learning rate.
-    pub fn lr(&self) -> f64 {
-        match self {
-            OptimizerConfig::Sgd(c) => c.lr,
-            OptimizerConfig::Adam(c) | OptimizerConfig::AdamW(c) => c.lr,
-        }
-    }
-
-    /// The checks `torch.optim`'s constructors make, with the same meaning.
-    pub fn validate(&self) -> Result<(), OptimError> {
-        let bad = |what: String| Err(OptimError::Config(format!("{}: {what}", self.kind())));
-        let nonneg = |name: &str, v: f64| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(())
-            } else {
-                Err(OptimError::Config(format!(
-                    "{}: invalid {name} {v} (must be finite and >= 0)",
-                    self.kind()
-                )))
-            }
-        };
-        match self {
-            OptimizerConfig::Sgd(c) => {
-                nonneg("lr", c.lr)?;
-                nonneg("momentum", c.momentum)?;
-                nonneg("weight_decay", c.weight_decay)?;
-                if !c.dampening.is_finite() {
-                    return bad(format!("invalid dampening {}", c.dampening));
-                }
-                if c.nesterov && (c.momentum <= 0.0 || c.dampening != 0.0) {
-                    return bad("nesterov momentum requires a momentum and zero dampening".into());
-                }
-            }
-            OptimizerConfig::Adam(c) | OptimizerConfig::AdamW(c) => {
-                nonneg("lr", c.lr)?;
-                nonneg("eps", c.eps)?;
-                nonneg("weight_decay", c.weight_decay)?;
-                for (i, b) in [c.betas.0, c.betas.1].into_iter().enumerate() {
-                    if !(0.0..1.0).contains(&b) {
-                        return bad(format!("invalid beta parameter at index {i}: {b}"));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
+pub use crate::config::trainer::optim::{AdamConfig, OptimizerConfig, SgdConfig};
 
 /// Optimizer errors; each names the parameter or state tensor concerned.
 #[derive(Debug, thiserror::Error)]
@@ -268,7 +142,7 @@ impl Optimizer {
     /// clones sharing storage with the model's parameters, updated in place by [`Self::step`].
     /// Names must be unique; parameters must be floating point.
     pub fn new(config: OptimizerConfig, params: Vec<(String, Tensor)>) -> Result<Self, OptimError> {
-        config.validate()?;
+        config.validate().map_err(OptimError::Config)?;
         let mut seen = BTreeSet::new();
         let mut out = Vec::with_capacity(params.len());
         for (name, t) in params {
@@ -347,17 +221,7 @@ impl Optimizer {
                 OptimizerConfig::Adam(c) => adam_update(c, false, lr, tensor, state, grad),
                 OptimizerConfig::AdamW(c) => adam_update(c, true, lr, tensor, state, grad),
             };
-            done.map_err(|e| match e {
-                StepError::Shim(source) => OptimError::Shim {
-                    param: p.name.clone(),
-                    source,
-                },
-                StepError::Torch(e) => OptimError::Torch {
-                    what: "step",
-                    param: p.name.clone(),
-                    message: torch_message(&e),
-                },
-            })?;
+            done.map_err(|e| e.of_param(&p.name))?;
         }
         Ok(())
     }
@@ -582,21 +446,33 @@ fn check_step(name: &str, t: &Tensor) -> Result<(), OptimError> {
     Ok(())
 }
 
-/// An error inside one parameter's update (the caller adds the parameter's name).
-enum StepError {
-    Shim(ShimError),
-    Torch(tch::TchError),
-}
-
-impl From<ShimError> for StepError {
-    fn from(e: ShimError) -> Self {
-        StepError::Shim(e)
+/// A libtorch error inside one parameter's update; [`OptimError::of_param`] names the parameter.
+impl From<ShimError> for OptimError {
+    fn from(source: ShimError) -> Self {
+        OptimError::Shim {
+            param: String::new(),
+            source,
+        }
     }
 }
 
-impl From<tch::TchError> for StepError {
+impl From<tch::TchError> for OptimError {
     fn from(e: tch::TchError) -> Self {
-        StepError::Torch(e)
+        OptimError::Torch {
+            what: "step",
+            param: String::new(),
+            message: torch_message(&e),
+        }
+    }
+}
+
+impl OptimError {
+    /// The error of one parameter's update, with the parameter's name.
+    fn of_param(mut self, name: &str) -> OptimError {
+        if let OptimError::Shim { param, .. } | OptimError::Torch { param, .. } = &mut self {
+            name.clone_into(param);
+        }
+        self
     }
 }
 
@@ -607,7 +483,7 @@ fn sgd_update(
     param: &mut Tensor,
     state: &mut ParamState,
     grad: Tensor,
-) -> Result<(), StepError> {
+) -> Result<(), OptimError> {
     // grad = grad.add(param, alpha=weight_decay)
     let mut grad = if c.weight_decay != 0.0 {
         ffi::add(&grad, param, c.weight_decay)?
@@ -646,7 +522,7 @@ fn sgd_update(
         };
     }
     // param.add_(grad, alpha=-lr)
-    ffi::add_(param, &grad, -lr).map_err(StepError::from)
+    ffi::add_(param, &grad, -lr).map_err(OptimError::from)
 }
 
 /// `_single_tensor_adam`'s body for one parameter (PyTorch 2.13; `capturable=False`,
@@ -658,10 +534,10 @@ fn adam_update(
     param: &mut Tensor,
     state: &mut ParamState,
     grad: Tensor,
-) -> Result<(), StepError> {
+) -> Result<(), OptimError> {
     if !matches!(*state, ParamState::Adam { .. }) {
         // Lazy state initialization: zeros_like(p, memory_format=torch.preserve_format).
-        let zeros = || param.f_zeros_like().map_err(StepError::from);
+        let zeros = || param.f_zeros_like().map_err(OptimError::from);
         *state = ParamState::Adam {
             step: 0.0,
             exp_avg: zeros()?,
@@ -722,7 +598,7 @@ fn adam_update(
     let mut denom = denom.f_div_scalar(bias_correction2_sqrt)?;
     let _ = denom.f_add_scalar_(c.eps)?;
     // param.addcdiv_(exp_avg, denom, value=-step_size)
-    ffi::addcdiv_(param, exp_avg, &denom, -step_size).map_err(StepError::from)
+    ffi::addcdiv_(param, exp_avg, &denom, -step_size).map_err(OptimError::from)
 }
 
 /// The saved tensors by name; a name given twice is refused.
@@ -764,54 +640,6 @@ mod tests {
             .map(|(_, t)| (t * t).sum(Kind::Float) + t.sin().sum(Kind::Float))
             .fold(Tensor::from(0.0f32), |a, b| a + b);
         loss.backward();
-    }
-
-    #[test]
-    fn config_is_checked_like_torch_optim() {
-        let sgd = |c| OptimizerConfig::Sgd(c).validate();
-        assert!(sgd(SgdConfig {
-            nesterov: true,
-            momentum: 0.9,
-            ..SgdConfig::default()
-        })
-        .is_ok());
-        let e = sgd(SgdConfig {
-            nesterov: true,
-            ..SgdConfig::default()
-        })
-        .unwrap_err();
-        assert!(e.to_string().contains("nesterov"), "{e}");
-        let e = OptimizerConfig::Adam(AdamConfig {
-            betas: (0.9, 1.0),
-            ..AdamConfig::default()
-        })
-        .validate()
-        .unwrap_err();
-        assert!(e.to_string().contains("beta parameter at index 1"), "{e}");
-        let e = OptimizerConfig::AdamW(AdamConfig {
-            lr: -1.0,
-            ..AdamConfig::adamw()
-        })
-        .validate()
-        .unwrap_err();
-        assert!(e.to_string().contains("adamw: invalid lr -1"), "{e}");
-    }
-
-    #[test]
-    fn config_reads_from_yaml() {
-        let c: OptimizerConfig =
-            serde_yaml::from_str("kind: adamw\nlr: 3.0e-4\nweight_decay: 0.1\n").unwrap();
-        assert_eq!(
-            c,
-            OptimizerConfig::AdamW(AdamConfig {
-                lr: 3e-4,
-                weight_decay: 0.1,
-                ..AdamConfig::default()
-            })
-        );
-        let c: OptimizerConfig = serde_yaml::from_str("kind: sgd\nmomentum: 0.9\n").unwrap();
-        assert_eq!(c.kind(), "sgd");
-        assert!(serde_yaml::from_str::<OptimizerConfig>("kind: sgd\nmomentun: 0.9\n").is_err());
     }
 
     #[test]

@@ -73,11 +73,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{nn, Device, Tensor};
 
-use super::amp::{GradScaler, ScalerError};
+use super::amp::GradScaler;
 use super::config::{changed_keys, DeviceChoice, Precision, TrainConfig};
 use super::data::{Dataset, Loader, Position, Split};
 use super::ffi::{self, Generator, ShimError};
-use super::models::{named_parameters, named_state, parameter_count, Model, ModelError};
+use super::models::{named_parameters, named_state, parameter_count, Model};
 use super::optim::{OptimError, Optimizer, OptimizerMeta};
 use super::pinned::PinnedStaging;
 use super::sched::{Scheduler, SchedulerState};
@@ -133,8 +133,9 @@ pub struct Outcome {
 pub enum TrainError {
     #[error("invalid trainer config: {0}")]
     Config(#[from] ConfigError),
+    /// A model/data mismatch the config could not see (e.g. a CNN on flat features).
     #[error("{0}")]
-    Model(#[from] ModelError),
+    Model(String),
     #[error("{0}")]
     Device(String),
     /// `device: cuda` and no CUDA device is visible: the user's to fix (a config refusal).
@@ -146,8 +147,10 @@ pub enum TrainError {
     Tensor(#[from] TensorError),
     #[error(transparent)]
     Shim(#[from] ShimError),
-    #[error(transparent)]
-    Scaler(#[from] ScalerError),
+    /// A loss scaler state that cannot be used (a missing or mis-shaped tensor, a device
+    /// mismatch).
+    #[error("loss scaler state: {0}")]
+    Scaler(String),
     /// The job or the run does not fit the checkpoint (threads, data, `--resume never`): no
     /// older checkpoint of the run would fit either.
     #[error("cannot resume from checkpoint {checkpoint}: {reason}")]

@@ -50,7 +50,7 @@ fn the_best_checkpoint_holds_the_weights_its_metric_was_measured_on() {
         let cfg = JobConfig::parse(&body(mode)).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("r");
-        let policy = cfg.checkpoint.retention();
+        let policy = cfg.checkpoint.retention.clone();
         let mut store = Store::open(&dir, &holder(None), policy.clone()).unwrap();
         let out = run(&cfg, &mut store, &Resume::Auto, &|| false).unwrap();
         assert!(out.completed && out.last_step == 50, "{out:?}");

@@ -24,7 +24,7 @@ const GPT: &str = "name: ranks\nseed: 9\nthreads: 1\n\
 const CNN: &str = "name: ranks-cnn\nseed: 3\nthreads: 1\n\
     model: {kind: cnn, channels: [4, 8], dropout: 0.1}\n\
     data: {kind: synthetic-images, samples: 300, size: 8, classes: 3}\nbatch_size: 16\n\
-    max_steps: 90\noptimizer: {kind: sgd, lr: 0.05, momentum: 0.9}\n\
+    max_steps: 150\noptimizer: {kind: sgd, lr: 0.05, momentum: 0.9}\n\
     checkpoint: {every_steps: 15}\n";
 
 /// The files of a 2-rank checkpoint of the built-in trainer.
@@ -203,7 +203,7 @@ fn two_gpt_ranks_stopped_and_one_killed_end_byte_identical() {
 
 #[test]
 fn two_cnn_ranks_with_shared_batchnorm_statistics_end_byte_identical() {
-    straight_vs_interrupted(CNN, 90);
+    straight_vs_interrupted(CNN, 150);
 }
 
 #[test]
@@ -298,7 +298,7 @@ fn two_ranks_keep_the_whole_batchs_running_mean() {
     let cfg = write_config(
         tmp.path(),
         &CNN.replace("dropout: 0.1", "dropout: 0.0")
-            .replace("max_steps: 90", "max_steps: 1"),
+            .replace("max_steps: 150", "max_steps: 1"),
     );
     let mut means = Vec::new();
     for (ranks, file) in [(1, "model.safetensors"), (2, "rank00000.model.safetensors")] {

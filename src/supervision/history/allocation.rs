@@ -1,18 +1,23 @@
 //! What the journal says of one allocation ([`Allocation`]): what it resumed from, committed,
 //! was signalled with and decided, and its time account ([`Allocation::account`]). Filled in by
 //! the fold ([`super::fold`](fn@super::fold)); read, never written, by the policy and `status`.
+//! Serialized, it is an entry of `status --json`'s `run.allocations` (the fold's bookkeeping
+//! left out): one type for the journal's account and the report's, so a field added to the
+//! fold is one field to show.
 
 use std::time::SystemTime;
 
 use crate::storage::journal::Cadence;
 
 /// One allocation of the run, as the journal tells it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Allocation {
     pub job_id: Option<String>,
     pub restart_count: u32,
     pub host: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
     pub started_at: Option<SystemTime>,
+    #[serde(serialize_with = "rfc3339")]
     pub ended_at: Option<SystemTime>,
     /// `completed`, `warning_signal`, `terminated`, `failed`; None when it never said (killed,
     /// node lost).
@@ -25,6 +30,7 @@ pub struct Allocation {
     pub resume_step: Option<u64>,
     pub new_checkpoints: u32,
     /// The newest step it committed.
+    #[serde(skip)]
     pub last_step: Option<u64>,
     /// The first stop signal, and seconds from it to the next committed checkpoint.
     pub signal: Option<String>,
@@ -32,38 +38,48 @@ pub struct Allocation {
     /// Steps committed before this allocation but redone by it (it resumed from an older one).
     pub steps_redone: u64,
     /// The time of its last event (how long it lived when it never wrote its end).
+    #[serde(skip)]
     pub last_event_at: Option<SystemTime>,
     /// The stall of each save it committed, seconds, where the saver measured it (the built-in
     /// trainer's saves).
+    #[serde(skip)]
     pub save_stalls: Vec<f64>,
     /// Staged files it could not commit and kept aside.
+    #[serde(skip)]
     pub kept: Vec<Kept>,
     /// Commit requests it refused.
     pub refused_requests: Vec<String>,
     /// Ranks of its program (None: a 1-rank program or the built-in trainer).
     pub world_size: Option<u32>,
     /// Multi-rank commits that never happened because some ranks never asked.
+    #[serde(rename = "incomplete_commits")]
     pub incomplete: Vec<Incomplete>,
     /// Ranks that failed (a locally started job names them; under srun, srun's log does).
+    #[serde(serialize_with = "rank_failures")]
     pub failed_ranks: Vec<(u32, String)>,
     /// When its program was ready to train (the built-in trainer's `training_started`; a child's
     /// `child_started`, whose own restore is not seen): the end of start-up and restore.
+    #[serde(skip)]
     pub training_started_at: Option<SystemTime>,
     /// The newest step it is known to have trained: its commits, and what the next allocation
     /// found in the metrics file (`training_started`'s `previous_step`).
     pub reached_step: Option<u64>,
     /// When its newest commit became durable.
+    #[serde(skip)]
     pub last_commit_at: Option<SystemTime>,
     /// Steps it trained that the next allocation redid (past its last commit, or past the
     /// checkpoint the next one fell back to). Known once the next allocation has started.
     pub steps_lost: u64,
     /// What `training_started` of this allocation says of its predecessor: the last step the
     /// metrics file recorded, and when.
+    #[serde(skip)]
     pub predecessor_reached: Option<(u64, Option<SystemTime>)>,
     /// The interval of its newest commit that journaled one (`checkpoint.interval: auto`), with
     /// that commit's step.
+    #[serde(skip)]
     pub cadence: Option<(u64, Cadence)>,
     /// Its time-limit watch (a Slurm job with a time limit), if armed.
+    #[serde(skip)]
     pub time_limit_watch: Option<TimeLimitWatch>,
 }
 
@@ -95,11 +111,31 @@ pub struct Account {
 }
 
 /// A multi-rank commit some ranks asked for and others never did: nothing was committed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Incomplete {
     pub step: Option<u64>,
+    #[serde(rename = "missing_ranks")]
     pub missing: Vec<u32>,
+    #[serde(rename = "requested_ranks")]
     pub requested: Vec<u32>,
+}
+
+/// A time as RFC 3339 with milliseconds (`status --json`'s times).
+fn rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.collect_str(&humantime::format_rfc3339_millis(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Failed ranks as `[{rank, how}]`.
+fn rank_failures<S: serde::Serializer>(v: &[(u32, String)], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(serde::Serialize)]
+    struct RankFailure<'a> {
+        rank: u32,
+        how: &'a str,
+    }
+    s.collect_seq(v.iter().map(|(rank, how)| RankFailure { rank: *rank, how }))
 }
 
 /// How an allocation's work was cut short.

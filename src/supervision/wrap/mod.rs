@@ -174,7 +174,7 @@ impl<'a> AllocationRun<'a> {
         let mut store = Store::open(
             &run_dir,
             &holder(job.as_ref().map(|j| j.job_id.clone())),
-            cfg.checkpoint.retention(),
+            cfg.checkpoint.retention.clone(),
         )
         .with_context(|| format!("cannot open run dir {}", run_dir.display()))?;
         freeze_config(&mut store, &run_dir, cfg)?;
