@@ -731,8 +731,11 @@ fn scancel_by_the_user_is_not_requeued() {
 
 /// `--time=2` with `--signal=B:USR1@60`: the warning comes 60–90 s before the limit (Slurm checks
 /// every 30 s); the program checkpoints, the job is requeued, and the chain finishes.
+///
+/// (Its name sorts it early: libtest starts tests in name order, and this one's ~2 minutes are
+/// mostly Slurm's clock, little CPU. Started last, as it was, it was the suite's tail.)
 #[test]
-fn time_limit_warning_checkpoints_and_resumes() {
+fn a_time_limit_warning_checkpoints_and_resumes() {
     let conf = cluster();
     let placed = place(&conf, &ONE_NODE);
     let tmp = tempfile::tempdir().unwrap();
