@@ -166,47 +166,154 @@ pub fn cluster() -> String {
 /// tests on different lanes run side by side. Lane 0 is the first node (partitions `low`/`high`),
 /// lane 1 the second (`low2`/`high2`); both lanes are `wide`/`widehigh`
 /// (`sbatch/local-cluster.sh`).
+///
+/// A lane is free again only when no job is left on it: the guard's drop cancels what the test
+/// left there (a test that failed or panicked mid-chain leaves its job running, requeueing,
+/// preempting) and waits until Slurm has no such job any more; the next test on that node would
+/// otherwise share it. When they do not go, the lanes stay taken and say why.
 pub struct Lanes {
     held: Vec<usize>,
+    pool: &'static LanePool,
+    /// Empties the held lanes before they are free: `Ok` once no job is left on them.
+    clear: ClearLanes,
 }
 
-/// Which lanes are taken, and how many two-lane requests wait (one-lane requests let them go
-/// first, so a two-node test does not wait for every one-node test to end).
+/// What a `Lanes` guard runs on drop, given the lanes it held.
+pub type ClearLanes = Box<dyn FnMut(&[usize]) -> Result<(), String> + Send>;
+
+/// Which lanes are taken, which are broken (left jobs that did not go), and how many two-lane
+/// requests wait (one-lane requests let them go first, so a two-node test does not wait for
+/// every one-node test to end).
+pub struct LanePool {
+    state: std::sync::Mutex<LaneState>,
+    freed: std::sync::Condvar,
+}
+
 struct LaneState {
     busy: [bool; 2],
+    broken: [Option<String>; 2],
     wide_waiting: usize,
 }
 
-static LANES: std::sync::Mutex<LaneState> = std::sync::Mutex::new(LaneState {
-    busy: [false; 2],
-    wide_waiting: 0,
-});
-static LANE_FREED: std::sync::Condvar = std::sync::Condvar::new();
-
-/// Wait until `n` (1 or 2) lanes are free and take them.
-pub fn take_lanes(n: usize) -> Lanes {
-    assert!(
-        n == 1 || n == 2,
-        "the local cluster has 2 lanes, asked for {n}"
-    );
-    let mut st = LANES.lock().unwrap_or_else(|e| e.into_inner());
-    if n == 2 {
-        st.wide_waiting += 1;
-    }
-    loop {
-        let free: Vec<usize> = (0..2).filter(|&i| !st.busy[i]).collect();
-        if free.len() >= n && (n == 2 || st.wide_waiting == 0) {
-            let held = free[..n].to_vec();
-            for &i in &held {
-                st.busy[i] = true;
-            }
-            if n == 2 {
-                st.wide_waiting -= 1;
-            }
-            return Lanes { held };
+impl LanePool {
+    pub const fn new() -> Self {
+        LanePool {
+            state: std::sync::Mutex::new(LaneState {
+                busy: [false; 2],
+                broken: [None, None],
+                wide_waiting: 0,
+            }),
+            freed: std::sync::Condvar::new(),
         }
-        st = LANE_FREED.wait(st).unwrap_or_else(|e| e.into_inner());
     }
+
+    /// Wait until `n` (1 or 2) lanes are free and take them; `clear` empties them on drop.
+    /// Panics when fewer than `n` lanes are left unbroken (waiting would never end).
+    pub fn take(&'static self, n: usize, clear: ClearLanes) -> Lanes {
+        assert!(
+            n == 1 || n == 2,
+            "the local cluster has 2 lanes, asked for {n}"
+        );
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if n == 2 {
+            st.wide_waiting += 1;
+        }
+        loop {
+            let usable = st.broken.iter().filter(|b| b.is_none()).count();
+            if usable < n {
+                if n == 2 {
+                    st.wide_waiting -= 1;
+                }
+                let why: Vec<String> = st.broken.iter().flatten().cloned().collect();
+                drop(st);
+                panic!("{n} lane(s) wanted, {usable} usable: {}", why.join("; "));
+            }
+            let free: Vec<usize> = (0..2)
+                .filter(|&i| !st.busy[i] && st.broken[i].is_none())
+                .collect();
+            if free.len() >= n && (n == 2 || st.wide_waiting == 0) {
+                let held = free[..n].to_vec();
+                for &i in &held {
+                    st.busy[i] = true;
+                }
+                if n == 2 {
+                    st.wide_waiting -= 1;
+                }
+                return Lanes {
+                    held,
+                    pool: self,
+                    clear,
+                };
+            }
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl Default for LanePool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static SLURM_LANES: LanePool = LanePool::new();
+
+/// Wait until `n` (1 or 2) lanes of the cluster at `conf` are free and take them.
+pub fn take_lanes(conf: &str, n: usize) -> Lanes {
+    let conf = conf.to_string();
+    SLURM_LANES.take(n, Box::new(move |held| clear_lanes(&conf, held)))
+}
+
+/// The partitions whose jobs run on `held` lanes (`wide`/`widehigh` need both).
+fn lane_partitions(held: &[usize]) -> Vec<&'static str> {
+    let mut p = Vec::new();
+    for &i in held {
+        p.extend(if i == 0 {
+            ["low", "high"]
+        } else {
+            ["low2", "high2"]
+        });
+    }
+    if held.len() == 2 {
+        p.extend(["wide", "widehigh"]);
+    }
+    p
+}
+
+/// Cancel every job left in the partitions of `held` and wait until Slurm lists none (pending,
+/// running or completing: squeue's default states). After a passing test this finds nothing.
+fn clear_lanes(conf: &str, held: &[usize]) -> Result<(), String> {
+    let parts = lane_partitions(held).join(",");
+    let left = || -> Result<Vec<String>, String> {
+        let o = slurm(conf, "squeue", &["-h", "-p", &parts, "-o", "%i"]);
+        if !o.status.success() {
+            return Err(format!("squeue -p {parts}: {}", text(&o)));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect())
+    };
+    let mut jobs = left()?;
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    eprintln!("lanes {held:?}: cancelling the jobs the test left there: {jobs:?}");
+    // TERM, then KILL after the cluster's KillWait (15 s), then the epilog: well within this.
+    let t = std::time::Instant::now();
+    while !jobs.is_empty() {
+        if t.elapsed() > std::time::Duration::from_secs(120) {
+            return Err(format!(
+                "lanes {held:?}: jobs {jobs:?} still in squeue 120 s after scancel"
+            ));
+        }
+        let ids: Vec<&str> = jobs.iter().map(String::as_str).collect();
+        slurm(conf, "scancel", &ids);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        jobs = left()?;
+    }
+    eprintln!("lanes {held:?}: empty after {:?}", t.elapsed());
+    Ok(())
 }
 
 impl Lanes {
@@ -222,11 +329,24 @@ impl Lanes {
 
 impl Drop for Lanes {
     fn drop(&mut self) {
-        let mut st = LANES.lock().unwrap_or_else(|e| e.into_inner());
+        let cleared = (self.clear)(&self.held);
+        let mut st = self.pool.state.lock().unwrap_or_else(|e| e.into_inner());
         for &i in &self.held {
             st.busy[i] = false;
+            if let Err(e) = &cleared {
+                st.broken[i] = Some(e.clone());
+            }
         }
-        LANE_FREED.notify_all();
+        drop(st);
+        self.pool.freed.notify_all();
+        if let Err(e) = cleared {
+            // A test that passed but left jobs that do not go fails here (a second panic while
+            // one unwinds would abort the harness).
+            if !std::thread::panicking() {
+                panic!("{e}");
+            }
+            eprintln!("{e}");
+        }
     }
 }
 
@@ -323,4 +443,72 @@ pub fn losses(run: &Path) -> std::collections::BTreeMap<u64, Vec<u64>> {
         }
     }
     m
+}
+
+/// The lane pool without a cluster: what a failed test's guard does before its lane is free.
+mod lane_tests {
+    use super::{ClearLanes, LanePool};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::time::Duration;
+
+    /// A failing test's lane is free only once its clear ran, and the clear ran while the test
+    /// unwound, for the lane it held.
+    #[test]
+    fn a_failed_test_frees_its_lane_only_after_its_jobs_are_gone() {
+        static POOL: LanePool = LanePool::new();
+        let gone = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(None));
+        let (taken, wait_taken) = mpsc::channel();
+        let test = {
+            let (gone, seen) = (gone.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let clear: ClearLanes = Box::new(move |held| {
+                    *seen.lock().unwrap() = Some((held.to_vec(), std::thread::panicking()));
+                    // Cancelling and waiting for the jobs takes a while.
+                    std::thread::sleep(Duration::from_millis(300));
+                    gone.store(true, Ordering::SeqCst);
+                    Ok(())
+                });
+                let _lanes = POOL.take(1, clear);
+                taken.send(()).unwrap();
+                panic!("a Slurm test fails while its job runs");
+            })
+        };
+        wait_taken.recv().unwrap();
+        // Both lanes: only once the failed test's lane is empty.
+        let both = POOL.take(2, Box::new(|_| Ok(())));
+        assert!(
+            gone.load(Ordering::SeqCst),
+            "the lane was free before its jobs were gone"
+        );
+        assert_eq!(*seen.lock().unwrap(), Some((vec![0], true)));
+        assert_eq!(both.partitions(), ("wide", "widehigh"));
+        assert!(test.join().is_err());
+    }
+
+    /// Jobs that do not go leave their lane taken: the other lane still serves one-lane tests,
+    /// a two-lane test fails saying why instead of waiting for ever.
+    #[test]
+    fn a_lane_whose_jobs_do_not_go_stays_taken_and_says_why() {
+        static POOL: LanePool = LanePool::new();
+        let stuck = std::thread::spawn(|| {
+            let _lanes = POOL.take(
+                1,
+                Box::new(|_| Err("job 7 still in squeue 120 s after scancel".into())),
+            );
+            panic!("a Slurm test fails");
+        });
+        assert!(stuck.join().is_err());
+        let one = POOL.take(1, Box::new(|_| Ok(())));
+        assert_eq!(one.partitions(), ("low2", "high2"));
+        drop(one);
+        let two = std::panic::catch_unwind(|| POOL.take(2, Box::new(|_| Ok(()))));
+        let msg = two.err().and_then(|e| e.downcast::<String>().ok());
+        assert!(
+            msg.as_deref()
+                .is_some_and(|m| m.contains("job 7 still in squeue")),
+            "{msg:?}"
+        );
+    }
 }

@@ -99,7 +99,7 @@ fn rendered_script_runs_from_a_work_dir_that_needs_quoting() {
     std::fs::write(&script_path, &script).unwrap();
 
     // A node of its own (slurm_e2e's exclusive jobs and preemptors hold theirs).
-    let lanes = take_lanes(1);
+    let lanes = take_lanes(&conf, 1);
     let o = slurm(
         &conf,
         "sbatch",

@@ -73,9 +73,9 @@ struct Placed {
     _lanes: Lanes,
 }
 
-/// Wait for the lanes `layout` needs and take them.
-fn place(layout: &Layout) -> Placed {
-    let lanes = take_lanes(layout.nodes as usize);
+/// Wait for the lanes `layout` needs on the cluster at `conf` and take them.
+fn place(conf: &str, layout: &Layout) -> Placed {
+    let lanes = take_lanes(conf, layout.nodes as usize);
     let (low, high) = lanes.partitions();
     Placed {
         slurm: format!("  partition: {low}\n{}", layout.slurm),
@@ -506,7 +506,7 @@ fn interruptions(chain: &Chain) {
     // The straight run needs no cluster: it runs before this test waits for its lanes.
     let straight = straight_run(tmp.path(), name, straight_command, layout, extra_yaml);
 
-    let placed = place(layout);
+    let placed = place(&conf, layout);
     let dir = tmp.path().join("chain");
     std::fs::create_dir_all(&dir).unwrap();
     let (job, run) = submit(
@@ -639,7 +639,7 @@ fn interruptions(chain: &Chain) {
 #[test]
 fn a_program_that_always_crashes_stops_after_max_no_progress() {
     let conf = cluster();
-    let placed = place(&ONE_NODE);
+    let placed = place(&conf, &ONE_NODE);
     let tmp = tempfile::tempdir().unwrap();
     let cmd = vec![
         "sh".to_string(),
@@ -685,7 +685,7 @@ fn a_program_that_always_crashes_stops_after_max_no_progress() {
 #[test]
 fn scancel_by_the_user_is_not_requeued() {
     let conf = cluster();
-    let placed = place(&ONE_NODE);
+    let placed = place(&conf, &ONE_NODE);
     let tmp = tempfile::tempdir().unwrap();
     let (job, run) = submit(
         &conf,
@@ -731,10 +731,13 @@ fn scancel_by_the_user_is_not_requeued() {
 
 /// `--time=2` with `--signal=B:USR1@60`: the warning comes 60–90 s before the limit (Slurm checks
 /// every 30 s); the program checkpoints, the job is requeued, and the chain finishes.
+///
+/// (Its name sorts it early: libtest starts tests in name order, and this one's ~2 minutes are
+/// mostly Slurm's clock, little CPU. Started last, as it was, it was the suite's tail.)
 #[test]
-fn time_limit_warning_checkpoints_and_resumes() {
+fn a_time_limit_warning_checkpoints_and_resumes() {
     let conf = cluster();
-    let placed = place(&ONE_NODE);
+    let placed = place(&conf, &ONE_NODE);
     let tmp = tempfile::tempdir().unwrap();
     let (cfg, run) = write_config(
         tmp.path(),
@@ -782,7 +785,7 @@ fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
         .collect();
     let straight = straight_run(tmp.path(), "e2e-nowarn", &fast, &ONE_NODE, "");
 
-    let placed = place(&ONE_NODE);
+    let placed = place(&conf, &ONE_NODE);
     let (cfg, run) = write_config(
         tmp.path(),
         "e2e-nowarn",
@@ -856,4 +859,50 @@ fn a_job_without_a_warning_signal_saves_before_its_time_limit_and_resumes() {
         };
         assert!(final_of(&straight) == final_of(&run), "{f} differs");
     }
+}
+
+/// The harness itself: a test that fails while its job runs must not hand its lane to the next
+/// test with that job still on it. The guard's drop (while the failure unwinds) cancels the job
+/// and frees the lane only once Slurm no longer lists it.
+#[test]
+fn a_failed_test_leaves_no_job_on_its_lane() {
+    let conf = cluster();
+    let job = std::sync::Mutex::new(String::new());
+    let failed = std::panic::catch_unwind(|| {
+        let placed = place(&conf, &ONE_NODE);
+        let p = placed.slurm.trim().trim_start_matches("partition: ");
+        let o = slurm(
+            &conf,
+            "sbatch",
+            &[
+                "--parsable",
+                "-p",
+                p,
+                "-o",
+                "/dev/null",
+                "--wrap",
+                "sleep 300",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        *job.lock().unwrap() = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        wait_for("the job to run", Duration::from_secs(60), || {
+            let id = job.lock().unwrap().clone();
+            job_state(&conf, &id) == "RUNNING"
+        });
+        panic!("the test fails while its job runs");
+    });
+    assert!(failed.is_err());
+    let job = job.into_inner().unwrap();
+    let o = slurm(&conf, "squeue", &["-h", "-j", &job, "-o", "%T"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "",
+        "job {job} outlived the failed test that held its lane"
+    );
+    assert!(
+        matches!(job_state(&conf, &job).as_str(), "CANCELLED" | "GONE"),
+        "job {job}: {}",
+        job_state(&conf, &job)
+    );
 }
