@@ -105,7 +105,10 @@ class Run:
     def _commit(self):
         with open(self.request) as f:
             req = json.load(f)
-        check(set(req) == {"step", "epoch", "metrics", "done"}, f"request keys {sorted(req)}")
+        check(set(req) - {"stopping"} == {"step", "epoch", "metrics", "done"}, f"request keys {sorted(req)}")
+        # "stopping" (saved on a stop signal: work left) is only ever true, and never with done
+        check(req.get("stopping", True) is True and not (req.get("stopping") and req["done"]),
+              f"request stopping={req.get('stopping')!r} done={req['done']!r}")
         step, epoch, metrics, done = req["step"], req["epoch"], req["metrics"], req["done"]
         check(done is (step == STEPS), f"request step {step} with done={done!r}")
         check(isinstance(step, int) and step >= 0, f"bad step {step!r}")
