@@ -30,6 +30,8 @@ r=${HPC_CKPT_RANK:?} w=${HPC_CKPT_WORLD_SIZE:?}
 pre=$(printf 'rank%05d.' "$r")
 sync="$SYNC_ROOT/$(basename "$HPC_CKPT_RANK_PREFIX")"; mkdir -p "$sync"
 sig=0 stop=0; trap 'sig=1' USR1 TERM; : > "$HPC_CKPT_READY_FILE"  # handlers in place: ready
+# The stop signal goes to the whole process group (DESIGN: the child's group), and a subshell
+# or command does not keep the trap: each one whose death would change the state ignores it.
 n=0 last=-1 model=init rng="seed$r"
 if [ -n "${HPC_CKPT_RESUME_FROM:-}" ]; then
   src=$HPC_CKPT_RESUME_FROM
@@ -41,11 +43,11 @@ fi
 echo "rank $r of $w resumes at $n (saved by ${HPC_CKPT_RESUME_WORLD_SIZE:-none})"
 wait_ack() { local i=0; while [ -e "$HPC_CKPT_COMMIT_REQUEST" ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done; }
 agree() { # stop = all_reduce(max) of the signal flags at step boundary $1, through files
-  echo $sig > "$sync/$1.$r.tmp"; mv "$sync/$1.$r.tmp" "$sync/$1.$r"
+  echo $sig > "$sync/$1.$r.tmp"; (trap '' USR1 TERM; mv "$sync/$1.$r.tmp" "$sync/$1.$r")
   local i=0 k any=0
   for ((k = 0; k < w; k++)); do
     while [ ! -e "$sync/$1.$k" ]; do sleep 0.005; i=$((i+1)); [ $i -lt 6000 ] || exit 3; done
-    [ "$(cat "$sync/$1.$k")" = 1 ] && any=1
+    [ "$(trap '' USR1 TERM; cat "$sync/$1.$k")" = 1 ] && any=1
   done
   stop=$any
 }
@@ -58,7 +60,7 @@ save() {
   if [ "$mode" = skew ] && [ "$r" = 1 ] && [ "$s" = "$every" ]; then s=$((s+1)); fi
   [ "$mode" = sharded ] && extra=', "sharded": true'
   printf '{"step": %s%s}' "$s" "$extra" > "$HPC_CKPT_COMMIT_REQUEST.tmp"
-  mv "$HPC_CKPT_COMMIT_REQUEST.tmp" "$HPC_CKPT_COMMIT_REQUEST"
+  (trap '' USR1 TERM; mv "$HPC_CKPT_COMMIT_REQUEST.tmp" "$HPC_CKPT_COMMIT_REQUEST")
   last=$1
 }
 while [ "$n" -lt "$steps" ]; do
@@ -66,8 +68,8 @@ while [ "$n" -lt "$steps" ]; do
   if [ $stop = 1 ]; then [ "$last" = "$n" ] || save "$n"; echo "rank $r stops at $n"; exit 0; fi
   sleep "$delay"
   n=$((n+1))
-  model=$(printf '%s:%s' "$model" "$n" | md5sum | cut -c1-16)
-  rng=$(printf '%s:%s' "$rng" "$n" | md5sum | cut -c1-16)
+  model=$(trap '' USR1 TERM; printf '%s:%s' "$model" "$n" | md5sum | cut -c1-16)
+  rng=$(trap '' USR1 TERM; printf '%s:%s' "$rng" "$n" | md5sum | cut -c1-16)
   if [ $((n % every)) = 0 ] || [ "$n" = "$steps" ]; then save "$n"; fi
 done
 wait_ack
