@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import JOBS, PY, RUN_AGAIN, WrapRun, read, require, verify
@@ -144,7 +145,9 @@ def test_hf_trainer_usr1_to_one_rank_stops_both_at_the_same_step(hpc_bin, tmp_pa
     inc = run.launch(6, "USR1_RANK1", timeout=90)
     # the supervisor never got the signal; rank 1's commit said it stopped: work is left
     assert inc.sent and inc.rc == RUN_AGAIN, inc.describe()
-    stopped = sorted(line for line in inc.out if line.startswith("rank="))
+    # (two ranks share the pipe, and print() writes its newline apart: another rank's output
+    # may follow on the same line)
+    stopped = sorted(m.group(0) for line in inc.out for m in [re.search(r"rank=\d+ stopped at step=\d+", line)] if m)
     assert len(stopped) == 2, f"both ranks must stop: {stopped}\n{inc.describe()}"
     step = int(stopped[0].rsplit("=", 1)[1])
     assert stopped == [f"rank={r} stopped at step={step}" for r in (0, 1)], stopped

@@ -355,7 +355,7 @@ class _Recorder(Transport):
             os.unlink(os.path.join(self.d, n))
         return self.d
 
-    def submit(self, step, epoch, metrics, done, sharded=False, reshardable=False):
+    def submit(self, step, epoch, metrics, done, sharded=False, reshardable=False, stopping=False):
         self.reqs.append((step, done, sharded, sorted(os.listdir(self.d))))
 
 
