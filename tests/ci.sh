@@ -17,6 +17,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 T0=$SECONDS
+# The machine's CPU jiffies (all, idle) at the start: the closing lines say how busy the run kept it.
+cpu_jiffies() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6 }' /proc/stat; }
+read -r CPU0 IDLE0 < <(cpu_jiffies)
 TIMES=()
 LAST=""
 LAST_T=$SECONDS
@@ -42,7 +45,7 @@ bg() {
     local name=$1
     shift
     # (8>&-: the daemons the cluster start leaves running must not hold the cache lock)
-    setsid bash -c 's=$SECONDS; "$@" </dev/null >"$0.out" 2>&1; rc=$?; echo $((SECONDS - s)) >"$0.s"; echo $rc >"$0.rc"' \
+    setsid bash -c 's=$SECONDS; "$@" </dev/null >"$0.out" 2>&1; rc=$?; echo $((SECONDS - s)) >"$0.s"; times | tail -1 >"$0.cpu"; echo $rc >"$0.rc"' \
         "$TMP/$name" "$@" 8>&- &
     BG_PIDS+=($!)
 }
@@ -52,7 +55,7 @@ wait_bg() {
     while [[ ! -f $TMP/$name.rc ]]; do sleep 1; done
     rc=$(cat "$TMP/$name.rc")
     if [[ ${2:-} == LOG ]]; then tee -a "$LOG" <"$TMP/$name.out"; else cat "$TMP/$name.out"; fi
-    printf '(%s: %s s in the background)\n' "$name" "$(cat "$TMP/$name.s")"
+    printf '(%s: %s s in the background; its processes'"'"' CPU, user and system: %s)\n' "$name" "$(cat "$TMP/$name.s")" "$(cat "$TMP/$name.cpu")"
     TIMES+=("$(printf '%5d s  %s (background)' "$(cat "$TMP/$name.s")" "$name")")
     if [[ $rc != 0 ]]; then
         echo "ci: $name failed (exit $rc)" >&2
@@ -102,6 +105,11 @@ for line in open(sys.argv[1]):
         print(m["target"]["name"], m["executable"])
 PYEOF
 it_bin=$(awk '$1 == "it" { print $2 }' "$TMP/tests")
+# Each test's seconds on its result line ("ok <12.345s>"; libtest's option is unstable, and
+# RUSTC_BOOTSTRAP=1 in the test binary's environment unlocks it on a stable toolchain): the
+# slowest are listed at the end.
+export RUSTC_BOOTSTRAP=1
+report_time=(-Z unstable-options --report-time)
 [[ -x $it_bin ]] || { echo "ci: no test binary it among: $(cat "$TMP/tests")" >&2; exit 1; }
 
 step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, side by side on the two nodes), from the moment the cluster's self-test passes"
@@ -110,7 +118,7 @@ step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, si
 # on it.
 bg slurm bash -c 'while [[ ! -f $1.rc ]]; do sleep 1; done
     [[ $(cat "$1.rc") == 0 ]] || { echo "ci: the cluster self-test failed: no Slurm suites"; exit 1; }
-    shift; exec "$@"' _ "$TMP/cluster" "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3
+    shift; exec "$@"' _ "$TMP/cluster" "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3 "${report_time[@]}"
 
 # The next three steps hold checks with timing bounds: they run before pytest starts beside the
 # test binaries, with only the Slurm suites in the background (with every runner on 2 cores, and
@@ -120,7 +128,7 @@ step "tests/it wrap_lifetime::"
 # supervisor's fixed bound (10 s, src/supervision/child.rs READY_WAIT): with pytest, the Slurm
 # jobs and the test binaries all on 2 cores, torch's import took longer once. The rest of the
 # it binary skips it below.
-"$it_bin" wrap_lifetime:: </dev/null 2>&1 | tee -a "$LOG"
+"$it_bin" wrap_lifetime:: "${report_time[@]}" </dev/null 2>&1 | tee -a "$LOG"
 
 step "Python side: the safetensors checker, and the example job's exact resume (child protocol)"
 .venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
@@ -135,14 +143,14 @@ step "Python package hpc_ckpt in the background (pytest, the real target/debug/h
 # Beside the cargo test binaries rather than after them: neither keeps both cores busy alone
 # (processes starting, ranks waiting on each other, fixed step delays), and run one after the
 # other they were the long pole (~290 s each, the Slurm suites ending long before).
-bg pytest .venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=10
+bg pytest .venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=20
 
 step "cargo test (default features: every test binary, the trainer included; the Slurm suites and pytest are in the background)"
 while read -r name exe <&3; do
     printf '     Running %s (%s)\n' "$name" "${exe#"$REPO"/}"
     skip=(--skip slurm_e2e:: --skip sbatch_template::)
     [[ $name == it ]] && skip+=(--skip wrap_lifetime::)
-    "$exe" "${skip[@]}" </dev/null 2>&1 | tee -a "$LOG"
+    "$exe" "${skip[@]}" "${report_time[@]}" </dev/null 2>&1 | tee -a "$LOG"
 done 3<"$TMP/tests"
 
 step "Python package hpc_ckpt (the rest of its time)"
@@ -161,6 +169,11 @@ step "done"
 printf '\nci: times\n'
 printf '%s\n' "${TIMES[@]}"
 printf '%5d s  total\n' $((SECONDS - T0))
+read -r CPU1 IDLE1 < <(cpu_jiffies)
+printf 'ci: the CPUs were busy %d %% of the time (%d cores)\n' \
+    $((100 - 100 * (IDLE1 - IDLE0) / (CPU1 - CPU0 > 0 ? CPU1 - CPU0 : 1))) "$(nproc)"
+printf '\nci: the slowest cargo tests (seconds)\n'
+sed -n 's/^test \(.*\) \.\.\. ok <\([0-9.]*\)s>$/\2 \1/p' "$LOG" | sort -rn | head -15 | awk '{ printf "%8.1f  %s\n", $1, $2 }'
 
 # One closing line over every runner above (cargo's per-binary lines end on empty harnesses;
 # pytest's summary is "[N failed, ]N passed[, N errors] in Ts").
