@@ -19,6 +19,14 @@
 //!   ~0.6 s and ~400 MB on a CPU-only machine, so by default it is linked only when the build
 //!   machine has an NVIDIA driver (`/proc/driver/nvidia` or `/dev/nvidiactl`);
 //!   `HPC_CKPT_LINK_CUDA=1` forces it (a GPU build made on a CPU login node), `=0` refuses it.
+//!
+//! The two C++ files take ~25 CPU-s to compile, and cargo reruns this script whenever their
+//! mtime changes, i.e. in every fresh clone (CI's: `tests/ci.sh` shares one target dir between
+//! clones), and once for `cargo check`/`clippy` and once more for `cargo build`/`test` (each has
+//! its own OUT_DIR). So each compiled library is also kept in `<target>/cxx-cache/`, named by a
+//! hash of everything its object code depends on (the sources' bytes, the flags, the compiler,
+//! libtorch's and Gloo's headers' identity), and a run that finds it copies it instead of
+//! compiling.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -98,26 +106,112 @@ mod torch {
                 .flag("-DGLOG_USE_GLOG_EXPORT");
             b
         };
-        libtorch_cpp()
-            .file("src/train/shim.cpp")
-            .compile("hpc_ckpt_shim");
+        // What the object code depends on besides the sources: the headers' identity (their
+        // dirs, and libtorch's version header's bytes: a torch upgrade in place keeps the
+        // path), the ABI flag.
+        let version_h = std::fs::read(include.join("torch").join("version.h")).unwrap_or_default();
+        let mut key = vec![
+            include.display().to_string().into_bytes(),
+            version_h,
+            abi.clone().into_bytes(),
+        ];
+        let mut shim = libtorch_cpp();
+        shim.file("src/train/shim.cpp");
+        compile_cached(
+            shim,
+            "hpc_ckpt_shim",
+            &["src/train/shim.cpp", "src/train/shim_error.hpp"],
+            &key,
+        );
 
         let gloo = gloo_include();
         let mut collective = libtorch_cpp();
         collective.define("USE_C10D_GLOO", None);
         if let Some(dir) = &gloo {
             collective.include(dir);
+            key.push(dir.display().to_string().into_bytes());
         }
-        collective
-            .file("src/train/collective.cpp")
-            .compile("hpc_ckpt_collective");
+        key.push(gloo_identity(gloo.as_deref()));
+        collective.file("src/train/collective.cpp");
+        compile_cached(
+            collective,
+            "hpc_ckpt_collective",
+            &["src/train/collective.cpp", "src/train/shim_error.hpp"],
+            &key,
+        );
     }
+
+    /// Compile `build` into the static library `lib{name}.a` in OUT_DIR and link it, unless
+    /// `<target>/cxx-cache/` holds the library of the same inputs (`sources`' bytes, `key`, the
+    /// compiler and its flags): then that copy is linked. A cache that cannot be read or written
+    /// only costs the compile.
+    fn compile_cached(mut build: cc::Build, name: &str, sources: &[&str], key: &[Vec<u8>]) {
+        use std::hash::{Hash, Hasher};
+        let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+        let file = format!("lib{name}.a");
+        build.cargo_metadata(false);
+        let compiler = build.get_compiler();
+        // SipHash with fixed keys: stable for one build script binary, which is all a cache
+        // needs (another toolchain misses and compiles).
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        for s in sources {
+            std::fs::read(s)
+                .unwrap_or_else(|e| panic!("cannot read {s}: {e}"))
+                .hash(&mut h);
+        }
+        key.hash(&mut h);
+        compiler.path().hash(&mut h);
+        compiler.args().hash(&mut h);
+        // The compiler's identity: its version banner (a new g++ at the same path misses).
+        std::process::Command::new(compiler.path())
+            .arg("--version")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default()
+            .hash(&mut h);
+        // <target>/<profile>/build/<pkg>-<hash>/out: four levels below the target dir.
+        let cached = out.ancestors().nth(4).map(|t| {
+            t.join("cxx-cache")
+                .join(format!("{name}-{:016x}", h.finish()))
+        });
+        let hit = cached
+            .as_ref()
+            .is_some_and(|c| std::fs::copy(c.join(&file), out.join(&file)).is_ok());
+        if !hit {
+            build.compile(name);
+            if let Some(c) = &cached {
+                // Into a temporary name, then renamed: a concurrent build never sees half.
+                let tmp = c.with_extension(format!("tmp{}", std::process::id()));
+                let stored = std::fs::create_dir_all(&tmp)
+                    .and_then(|_| std::fs::copy(out.join(&file), tmp.join(&file)))
+                    .and_then(|_| std::fs::rename(&tmp, c));
+                if stored.is_err() {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                }
+            }
+        }
+        println!("cargo:rustc-link-search=native={}", out.display());
+        println!("cargo:rustc-link-lib=static={name}");
+        println!("cargo:rustc-link-lib=stdc++");
+    }
+
+    /// What identifies the Gloo headers collective.cpp compiles against: the probe header's
+    /// bytes (a libgloo-dev upgrade changes them).
+    fn gloo_identity(dir: Option<&std::path::Path>) -> Vec<u8> {
+        let dir = dir.unwrap_or(std::path::Path::new("/usr/include"));
+        std::fs::read(dir.join("gloo").join("config.h"))
+            .or_else(|_| std::fs::read(dir.join(GLOO_PROBE)))
+            .unwrap_or_default()
+    }
+
+    /// One header ProcessGroupGloo.hpp includes.
+    const GLOO_PROBE: &str = "gloo/rendezvous/store.h";
 
     /// Gloo's headers: `GLOO_INCLUDE` (a dir holding `gloo/`), else the system include dir
     /// (`None`: the compiler's default path has them). Panics, naming the fix, when absent.
     fn gloo_include() -> Option<PathBuf> {
-        // One header ProcessGroupGloo.hpp includes.
-        const PROBE: &str = "gloo/rendezvous/store.h";
+        const PROBE: &str = GLOO_PROBE;
         println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
         if let Ok(dir) = env::var("GLOO_INCLUDE") {
             let dir = PathBuf::from(dir);
