@@ -24,13 +24,38 @@ pub fn train_cmd(cfg: &Path, run: &Path) -> Command {
     c
 }
 
-/// The journal's `checkpoint_committed` events of `run`, in order.
-pub fn commit_events(run: &Path) -> Vec<serde_json::Value> {
+/// `hpc-ckpt wrap --ranks N --config CFG --run-dir RUN -- train` outside Slurm (the built-in
+/// trainer's N local ranks), stdout discarded; the caller says where stderr goes.
+pub fn ranks_train_cmd(cfg: &Path, run: &Path, ranks: u32) -> Command {
+    let ranks = ranks.to_string();
+    let mut c = cmd(&[
+        "wrap",
+        "--ranks",
+        &ranks,
+        "--config",
+        cfg.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--",
+        "train",
+    ]);
+    c.env_remove("SLURM_JOB_ID")
+        .stdout(std::process::Stdio::null());
+    c
+}
+
+/// The journal's events named `name` of `run`, in order.
+pub fn journal_events(run: &Path, name: &str) -> Vec<serde_json::Value> {
     hpc_ckpt::storage::journal::read_all(run)
         .0
         .into_iter()
-        .filter(|e| e["event"] == "checkpoint_committed")
+        .filter(|e| e["event"] == name)
         .collect()
+}
+
+/// The journal's `checkpoint_committed` events of `run`, in order.
+pub fn commit_events(run: &Path) -> Vec<serde_json::Value> {
+    journal_events(run, "checkpoint_committed")
 }
 
 /// The `hpc-ckpt` binary cargo built for these tests.

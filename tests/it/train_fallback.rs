@@ -13,8 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use crate::common::journal_events as events;
 use crate::common::*;
-use hpc_ckpt::storage::journal::read_all;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
@@ -165,13 +165,6 @@ fn damages() -> Vec<Damage> {
 }
 
 /// The journal's events named `event`.
-fn events(run: &Path, event: &str) -> Vec<Value> {
-    read_all(run)
-        .0
-        .into_iter()
-        .filter(|e| e["event"] == event)
-        .collect()
-}
 
 #[test]
 fn unrestorable_checkpoint_falls_back_and_ends_byte_identical() {

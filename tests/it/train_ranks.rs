@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::common::journal_events as events;
 use crate::common::*;
 use hpc_ckpt::storage::manifest::checkpoint_name;
 use nix::sys::signal::{kill, Signal};
@@ -44,29 +45,9 @@ fn write_config(dir: &Path, body: &str) -> PathBuf {
 
 /// `wrap --ranks N --config CFG --run-dir RUN -- train`, outside Slurm (local ranks).
 fn train(cfg: &Path, run: &Path, ranks: u32) -> std::process::Command {
-    let mut c = cmd(&[
-        "wrap",
-        "--ranks",
-        &ranks.to_string(),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--",
-        "train",
-    ]);
-    c.env_remove("SLURM_JOB_ID")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    let mut c = ranks_train_cmd(cfg, run, ranks);
+    c.stderr(std::process::Stdio::piped());
     c
-}
-
-fn events(run: &Path, name: &str) -> Vec<serde_json::Value> {
-    hpc_ckpt::storage::journal::read_all(run)
-        .0
-        .into_iter()
-        .filter(|e| e["event"] == name)
-        .collect()
 }
 
 /// Start an allocation and wait until it has committed `n` checkpoints in all.

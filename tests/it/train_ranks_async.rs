@@ -12,9 +12,10 @@
 //!   loss-scaler state included (the scale starts high enough to skip steps and back off).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use crate::common::journal_events as events;
 use crate::common::*;
 use hpc_ckpt::storage::manifest::checkpoint_name;
 use hpc_ckpt::storage::run_dir::RunDir;
@@ -47,35 +48,14 @@ fn write_config(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 /// `wrap --ranks 2 -- train` outside Slurm, stderr (rank 0's log at `log_level`) into `log`.
 fn train(cfg: &Path, run: &Path, log: &Path, log_level: &str) -> Command {
-    let mut c = cmd(&[
-        "wrap",
-        "--ranks",
-        "2",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--",
-        "train",
-    ]);
+    let mut c = ranks_train_cmd(cfg, run, 2);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    c.env_remove("SLURM_JOB_ID")
-        .env("HPC_CKPT_LOG", log_level)
-        .stdout(Stdio::null())
-        .stderr(log);
+    c.env("HPC_CKPT_LOG", log_level).stderr(log);
     c
-}
-
-fn events(run: &Path, name: &str) -> Vec<serde_json::Value> {
-    hpc_ckpt::storage::journal::read_all(run)
-        .0
-        .into_iter()
-        .filter(|e| e["event"] == name)
-        .collect()
 }
 
 fn committed_steps(run: &Path) -> Vec<u64> {
