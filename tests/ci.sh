@@ -45,7 +45,7 @@ bg() {
     local name=$1
     shift
     # (8>&-: the daemons the cluster start leaves running must not hold the cache lock)
-    setsid bash -c 's=$SECONDS; "$@" </dev/null >"$0.out" 2>&1; rc=$?; echo $((SECONDS - s)) >"$0.s"; times | tail -1 >"$0.cpu"; echo $rc >"$0.rc"' \
+    setsid bash -c 's=$SECONDS; "$@" </dev/null >"$0.out" 2>&1; rc=$?; echo $((SECONDS - s)) >"$0.s"; times >"$0.cpu"; echo $rc >"$0.rc"' \
         "$TMP/$name" "$@" 8>&- &
     BG_PIDS+=($!)
 }
@@ -55,7 +55,7 @@ wait_bg() {
     while [[ ! -f $TMP/$name.rc ]]; do sleep 1; done
     rc=$(cat "$TMP/$name.rc")
     if [[ ${2:-} == LOG ]]; then tee -a "$LOG" <"$TMP/$name.out"; else cat "$TMP/$name.out"; fi
-    printf '(%s: %s s in the background; its processes'"'"' CPU, user and system: %s)\n' "$name" "$(cat "$TMP/$name.s")" "$(cat "$TMP/$name.cpu")"
+    printf '(%s: %s s in the background; its processes'"'"' CPU, user and system: %s)\n' "$name" "$(cat "$TMP/$name.s")" "$(tail -1 "$TMP/$name.cpu")"
     TIMES+=("$(printf '%5d s  %s (background)' "$(cat "$TMP/$name.s")" "$name")")
     if [[ $rc != 0 ]]; then
         echo "ci: $name failed (exit $rc)" >&2
@@ -170,6 +170,8 @@ printf '\nci: times\n'
 printf '%s\n' "${TIMES[@]}"
 printf '%5d s  total\n' $((SECONDS - T0))
 read -r CPU1 IDLE1 < <(cpu_jiffies)
+times >"$TMP/fg.cpu"
+printf 'ci: the foreground'"'"'s processes (builds, test binaries) used, user and system: %s\n' "$(tail -1 "$TMP/fg.cpu")"
 printf 'ci: the CPUs were busy %d %% of the time (%d cores)\n' \
     $((100 - 100 * (IDLE1 - IDLE0) / (CPU1 - CPU0 > 0 ? CPU1 - CPU0 : 1))) "$(nproc)"
 printf '\nci: the slowest cargo tests (seconds)\n'
