@@ -345,10 +345,16 @@ fn three_interruptions_of_a_two_rank_fsdp2_job_end_byte_identical() {
 
 /// The built-in trainer (in-process under the supervisor): a small char-level GPT with dropout,
 /// AdamW, cosine warmup, grad accumulation and clipping.
+///
+/// Sized by measurement: the interruptions take the first ~190 steps (~205 on two ranks, below)
+/// on a quiet machine, where steps are fastest against the test's wall-clock waits (Slurm's
+/// requeue, the jitter); 700 (600) steps leave three times that and the straight run and the
+/// chain train no more than they must (each step of this gpt costs ~21 ms of CPU; at 2000 and
+/// 1500 steps the two chains were ~130 CPU-s more of the suite's).
 #[test]
 fn three_interruptions_by_three_mechanisms_end_byte_identical_builtin_trainer() {
     let yaml = "seed: 3\nthreads: 1\nmodel: {kind: gpt, layers: 2, heads: 2, d_model: 64, context: 32, dropout: 0.1}\n\
-                data: {kind: text}\nbatch_size: 16\ngrad_accum: 2\ngrad_clip: 1.0\nmax_steps: 2000\n\
+                data: {kind: text}\nbatch_size: 16\ngrad_accum: 2\ngrad_clip: 1.0\nmax_steps: 700\n\
                 optimizer: {kind: adamw, lr: 0.001}\nscheduler: {kind: cosine, warmup_steps: 20}\n\
                 checkpoint: {every_steps: 25, keep_last: 3}\n";
     let train = vec!["train".to_string()];
@@ -358,7 +364,7 @@ fn three_interruptions_by_three_mechanisms_end_byte_identical_builtin_trainer() 
         straight_command: &train,
         layout: &ONE_NODE,
         extra_yaml: yaml,
-        steps: 2000,
+        steps: 700,
         files: SINGLE_FILES,
         kill: None,
     });
@@ -379,7 +385,7 @@ const BUILTIN_RANK_FILES: &[&str] = &[
 #[test]
 fn four_interruptions_of_the_builtin_trainer_on_two_ranks_end_byte_identical() {
     let yaml = "seed: 3\nthreads: 1\nmodel: {kind: gpt, layers: 2, heads: 2, d_model: 64, context: 32, dropout: 0.1}\n\
-                data: {kind: text}\nbatch_size: 16\ngrad_accum: 2\ngrad_clip: 1.0\nmax_steps: 1500\n\
+                data: {kind: text}\nbatch_size: 16\ngrad_accum: 2\ngrad_clip: 1.0\nmax_steps: 600\n\
                 optimizer: {kind: adamw, lr: 0.001}\nscheduler: {kind: cosine, warmup_steps: 20}\n\
                 checkpoint: {every_steps: 25, keep_last: 3}\ndistributed:\n  world_size: 2\n";
     let train = vec!["train".to_string()];
@@ -389,7 +395,7 @@ fn four_interruptions_of_the_builtin_trainer_on_two_ranks_end_byte_identical() {
         straight_command: &train,
         layout: &ONE_NODE,
         extra_yaml: yaml,
-        steps: 1500,
+        steps: 600,
         files: BUILTIN_RANK_FILES,
         kill: Some(Kill {
             cmdline: "train-rank",
