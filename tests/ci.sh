@@ -87,29 +87,42 @@ bg cluster bash -c 'sbatch/local-cluster.sh start && sbatch/selftest-cluster.sh'
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --no-default-features -- -D warnings
 
-step "cargo test --no-default-features (the login-node build: no libtorch): unit tests and the store's fast suites"
-cargo test --no-default-features --lib 2>&1 | tee -a "$LOG"
-cargo test --no-default-features --test it -- fault_injection:: python_interop:: wrap_in_process:: 2>&1 | tee -a "$LOG"
-
-step "cargo test --all-targets --no-run (default features: the test binaries, target/debug/hpc-ckpt with libtorch)"
-# After the --no-default-features runs: they build target/debug/hpc-ckpt without libtorch. From
-# here on the test binaries run directly, not through `cargo test`, which holds the build lock
-# while its tests run and re-links target/debug/hpc-ckpt (a moment without it) each time.
-# One line per test binary: its target name, then its path (cargo's JSON messages).
-cargo test --all-targets --no-run --message-format=json >"$TMP/build.json"
-.venv/bin/python - "$TMP/build.json" >"$TMP/tests" <<'PYEOF'
+# test_binaries JSON: one line per test binary cargo's JSON messages name: target name, path.
+test_binaries() {
+    .venv/bin/python - "$1" <<'PYEOF'
 import json, sys
 for line in open(sys.argv[1]):
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable"):
         print(m["target"]["name"], m["executable"])
 PYEOF
-it_bin=$(awk '$1 == "it" { print $2 }' "$TMP/tests")
-# Each test's seconds on its result line ("ok <12.345s>"; libtest's option is unstable, and
-# RUSTC_BOOTSTRAP=1 in the test binary's environment unlocks it on a stable toolchain): the
-# slowest are listed at the end.
-export RUSTC_BOOTSTRAP=1
+}
+# run_tests BINARY ARGS...: run a libtest binary, its output into $LOG too. Each test's seconds
+# on its result line ("ok <12.345s>"; libtest's option is unstable, and RUSTC_BOOTSTRAP=1 in the
+# test binary's environment, not cargo's, unlocks it on a stable toolchain): the slowest are
+# listed at the end.
 report_time=(-Z unstable-options --report-time)
+run_tests() { RUSTC_BOOTSTRAP=1 "$@" "${report_time[@]}" </dev/null 2>&1 | tee -a "$LOG"; }
+
+step "cargo test --no-default-features --no-run (the login-node build: no libtorch), its unit tests"
+# Its binary is kept aside ($TMP/login: the default build below overwrites target/debug's):
+# the suites that need no torch, and pytest, run against it. They start hpc-ckpt ~700 times,
+# and each start of the default build loads libtorch first (~0.25 s of CPU).
+cargo test --no-default-features --lib --test it --no-run --message-format=json >"$TMP/login.json"
+test_binaries "$TMP/login.json" >"$TMP/login-tests"
+login_lib=$(awk '$1 == "hpc_ckpt" { print $2 }' "$TMP/login-tests")
+login_it=$(awk '$1 == "it" { print $2 }' "$TMP/login-tests")
+[[ -x $login_lib && -x $login_it ]] || { echo "ci: no login-node test binaries among: $(cat "$TMP/login-tests")" >&2; exit 1; }
+mkdir "$TMP/login"
+cp target/debug/hpc-ckpt target/debug/hpc-ckpt-core "$TMP/login/"
+run_tests "$login_lib"
+
+step "cargo test --all-targets --no-run (default features: the test binaries, target/debug/hpc-ckpt with libtorch)"
+# From here on the test binaries run directly, not through `cargo test`, which holds the build
+# lock while its tests run and re-links target/debug/hpc-ckpt (a moment without it) each time.
+cargo test --all-targets --no-run --message-format=json >"$TMP/build.json"
+test_binaries "$TMP/build.json" >"$TMP/tests"
+it_bin=$(awk '$1 == "it" { print $2 }' "$TMP/tests")
 [[ -x $it_bin ]] || { echo "ci: no test binary it among: $(cat "$TMP/tests")" >&2; exit 1; }
 
 step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, side by side on the two nodes), from the moment the cluster's self-test passes"
@@ -118,7 +131,7 @@ step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, si
 # on it.
 bg slurm bash -c 'while [[ ! -f $1.rc ]]; do sleep 1; done
     [[ $(cat "$1.rc") == 0 ]] || { echo "ci: the cluster self-test failed: no Slurm suites"; exit 1; }
-    shift; exec "$@"' _ "$TMP/cluster" "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3 "${report_time[@]}"
+    shift; RUSTC_BOOTSTRAP=1 exec "$@"' _ "$TMP/cluster" "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3 "${report_time[@]}"
 
 # The next three steps hold checks with timing bounds: they run before pytest starts beside the
 # test binaries, with only the Slurm suites in the background (with every runner on 2 cores, and
@@ -126,9 +139,10 @@ bg slurm bash -c 'while [[ ! -f $1.rc ]]; do sleep 1; done
 step "tests/it wrap_lifetime::"
 # Its Python child is signalled while it imports torch and must say it is ready within the
 # supervisor's fixed bound (10 s, src/supervision/child.rs READY_WAIT): with pytest, the Slurm
-# jobs and the test binaries all on 2 cores, torch's import took longer once. The rest of the
-# it binary skips it below.
-"$it_bin" wrap_lifetime:: "${report_time[@]}" </dev/null 2>&1 | tee -a "$LOG"
+# jobs and the test binaries all on 2 cores, torch's import took longer once. It runs against
+# the default build (the launcher's window before libtorch has loaded is what it tests); the
+# other it runs below leave it out.
+run_tests "$it_bin" wrap_lifetime::
 
 step "Python side: the safetensors checker, and the example job's exact resume (child protocol)"
 .venv/bin/python tests/python/selftest_check_safetensors.py | tee -a "$LOG"
@@ -143,14 +157,29 @@ step "Python package hpc_ckpt in the background (pytest, the real target/debug/h
 # Beside the cargo test binaries rather than after them: neither keeps both cores busy alone
 # (processes starting, ranks waiting on each other, fixed step delays), and run one after the
 # other they were the long pole (~290 s each, the Slurm suites ending long before).
-bg pytest .venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=20
+HPC_CKPT_BIN=$TMP/login/hpc-ckpt bg pytest .venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=20
+
+step "tests/it against the login-node binary: every suite that needs no torch (the Slurm suites, wrap_lifetime:: aside)"
+# libtest's names ("NAME: test" lines of --list); each test runs once: here, or in the default
+# build's it below.
+list_tests() { "$1" --list --format terse 2>/dev/null | sed -n 's/: test$//p' | sort; }
+list_tests "$login_it" | grep -v -e '^slurm_e2e::' -e '^sbatch_template::' -e '^wrap_lifetime::' >"$TMP/login-names"
+mapfile -t login_names <"$TMP/login-names"
+((${#login_names[@]})) || { echo "ci: the login-node it binary lists no test" >&2; exit 1; }
+HPC_CKPT_TEST_BIN=$TMP/login/hpc-ckpt run_tests "$login_it" --exact "${login_names[@]}"
 
 step "cargo test (default features: every test binary, the trainer included; the Slurm suites and pytest are in the background)"
+list_tests "$it_bin" | grep -v -e '^slurm_e2e::' -e '^sbatch_template::' -e '^wrap_lifetime::' |
+    comm -23 - "$TMP/login-names" >"$TMP/it-names"
+mapfile -t it_names <"$TMP/it-names"
+((${#it_names[@]})) || { echo "ci: the it binary lists no test that needs torch" >&2; exit 1; }
 while read -r name exe <&3; do
     printf '     Running %s (%s)\n' "$name" "${exe#"$REPO"/}"
-    skip=(--skip slurm_e2e:: --skip sbatch_template::)
-    [[ $name == it ]] && skip+=(--skip wrap_lifetime::)
-    "$exe" "${skip[@]}" "${report_time[@]}" </dev/null 2>&1 | tee -a "$LOG"
+    if [[ $name == it ]]; then
+        run_tests "$exe" --exact "${it_names[@]}"
+    else
+        run_tests "$exe"
+    fi
 done 3<"$TMP/tests"
 
 step "Python package hpc_ckpt (the rest of its time)"

@@ -58,9 +58,16 @@ pub fn commit_events(run: &Path) -> Vec<serde_json::Value> {
     journal_events(run, "checkpoint_committed")
 }
 
-/// The `hpc-ckpt` binary cargo built for these tests.
+/// The `hpc-ckpt` binary cargo built for these tests, or the one `HPC_CKPT_TEST_BIN` names.
+///
+/// `tests/ci.sh` builds the login-node binary (`--no-default-features`, no libtorch) first and
+/// runs the suites that need no torch against a copy of it: the default build overwrites
+/// `target/debug/hpc-ckpt-core` afterwards, and these suites start hpc-ckpt hundreds of times,
+/// ~0.25 s of libtorch loading each with the default build.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_hpc-ckpt"))
+    std::env::var_os("HPC_CKPT_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hpc-ckpt")))
 }
 
 /// `hpc-ckpt ARGS…`, logs at warn so stderr stays small.

@@ -20,7 +20,7 @@ fn write_script(dir: &Path, yaml: &str) -> PathBuf {
     let script = render(
         &cfg,
         Path::new("job.yaml"),
-        Path::new(env!("CARGO_BIN_EXE_hpc-ckpt")),
+        &crate::common::bin(),
         Path::new(MANIFEST),
     )
     .unwrap();
