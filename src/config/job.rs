@@ -99,6 +99,11 @@ pub struct SignalConfig {
     /// Seconds the child gets after the signal before TERM, then KILL.
     #[serde(default = "default_grace")]
     pub grace_seconds: u64,
+    /// Seconds a forwarded stop signal waits, at most, for a program that has not said it is
+    /// ready (its handlers not installed yet: a Python program still importing torch), counted
+    /// from the program's start; never longer than half of `grace_seconds`.
+    #[serde(default = "default_ready")]
+    pub ready_seconds: u64,
 }
 
 fn default_warn() -> Sig {
@@ -107,6 +112,9 @@ fn default_warn() -> Sig {
 fn default_grace() -> u64 {
     60
 }
+fn default_ready() -> u64 {
+    10
+}
 
 impl Default for SignalConfig {
     fn default() -> Self {
@@ -114,6 +122,7 @@ impl Default for SignalConfig {
             warn: default_warn(),
             child: default_warn(),
             grace_seconds: default_grace(),
+            ready_seconds: default_ready(),
         }
     }
 }

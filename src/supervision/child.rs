@@ -28,10 +28,11 @@
 //! ready ([`ENV_READY_FILE`]: it creates that file once its handlers are in place; the Python
 //! package and [`super::client::say_ready`] do), and the supervisor holds a forwarded stop
 //! signal for a program that has not said so yet ([`Team::forward`], [`Team::release`]): until
-//! the file appears, at the latest [`READY_WAIT`] after the program started and never longer
-//! than the caller's bound (half the grace period). A program that knows nothing of hpc-ckpt
-//! never says so: it gets the signal at that bound — late only when the signal comes within its
-//! first [`READY_WAIT`]. Escalations (TERM at the end of the grace, KILL) are never held.
+//! the file appears, at the latest the caller's wait after the program started (`signals.
+//! ready_seconds`, 10 s unless the job says) and never longer than the caller's bound (half the
+//! grace period). A program that knows nothing of hpc-ckpt never says so: it gets the signal at
+//! that bound — late only when the signal comes within its first seconds. Escalations (TERM at
+//! the end of the grace, KILL) are never held.
 //!
 //! A [`Team`] is every group of one program: the only one (a 1-rank program, `srun`, a
 //! launcher), or one per rank when the supervisor starts the ranks itself. Signals go to every
@@ -48,9 +49,6 @@ use nix::unistd::Pid;
 
 /// The file a program creates once it handles its stop signals (absent: not ready yet).
 pub const ENV_READY_FILE: &str = "HPC_CKPT_READY_FILE";
-/// A program that has not said it is ready gets a held stop signal at the latest this long
-/// after it started.
-pub const READY_WAIT: Duration = Duration::from_secs(10);
 
 /// A running child process group.
 pub struct ChildGroup {
@@ -294,15 +292,21 @@ impl Team {
     }
 
     /// Forward a stop signal: at once to the members that said they are ready, held for the
-    /// others until they do, or until [`READY_WAIT`] after they started, and never after
+    /// others until they do, or until `ready_wait` after they started, and never after
     /// `latest`. Returns the members it is held for.
-    pub fn forward(&mut self, sig: Signal, now: Instant, latest: Instant) -> Vec<u32> {
+    pub fn forward(
+        &mut self,
+        sig: Signal,
+        now: Instant,
+        ready_wait: Duration,
+        latest: Instant,
+    ) -> Vec<u32> {
         let mut held = Vec::new();
         for (i, (m, e)) in self.members.iter_mut().zip(&self.exits).enumerate() {
             if e.is_some() {
                 continue;
             }
-            let until = (m.started + READY_WAIT).min(latest);
+            let until = (m.started + ready_wait).min(latest);
             if m.is_ready() || now >= until {
                 m.signal(sig);
             } else {
@@ -473,7 +477,7 @@ mod tests {
         let script = r#"sleep 0.3; trap 'exit 3' USR1; : > "$HPC_CKPT_READY_FILE"; while :; do sleep 0.01; done"#;
         let mut team = Team::new(vec![ChildGroup::spawn(sh(script), Some(ready)).unwrap()]);
         let t0 = Instant::now();
-        let held = team.forward(Signal::SIGUSR1, t0, t0 + Duration::from_secs(20));
+        let held = team.forward(Signal::SIGUSR1, t0, TEN, t0 + Duration::from_secs(20));
         assert_eq!(held, vec![0]);
         assert!(team.hold_deadline().is_some());
         let released = loop {
@@ -489,20 +493,32 @@ mod tests {
         assert_eq!(wait_exit(&mut team), Exit::Code(3));
     }
 
+    /// The default `signals.ready_seconds`.
+    const TEN: Duration = Duration::from_secs(10);
+
     #[test]
     fn a_program_that_never_says_ready_gets_the_signal_at_the_bound() {
         let d = tempfile::tempdir().unwrap();
-        let ready = d.path().join("a.ready");
-        let mut team = Team::new(vec![ChildGroup::spawn(sh("sleep 30"), Some(ready)).unwrap()]);
-        let t0 = Instant::now();
-        let bound = t0 + Duration::from_millis(200);
-        assert_eq!(team.forward(Signal::SIGUSR1, t0, bound), vec![0]);
-        assert!(team.release(t0 + Duration::from_millis(100)).is_empty());
-        std::thread::sleep(bound.saturating_duration_since(Instant::now()));
-        let r = team.release(Instant::now());
-        assert_eq!(r.len(), 1);
-        assert!(!r[0].ready);
-        assert_eq!(wait_exit(&mut team), Exit::Signal(libc::SIGUSR1));
+        // The bound is the sooner of the caller's (half the grace) and the ready wait counted
+        // from the program's start: here the one, then the other.
+        let t200 = Duration::from_millis(200);
+        for (ready_wait, latest) in [(TEN, t200), (t200, Duration::from_secs(20))] {
+            let ready = d.path().join("a.ready");
+            let mut team = Team::new(vec![ChildGroup::spawn(sh("sleep 30"), Some(ready)).unwrap()]);
+            let t0 = team.members[0].started;
+            let bound = t0 + t200;
+            assert_eq!(
+                team.forward(Signal::SIGUSR1, t0, ready_wait, t0 + latest),
+                vec![0]
+            );
+            assert_eq!(team.hold_deadline(), Some(bound));
+            assert!(team.release(t0 + Duration::from_millis(100)).is_empty());
+            std::thread::sleep(bound.saturating_duration_since(Instant::now()));
+            let r = team.release(Instant::now());
+            assert_eq!(r.len(), 1);
+            assert!(!r[0].ready);
+            assert_eq!(wait_exit(&mut team), Exit::Signal(libc::SIGUSR1));
+        }
     }
 
     #[test]
@@ -510,7 +526,7 @@ mod tests {
         let mut team = Team::new(vec![ChildGroup::spawn(sh("sleep 30"), None).unwrap()]);
         let t0 = Instant::now();
         assert!(team
-            .forward(Signal::SIGUSR1, t0, t0 + Duration::from_secs(20))
+            .forward(Signal::SIGUSR1, t0, TEN, t0 + Duration::from_secs(20))
             .is_empty());
         assert_eq!(wait_exit(&mut team), Exit::Signal(libc::SIGUSR1));
 
@@ -518,7 +534,7 @@ mod tests {
         let ready = d.path().join("b.ready");
         let mut team = Team::new(vec![ChildGroup::spawn(sh("sleep 30"), Some(ready)).unwrap()]);
         assert_eq!(
-            team.forward(Signal::SIGUSR1, t0, t0 + Duration::from_secs(20)),
+            team.forward(Signal::SIGUSR1, t0, TEN, t0 + Duration::from_secs(20)),
             vec![0]
         );
         team.signal(Signal::SIGTERM);

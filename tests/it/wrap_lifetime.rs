@@ -30,6 +30,19 @@ fn wrap(run: &Path, wrap_args: &[&str], program: &[&str], marker: &str) -> Comma
     c
 }
 
+/// A job config in `dir` that holds a stop signal for a program not ready yet at most
+/// `ready_seconds` (`grace_seconds` twice that and more, so that the ready wait is the bound).
+fn ready_config(dir: &Path, ready_seconds: u64) -> PathBuf {
+    let p = dir.join("job.yaml");
+    let grace = 2 * ready_seconds + 10;
+    std::fs::write(
+        &p,
+        format!("name: lifetime\nsignals:\n  ready_seconds: {ready_seconds}\n  grace_seconds: {grace}\n"),
+    )
+    .unwrap();
+    p
+}
+
 /// Every live process (not a zombie) whose environment holds `marker`: (pid, comm).
 fn marked(marker: &str) -> Vec<(i32, String)> {
     let want = format!("HPC_CKPT_TEST_MARKER={marker}");
@@ -184,23 +197,36 @@ fn a_stop_signal_while_the_supervisor_starts_is_handled_not_fatal() {
 fn a_program_that_never_says_ready_gets_the_held_signal_at_the_bound() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    // `sleep` knows nothing of hpc-ckpt: its USR1 is held, then sent at the bound (10 s after
-    // it started), before it would have ended by itself.
-    let sup = wrap(&run, &[], &["sleep", "60"], &marker("never"))
-        .spawn()
-        .unwrap();
+    // `sleep` knows nothing of hpc-ckpt: its USR1 is held, then sent at the bound
+    // (`signals.ready_seconds`, 3 s after it started), before it would have ended by itself.
+    let cfg = ready_config(tmp.path(), 3);
+    let sup = wrap(
+        &run,
+        &["--config", cfg.to_str().unwrap()],
+        &["sleep", "60"],
+        &marker("never"),
+    )
+    .spawn()
+    .unwrap();
     wait_for(&run, "child_started");
     let t = Instant::now();
     kill(Pid::from_raw(sup.id() as i32), Signal::SIGUSR1).unwrap();
     let o = sup.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(11), "{}", text(&o));
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let held_for = t.elapsed();
     let j = journal(&run);
     let held = events(&j, "signal_held");
     assert_eq!(held.len(), 1, "{j:#?}");
     let released = events(&j, "signal_released");
     assert_eq!(released.len(), 1, "{j:#?}");
     assert_eq!(released[0]["ready"], false, "{j:#?}");
+    let held_s = released[0]["held_seconds"].as_f64().unwrap();
+    assert!(
+        // (released on the supervisor's next tick after the bound)
+        (0.5..=held_for.as_secs_f64().min(3.5)).contains(&held_s),
+        "held {held_s} s, against a 3 s bound from the program's start: {j:#?}"
+    );
     let exited = events(&j, "child_exited");
     assert!(
         exited[0]["how"]
@@ -220,11 +246,11 @@ fn wait_for(run: &Path, name: &str) {
     }
 }
 
-fn python_train(run: &Path) -> Command {
+fn python_train(run: &Path, cfg: &Path) -> Command {
     let script: PathBuf = repo().join("examples/python/train.py");
     let mut c = wrap(
         run,
-        &[],
+        &["--config", cfg.to_str().unwrap()],
         &[
             python().to_str().unwrap(),
             script.to_str().unwrap(),
@@ -245,7 +271,10 @@ fn python_train(run: &Path) -> Command {
 fn a_python_child_signalled_before_its_handlers_checkpoints_instead_of_dying() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let sup = python_train(&run).spawn().unwrap();
+    // Importing torch takes 2-5 s, longer on a loaded machine (the CI's other runners): the
+    // default 10 s bound was once too short there. This test is about the hold, not the bound.
+    let cfg = ready_config(tmp.path(), 60);
+    let sup = python_train(&run, &cfg).spawn().unwrap();
     // Right after the child starts: Python is still importing torch, no handler yet.
     wait_for(&run, "child_started");
     kill(Pid::from_raw(sup.id() as i32), Signal::SIGUSR1).unwrap();

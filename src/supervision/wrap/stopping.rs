@@ -84,7 +84,8 @@ impl<'a> AllocationRun<'a> {
         grace: Duration,
     ) -> Result<()> {
         let now = Instant::now();
-        let held = child.forward(forward.to_nix(), now, now + grace / 2);
+        let ready_wait = Duration::from_secs(self.cfg.signals.ready_seconds);
+        let held = child.forward(forward.to_nix(), now, ready_wait, now + grace / 2);
         if held.is_empty() {
             return Ok(());
         }
