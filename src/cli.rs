@@ -505,6 +505,12 @@ fn workload_of(
 
 fn sbatch(a: SbatchArgs) -> Result<i32> {
     let cfg = crate::config::JobConfig::load(&a.config)?;
+    if cfg.command.as_deref().is_some_and(is_builtin) {
+        // What the trainer would refuse on the compute node after the queue wait (no model, a
+        // data file that is not there, a batch the ranks cannot share), refused here. These
+        // checks need no torch: a login node's build makes them too.
+        trainer_config(&cfg, &a.config.display().to_string())?;
+    }
     let workdir = std::env::current_dir().context("current directory")?;
     let exe = match &a.hpc_ckpt {
         Some(p) => p.clone(),
@@ -533,6 +539,20 @@ fn sbatch(a: SbatchArgs) -> Result<i32> {
     Ok(exit_code::SUCCESS)
 }
 
+/// The built-in trainer's view of the job `cfg` (read from `named`), with every check that needs
+/// no torch: a model given, data that feeds it and whose files exist, a length, a global batch
+/// the job's ranks can share. `sbatch` makes them on the login node, before the queue wait;
+/// `wrap -- train` and `train` before anything runs.
+fn trainer_config(
+    cfg: &crate::config::JobConfig,
+    named: &str,
+) -> Result<crate::config::trainer::TrainConfig, crate::config::ConfigError> {
+    let tc = crate::config::trainer::TrainConfig::from_job(cfg).map_err(|e| e.in_file(named))?;
+    crate::config::trainer::world_fits(tc.batch_size, cfg.world_size())
+        .map_err(|e| e.in_file(named))?;
+    Ok(tc)
+}
+
 /// The built-in trainer for `wrap -- train` / `train`, its config checked before anything runs:
 /// in this process for one rank; for N ranks, N `hpc-ckpt train-rank` programs (each a child
 /// of the protocol, started as the job's launcher says).
@@ -545,7 +565,7 @@ fn builtin_trainer(
     let named = file
         .map(|f| f.display().to_string())
         .unwrap_or_else(|| "job config".into());
-    let tc = crate::train::config::TrainConfig::from_job(cfg).map_err(|e| e.in_file(&named))?;
+    let tc = trainer_config(cfg, &named)?;
     // Before anything starts CUDA (and while this process has one thread): cuBLAS reads it then.
     crate::train::trainer::set_cuda_determinism_env(&tc);
     if tc.device == crate::train::config::DeviceChoice::Cuda {
@@ -554,7 +574,6 @@ fn builtin_trainer(
     }
     let world = cfg.world_size();
     if world > 1 {
-        crate::train::trainer::world_fits(tc.batch_size, world).map_err(|e| e.in_file(&named))?;
         if resume != "auto" {
             return Err(crate::config::ConfigError::whole(format!(
                 "--resume {resume}: a job of {world} ranks resumes from the run dir's newest \

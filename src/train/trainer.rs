@@ -62,7 +62,8 @@ mod reference;
 mod restore;
 mod save;
 
-pub use data_parallel::{run_rank, world_fits, RANK_STATE_FILE};
+pub use crate::config::trainer::world_fits;
+pub use data_parallel::{run_rank, RANK_STATE_FILE};
 pub use error::{Refused, TrainError};
 
 use std::collections::{BTreeMap, BTreeSet};

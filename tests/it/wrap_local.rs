@@ -338,3 +338,53 @@ fn wrap_refuses_what_it_cannot_run() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("cannot start"), "{}", text(&o));
 }
+
+/// `hpc-ckpt sbatch` makes the built-in trainer's checks that need no torch where it runs, on
+/// the login node (tests/ci.sh runs this suite against the login-node build, without libtorch):
+/// a job the trainer would refuse after the queue wait is refused before it is submitted,
+/// naming the file and the key, and no script is written.
+#[test]
+fn sbatch_refuses_a_trainer_job_the_trainer_would_refuse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = "name: t\ncommand: [train]\nmax_steps: 10\n";
+    let cases = [
+        ("", "model: missing"),
+        (
+            "model: {kind: gpt, layers: 1, heads: 1, d_model: 8, context: 8}\n\
+             data: {kind: text, path: no-such.txt}\n",
+            "data.path: cannot read no-such.txt",
+        ),
+        (
+            "model: {kind: mlp, hidden: [8]}\nbatch_size: 15\ndistributed: {world_size: 2}\n",
+            "batch_size: 15 samples cannot be shared equally by 2 ranks",
+        ),
+        ("model: {kind: mlp, hidden: [8]}\n", ""),
+    ];
+    for (i, (extra, want)) in cases.iter().enumerate() {
+        let cfg = tmp.path().join(format!("job{i}.yaml"));
+        std::fs::write(&cfg, format!("{base}{extra}")).unwrap();
+        let script = tmp.path().join(format!("job{i}.sbatch"));
+        let o = cmd(&[
+            "sbatch",
+            "--config",
+            cfg.to_str().unwrap(),
+            "-o",
+            script.to_str().unwrap(),
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+        if want.is_empty() {
+            assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+            assert!(script.exists(), "{}", text(&o));
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(7), "{want}: {}", text(&o));
+        assert!(
+            text(&o).contains(&format!("job{i}.yaml")) && text(&o).contains(want),
+            "{want}: {}",
+            text(&o)
+        );
+        assert!(!script.exists(), "a script was written for a refused job");
+    }
+}

@@ -29,7 +29,7 @@ use serde_yaml::Mapping;
 pub use data::{DataConfig, MnistConfig, SyntheticConfig, SyntheticImagesConfig, TextConfig};
 pub use model::{CnnConfig, GptConfig, MlpConfig, ModelConfig};
 pub use optim::{AdamConfig, OptimizerConfig, SgdConfig};
-pub use resolved::{changed_keys, TrainConfig};
+pub use resolved::{changed_keys, world_fits, TrainConfig};
 pub use run::{DeviceChoice, EvalConfig, LossScaleConfig, Precision};
 pub use sched::SchedulerConfig;
 pub use value::Pos;

@@ -100,6 +100,21 @@ fn check_eval_data(eval: Option<&EvalConfig>, data: &DataConfig) -> Result<(), C
     Ok(())
 }
 
+/// Why `batch_size` does not fit `world` ranks, if it does not.
+pub fn world_fits(batch_size: u64, world: u32) -> Result<(), ConfigError> {
+    if world > 1 && !batch_size.is_multiple_of(world as u64) {
+        return Err(err(
+            "batch_size",
+            format!(
+                "{batch_size} samples cannot be shared equally by {world} ranks (batch_size is \
+                 the global batch; each rank computes batch_size / world_size of it): use a \
+                 multiple of {world}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `epochs` and `max_steps`: at least one of them given.
 fn check_length(epochs: Option<u64>, max_steps: Option<u64>) -> Result<(), ConfigError> {
     if epochs.is_none() && max_steps.is_none() {

@@ -43,7 +43,6 @@ use std::time::Duration;
 
 use super::restore::{restore_dir, Source};
 use super::*;
-use crate::config::ConfigError;
 use crate::sig::Sig;
 use crate::storage::journal::{FaultRecord, Journal, StoreEvent};
 use crate::storage::persister::Buffers;
@@ -61,21 +60,6 @@ pub const RANK_STATE_FILE: &str = "rank_state.json";
 /// How long joining the group, and each collective, may wait for the slowest rank (rank 0 saves
 /// and evaluates while the others wait in the next collective).
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Why `batch_size` does not fit `world` ranks, if it does not.
-pub fn world_fits(batch_size: u64, world: u32) -> Result<(), ConfigError> {
-    if world > 1 && !batch_size.is_multiple_of(world as u64) {
-        return Err(ConfigError::at(
-            "batch_size",
-            format!(
-                "{batch_size} samples cannot be shared equally by {world} ranks (batch_size is \
-                 the global batch; each rank computes batch_size / world_size of it): use a \
-                 multiple of {world}"
-            ),
-        ));
-    }
-    Ok(())
-}
 
 /// What one rank keeps in its `rank_state.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
