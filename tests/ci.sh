@@ -138,10 +138,12 @@ it_bin=$(awk '$1 == "it" { print $2 }' "$TMP/tests")
 step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, side by side on the two nodes), from the moment the cluster's self-test passes"
 # Started as soon as the test binary exists: the Slurm suites are the longest runner and mostly
 # wait on the cluster. The runner waits for the self-test itself, so the foreground never idles
-# on it.
+# on it. Four threads for two lanes: a chain test runs its straight run (outside Slurm) before
+# it waits for a lane, so two can do that while two hold the lanes; with three, the last chain
+# (by name) started late and was the suite's tail, the cluster idle beside it.
 bg slurm bash -c 'while [[ ! -f $1.rc ]]; do sleep 1; done
     [[ $(cat "$1.rc") == 0 ]] || { echo "ci: the cluster self-test failed: no Slurm suites"; exit 1; }
-    shift; RUSTC_BOOTSTRAP=1 exec "$@"' _ "$TMP/cluster" "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=3 "${report_time[@]}"
+    shift; RUSTC_BOOTSTRAP=1 exec "$@"' _ "$TMP/cluster" "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=4 "${report_time[@]}"
 
 step "tests/it wrap_lifetime::"
 # Against the default build (the launcher's window before libtorch has loaded is what it
