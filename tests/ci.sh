@@ -4,11 +4,10 @@
 # then every unit and integration test (the storage suites run the real binary).
 #
 # The machine has 2 cores, and the suite needs ~1200 CPU-seconds: the layout keeps both busy.
-# Three runners overlap: pytest in the background from the moment the login-node binary
-# (--no-default-features, no libtorch) exists; the Slurm suites (tests/it's slurm_e2e:: and
-# sbatch_template::, mostly waiting on the cluster) in the background on the cluster's two
-# nodes side by side (tests/it/common.rs, take_lanes) from the moment the default test binary
-# exists; the cargo test binaries in the foreground. The cluster starts and runs its self-test
+# Three runners overlap from the moment the default test binary exists: the Slurm suites
+# (tests/it's slurm_e2e:: and sbatch_template::, mostly waiting on the cluster) in the
+# background on the cluster's two nodes side by side (tests/it/common.rs, take_lanes); pytest in
+# the background; the cargo test binaries in the foreground. The cluster starts and runs its self-test
 # while clippy compiles. The suites that need no torch, and pytest, run against the login-node
 # binary: each start of the default one loads libtorch first (~0.25 s of CPU). Each test runs
 # once, and the closing line counts them all. With CI=true (or HPC_CKPT_CACHE=DIR), target/ and
@@ -120,13 +119,6 @@ mkdir "$TMP/login"
 cp target/debug/hpc-ckpt target/debug/hpc-ckpt-core "$TMP/login/"
 run_tests "$login_lib"
 
-step "Python package hpc_ckpt in the background (pytest, the real hpc-ckpt: the login-node build): state, protocol, the example and the HF Trainer / Lightning callbacks under wrap"
-# The longest runner (~100 Python processes importing torch, Lightning, transformers; ranks
-# waiting on each other; fixed step delays): it starts as soon as its binary exists, beside the
-# default build, the Slurm suites and the cargo test binaries (none of them keeps both cores
-# busy alone). Its wrap never needs libtorch: the login-node build spares each start ~0.25 s.
-HPC_CKPT_BIN=$TMP/login/hpc-ckpt bg pytest .venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=20
-
 step "cargo test --all-targets --no-run (default features: the test binaries, target/debug/hpc-ckpt with libtorch)"
 # From here on the test binaries run directly, not through `cargo test`, which holds the build
 # lock while its tests run and re-links target/debug/hpc-ckpt (a moment without it) each time.
@@ -144,6 +136,15 @@ step "Slurm suites in the background (tests/it slurm_e2e:: sbatch_template::, si
 bg slurm bash -c 'while [[ ! -f $1.rc ]]; do sleep 1; done
     [[ $(cat "$1.rc") == 0 ]] || { echo "ci: the cluster self-test failed: no Slurm suites"; exit 1; }
     shift; RUSTC_BOOTSTRAP=1 exec "$@"' _ "$TMP/cluster" "$it_bin" slurm_e2e:: sbatch_template:: --test-threads=4 "${report_time[@]}"
+
+step "Python package hpc_ckpt in the background (pytest, the real hpc-ckpt: the login-node build): state, protocol, the example and the HF Trainer / Lightning callbacks under wrap"
+# The longest runner (~100 Python processes importing torch, Lightning, transformers; ranks
+# waiting on each other; fixed step delays), beside the Slurm suites and the cargo test binaries
+# (none of them keeps both cores busy alone). It needs only the login-node binary, but starts
+# after the default build: on a cold cache that build takes minutes and the Slurm suites wait
+# for it (started before it, pytest made a clean clone's run ~2 min longer). Its wrap never
+# needs libtorch: the login-node build spares each start ~0.25 s.
+HPC_CKPT_BIN=$TMP/login/hpc-ckpt bg pytest .venv/bin/python -m pytest tests/python -q -p no:cacheprovider --durations=20
 
 step "tests/it wrap_lifetime::"
 # Against the default build (the launcher's window before libtorch has loaded is what it

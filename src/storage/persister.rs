@@ -337,8 +337,13 @@ mod tests {
     /// The nice value of this process's thread named `name` (from /proc).
     fn nice_of(name: &str) -> Option<i32> {
         for t in fs_read_dir("/proc/self/task") {
-            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
-            let (comm, rest) = stat.split_once(") ")?;
+            // Other tests' threads come and go meanwhile: one that ended is skipped.
+            let Ok(stat) = std::fs::read_to_string(t.join("stat")) else {
+                continue;
+            };
+            let Some((comm, rest)) = stat.split_once(") ") else {
+                continue;
+            };
             if comm.ends_with(&format!("({name}")) {
                 // After "pid (comm) ": state is field 3; nice is field 19.
                 return rest.split(' ').nth(19 - 3).and_then(|n| n.parse().ok());
