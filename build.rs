@@ -196,8 +196,9 @@ mod torch {
         println!("cargo:rustc-link-lib=stdc++");
     }
 
-    /// What identifies the Gloo headers collective.cpp compiles against: the probe header's
-    /// bytes (a libgloo-dev upgrade changes them).
+    /// What identifies the Gloo headers collective.cpp compiles against: the bytes of Gloo's
+    /// `config.h` (it holds the version; a libgloo-dev upgrade changes it), else of the probe
+    /// header.
     fn gloo_identity(dir: Option<&std::path::Path>) -> Vec<u8> {
         let dir = dir.unwrap_or(std::path::Path::new("/usr/include"));
         std::fs::read(dir.join("gloo").join("config.h"))
@@ -211,24 +212,26 @@ mod torch {
     /// Gloo's headers: `GLOO_INCLUDE` (a dir holding `gloo/`), else the system include dir
     /// (`None`: the compiler's default path has them). Panics, naming the fix, when absent.
     fn gloo_include() -> Option<PathBuf> {
-        const PROBE: &str = GLOO_PROBE;
         println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
         if let Ok(dir) = env::var("GLOO_INCLUDE") {
             let dir = PathBuf::from(dir);
             assert!(
-                dir.join(PROBE).exists(),
-                "GLOO_INCLUDE={} has no {PROBE}: point it at the dir that holds gloo/",
+                dir.join(GLOO_PROBE).exists(),
+                "GLOO_INCLUDE={} has no {GLOO_PROBE}: point it at the dir that holds gloo/",
                 dir.display()
             );
             return Some(dir);
         }
         let system = std::path::Path::new("/usr/include");
-        if system.join(PROBE).exists() {
-            println!("cargo:rerun-if-changed={}", system.join(PROBE).display());
+        if system.join(GLOO_PROBE).exists() {
+            println!(
+                "cargo:rerun-if-changed={}",
+                system.join(GLOO_PROBE).display()
+            );
             return None;
         }
         panic!(
-            "Gloo's headers are missing (no /usr/include/{PROBE}). The trainer's collectives \
+            "Gloo's headers are missing (no /usr/include/{GLOO_PROBE}). The trainer's collectives \
              (src/train/collective.cpp, libtorch's c10d ProcessGroupGloo) compile against them; \
              the torch wheel does not ship them. Run `tests/setup.sh --torch` (installs Debian's \
              libgloo-dev), or `apt-get install libgloo-dev`, or set GLOO_INCLUDE to a dir holding \
